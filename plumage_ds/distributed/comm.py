@@ -1,0 +1,145 @@
+"""The one thin layer every collective of the package goes through, with byte accounting.
+
+Each call records, under its ``tag`` (what the bytes are: ``lowrank_grad``,
+``projector``, ``dense_grad`` …) and its ``kind`` (the collective):
+
+* ``calls``;
+* ``payload``: bytes of the tensor handed to the collective on this rank;
+* ``bytes``: bytes this rank sends under the bandwidth-optimal (ring) algorithm
+  of that collective, with ``W`` ranks and ``S`` the payload size:
+
+  ======================  ==========================
+  all_reduce              ``2·(W−1)/W · S``
+  reduce_scatter          ``(W−1)/W · S`` (S = input)
+  all_gather              ``(W−1)/W · S`` (S = output)
+  broadcast, reduce       ``(W−1)/W · S``
+  ======================  ==========================
+
+These are measured from the actual tensors and calls, never computed from
+model shapes; tests compare them against formulas derived from the collectives.
+Statistics are kept per step (``begin_step`` closes a step) and in total.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+_RING_FACTOR = {
+    "all_reduce": lambda w: 2.0 * (w - 1) / w,
+    "reduce_scatter": lambda w: (w - 1) / w,
+    "all_gather": lambda w: (w - 1) / w,
+    "broadcast": lambda w: (w - 1) / w,
+    "reduce": lambda w: (w - 1) / w,
+}
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class CommStats:
+    """Per-step and total counters keyed by ``(tag, kind)``."""
+
+    def __init__(self) -> None:
+        self.total: dict = defaultdict(lambda: {"calls": 0, "bytes": 0.0, "payload": 0})
+        self.current: dict = defaultdict(lambda: {"calls": 0, "bytes": 0.0, "payload": 0})
+        self.last_step: dict = {}
+        self.steps = 0
+
+    def record(self, tag: str, kind: str, payload: int, wire: float) -> None:
+        for table in (self.total, self.current):
+            row = table[f"{tag}/{kind}"]
+            row["calls"] += 1
+            row["bytes"] += wire
+            row["payload"] += payload
+
+    def begin_step(self) -> None:
+        if self.current:
+            self.last_step = {k: dict(v) for k, v in self.current.items()}
+            self.steps += 1
+        self.current = defaultdict(lambda: {"calls": 0, "bytes": 0.0, "payload": 0})
+
+    def as_dict(self, world_size: int) -> dict:
+        return {
+            "world_size": world_size,
+            "steps": self.steps,
+            "last_step": {k: dict(v) for k, v in self.last_step.items()},
+            "current": {k: dict(v) for k, v in self.current.items()},
+            "total": {k: dict(v) for k, v in self.total.items()},
+        }
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+def summed_bytes(table: dict, prefix: Optional[str] = None) -> float:
+    """Sum of ``bytes`` over a stats table, optionally only tags starting with ``prefix``."""
+    return sum(v["bytes"] for k, v in table.items() if prefix is None or k.startswith(prefix))
+
+
+class Collectives:
+    """Synchronous collectives on ``group`` (``None``: the default group) with accounting."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized: call init_process_group first")
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.stats = CommStats()
+
+    def global_rank(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
+
+    def _record(self, tag: str, kind: str, t: Tensor) -> None:
+        size = _nbytes(t)
+        self.stats.record(tag, kind, size, _RING_FACTOR[kind](self.world_size) * size)
+
+    def all_reduce(self, t: Tensor, tag: str, op=dist.ReduceOp.SUM) -> Tensor:
+        self._record(tag, "all_reduce", t)
+        if self.world_size > 1:
+            dist.all_reduce(t, op=op, group=self.group)
+        return t
+
+    def reduce_scatter(self, out: Tensor, inp: Tensor, tag: str) -> Tensor:
+        """``out`` (``inp.numel() / W``) receives this rank's chunk of the sum of ``inp`` over ranks."""
+        self._record(tag, "reduce_scatter", inp)
+        if self.world_size > 1:
+            dist.reduce_scatter_tensor(out, inp, op=dist.ReduceOp.SUM, group=self.group)
+        else:
+            out.copy_(inp)
+        return out
+
+    def all_gather(self, out: Tensor, inp: Tensor, tag: str) -> Tensor:
+        """``out`` (``W · inp.numel()``) receives every rank's ``inp``, in rank order."""
+        self._record(tag, "all_gather", out)
+        if self.world_size > 1:
+            dist.all_gather_into_tensor(out, inp, group=self.group)
+        else:
+            out.copy_(inp)
+        return out
+
+    def broadcast(self, t: Tensor, src: int, tag: str) -> Tensor:
+        """``src`` is a rank of ``group``."""
+        self._record(tag, "broadcast", t)
+        if self.world_size > 1:
+            dist.broadcast(t, src=self.global_rank(src), group=self.group)
+        return t
+
+    def begin_step(self) -> None:
+        self.stats.begin_step()
+
+    def comm_stats(self) -> dict:
+        return self.stats.as_dict(self.world_size)
+
+
+def flat_concat(tensors: list[Tensor], dtype=torch.float32, device=None) -> Tensor:
+    """Concatenate flattened tensors (empty list → empty tensor)."""
+    if not tensors:
+        return torch.empty(0, dtype=dtype, device=device)
+    return torch.cat([t.reshape(-1).to(dtype) for t in tensors])

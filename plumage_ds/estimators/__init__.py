@@ -1,0 +1,39 @@
+"""Pure estimator math (no ``torch.distributed``): probabilities, samplers, projectors."""
+
+from .gum import sample_layers
+from .probabilities import estimator_variance, inclusion_probabilities, is_deterministic
+from .projectors import (
+    Projection,
+    build_projection,
+    estimate,
+    galore_projection,
+    haar_projection,
+    plumage_projection,
+    realign_moments,
+    realignment,
+)
+from .sampling import derive_seed, sampler_generator, systematic_sample
+from .spectral import deorient, is_left, orient, oriented_shape, short_side_basis
+
+__all__ = [
+    "Projection",
+    "build_projection",
+    "deorient",
+    "derive_seed",
+    "estimate",
+    "estimator_variance",
+    "galore_projection",
+    "haar_projection",
+    "inclusion_probabilities",
+    "is_deterministic",
+    "is_left",
+    "orient",
+    "oriented_shape",
+    "plumage_projection",
+    "realign_moments",
+    "realignment",
+    "sample_layers",
+    "sampler_generator",
+    "short_side_basis",
+    "systematic_sample",
+]

@@ -1,0 +1,100 @@
+"""Projector builders sharing one interface, the estimator, and moment realignment.
+
+Pure tensor math: no ``torch.distributed``, no global RNG. All shapes are in the
+*oriented* frame of :mod:`plumage_ds.estimators.spectral`: ``G_o`` is ``(s, l)``,
+``P`` is ``(s, r)``, ``R = Pᵀ G_o`` is ``(r, l)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .probabilities import inclusion_probabilities, is_deterministic
+from .sampling import systematic_sample
+from .spectral import short_side_basis
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A one-sided projector: ``Ĝ_o = P D⁻¹ Pᵀ G_o`` with ``D = diag(d)``.
+
+    ``P``  # (s, r) orthonormal columns
+    ``d``  # (r,) inclusion probability of each picked direction (1 for GaLore)
+    ``deterministic``: no randomness was left (rank-deficient ``G`` or ``r >= s``).
+    """
+
+    P: Tensor
+    d: Tensor
+    deterministic: bool = False
+
+
+def plumage_projection(G: Tensor, rank: int, generator: torch.Generator, *, svd_method: str = "gram") -> Projection:
+    """PLUMAGE: SVD → min-variance probabilities → systematic sample (``E[Ĝ] = G``).
+
+    ``G`` is the (averaged, full) gradient in its stored orientation.
+    """
+    U, sigma = short_side_basis(G, svd_method)  # U (s, s), sigma (s,)
+    p = inclusion_probabilities(sigma, rank)  # (s,)
+    S = systematic_sample(p, generator)  # (r,)
+    P = U[:, S.to(U.device)].contiguous()  # (s, r)
+    d = p[S].to(device=U.device, dtype=torch.float32)  # (r,)
+    return Projection(P=P, d=d, deterministic=is_deterministic(p))
+
+
+def galore_projection(G: Tensor, rank: int, *, svd_method: str = "svd") -> Projection:
+    """GaLore: top-``r`` singular directions, ``d = 1`` (biased: drops the tail)."""
+    U, _ = short_side_basis(G, svd_method)
+    r = min(rank, U.shape[1])
+    P = U[:, :r].contiguous()  # (s, r)
+    return Projection(P=P, d=torch.ones(r, device=U.device), deterministic=True)
+
+
+def haar_projection(short_dim: int, rank: int, generator: torch.Generator, *, device=None) -> Projection:
+    """Haar–Stiefel: ``P`` uniform on the Stiefel manifold, ``d = r/s`` (``Ĝ = (s/r) P Pᵀ G``).
+
+    QR of an ``(s, r)`` Gaussian drawn from ``generator`` with the sign fix
+    ``P ← Q·sign(diag(R))``; identical on every rank given the same generator.
+    """
+    r = min(rank, short_dim)
+    Z = torch.randn(short_dim, r, generator=generator, dtype=torch.float64)  # (s, r)
+    Q, Rq = torch.linalg.qr(Z)
+    signs = torch.sign(torch.diagonal(Rq))
+    signs[signs == 0] = 1.0
+    P = (Q * signs).to(device=device, dtype=torch.float32)  # (s, r)
+    d = torch.full((r,), r / short_dim, device=device, dtype=torch.float32)
+    return Projection(P=P, d=d, deterministic=(r == short_dim))
+
+
+def build_projection(
+    estimator: str, G: Tensor, rank: int, generator: torch.Generator, *, svd_method: str = "gram"
+) -> Projection:
+    """Dispatch on ``estimator`` ∈ {plumage, galore, haar}; ``G`` in stored orientation."""
+    if estimator == "plumage":
+        return plumage_projection(G, rank, generator, svd_method=svd_method)
+    if estimator == "galore":
+        return galore_projection(G, rank, svd_method=svd_method)
+    if estimator == "haar":
+        return haar_projection(min(G.shape), rank, generator, device=G.device)
+    raise ValueError(f"Invalid estimator={estimator!r}: must be one of ['plumage', 'galore', 'haar']")
+
+
+def estimate(G_o: Tensor, proj: Projection) -> Tensor:
+    """The lifted estimate ``Ĝ_o = P D⁻¹ Pᵀ G_o`` (oriented ``(s, l)``)."""
+    P, d = proj.P, proj.d
+    return P @ ((P.mT @ G_o.to(P.dtype)) / d[:, None])
+
+
+def realignment(P_new: Tensor, P_old: Tensor) -> Tensor:
+    """``B = P_newᵀ P_old``  # (r, r): maps old coordinates to new ones."""
+    return P_new.mT @ P_old
+
+
+def realign_moments(M: Tensor, V: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """``M ← B M``, ``V ← (B∘B) V`` (DESIGN §2.1 item 5). ``M, V``  # (r, l)
+
+    ``V`` stays non-negative because ``B∘B`` is. If ``P_new == P_old``, ``B = I``.
+    """
+    return B @ M, (B * B) @ V

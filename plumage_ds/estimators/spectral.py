@@ -1,0 +1,60 @@
+"""Short-side handling and the spectral decomposition used at refresh.
+
+The one place that decides orientation: a weight ``W`` of shape ``(m, n)`` is
+projected from the **left** when ``m <= n`` (``P`` is ``(m, r)``, ``R = Pᵀ G`` is
+``(r, n)``), otherwise from the right, which is the left projection of ``Gᵀ``.
+Everything downstream works on the *oriented* matrix ``G_o`` of shape
+``(s, l)`` with ``s = min(m, n) <= l``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def is_left(shape: tuple[int, ...] | torch.Size) -> bool:
+    """True when ``P`` multiplies from the left (``m <= n``)."""
+    if len(shape) != 2:
+        raise ValueError(f"Invalid shape={tuple(shape)}: low-rank projection needs a 2-D matrix")
+    return shape[0] <= shape[1]
+
+
+def oriented_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
+    """``(s, l)``: short side first."""
+    m, n = shape
+    return (m, n) if m <= n else (n, m)
+
+
+def orient(X: Tensor, left: bool) -> Tensor:
+    """View of ``X`` with the short side first (``X`` if left, ``Xᵀ`` otherwise)."""
+    return X if left else X.mT
+
+
+deorient = orient  # the transpose is its own inverse
+
+
+def short_side_basis(G: Tensor, method: str = "svd") -> tuple[Tensor, Tensor]:
+    """Full short-side singular basis of ``G`` (original orientation).
+
+    Returns ``(U, σ)`` with ``U`` ``(s, s)`` orthonormal columns spanning the short
+    side and ``σ`` ``(s,)`` descending, in float32, such that
+    ``G_o = U diag(σ) V_oᵀ`` for the oriented ``G_o``.
+
+    ``method="svd"``: ``torch.linalg.svd(G)`` on ``G`` as stored (``U`` if left,
+    ``Vᵀ`` rows if right) — bit-compatible with GaLore's projector.
+    ``method="gram"``: ``eigh`` of the ``s × s`` Gram matrix ``G_o G_oᵀ`` (about 3×
+    faster on CPU; ``σ = sqrt(max(λ, 0))``). Both give the whole spectrum, which
+    PLUMAGE needs to stay unbiased.
+    """
+    left = is_left(G.shape)
+    Gf = G.detach().float()
+    if method == "svd":
+        U, S, Vh = torch.linalg.svd(Gf, full_matrices=False)
+        return (U if left else Vh.mT), S
+    if method == "gram":
+        Go = orient(Gf, left)
+        evals, evecs = torch.linalg.eigh(Go @ Go.mT)
+        evals = torch.flip(evals, [0]).clamp(min=0.0)
+        return torch.flip(evecs, [1]), torch.sqrt(evals)
+    raise ValueError(f"Invalid svd_method={method!r}: must be one of ['svd', 'gram']")

@@ -1,0 +1,79 @@
+"""The distributor interface the optimizers talk to, and its single-process form.
+
+The optimizer math (:mod:`plumage_ds.optim.plumage_adamw`) is written once, as
+phases over lists of tensors; *where* each tensor lives is the distributor's
+business. :class:`LocalDistributor` is the trivial one (one process owns
+everything, every exchange is the identity). The data-parallel strategy in
+:mod:`plumage_ds.distributed.data_parallel` implements the same methods with
+batched collectives. This module imports no ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol, Sequence
+
+from torch import Tensor
+
+
+class Distributor(Protocol):
+    """What an optimizer needs from a distribution strategy.
+
+    Every method is called by every rank with the same list structure
+    (collective semantics); ``owners[i]`` is the rank that owns item ``i``.
+    """
+
+    rank: int
+    world_size: int
+
+    def assign_owners(self, costs: Sequence[float], state_bytes: Sequence[int]) -> list[int]:
+        """Deterministic owner rank for each item."""
+
+    def any_true(self, flags: Sequence[bool]) -> list[bool]:
+        """Element-wise OR of ``flags`` over ranks."""
+
+    def reduce_to_owners(self, tensors: Sequence[Tensor], owners: Sequence[int], tag: str) -> list[Optional[Tensor]]:
+        """Mean over ranks of each tensor, delivered to its owner only (``None`` elsewhere)."""
+
+    def gather_from_owners(
+        self, tensors: Sequence[Optional[Tensor]], shapes: Sequence[tuple], owners: Sequence[int], tag: str
+    ) -> list[Tensor]:
+        """Every rank receives every tensor from its owner (owners pass the tensor, others ``None``)."""
+
+    def sum_scalar(self, value: float, tag: str) -> float:
+        """Sum of a float over ranks."""
+
+    def begin_step(self) -> None:
+        """Marks the start of an optimizer step (for per-step accounting)."""
+
+    def comm_stats(self) -> dict:
+        """Bytes and calls per collective kind (see :mod:`plumage_ds.distributed.comm`)."""
+
+
+class LocalDistributor:
+    """One process owns every item; every exchange is the identity (no copies)."""
+
+    rank = 0
+    world_size = 1
+
+    def assign_owners(self, costs: Sequence[float], state_bytes: Sequence[int]) -> list[int]:
+        return [0] * len(costs)
+
+    def any_true(self, flags: Sequence[bool]) -> list[bool]:
+        return list(flags)
+
+    def reduce_to_owners(self, tensors: Sequence[Tensor], owners: Sequence[int], tag: str) -> list[Optional[Tensor]]:
+        return list(tensors)
+
+    def gather_from_owners(
+        self, tensors: Sequence[Optional[Tensor]], shapes: Sequence[tuple], owners: Sequence[int], tag: str
+    ) -> list[Tensor]:
+        return list(tensors)  # type: ignore[arg-type]
+
+    def sum_scalar(self, value: float, tag: str) -> float:
+        return value
+
+    def begin_step(self) -> None:
+        pass
+
+    def comm_stats(self) -> dict:
+        return {"world_size": 1, "last_step": {}, "total": {}, "steps": 0}

@@ -1,0 +1,328 @@
+"""PlumageAdamW: agreement with the oracle and with galore-torch, checkpoints, bad input."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from plumage_ds import PlumageAdamW, lowrank_param_groups
+from plumage_ds.config import OptimizerConfig, from_dict
+from plumage_ds.optim import build_optimizer
+from plumage_ds.optim.reference import ReferencePlumageAdam
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    """Non-square weights (left and right projections) plus biases."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 8), nn.Tanh(), nn.Linear(8, 24))
+
+
+def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(32, 12, generator=g), torch.randn(32, 24, generator=g)
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> list[float]:
+    losses = []
+    for step in steps:
+        x, y = _data(step)
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _max_diff(a: nn.Module, b: nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+HPARAMS = dict(lr=1e-2, rank=3, update_interval=3, seed=7, weight_decay=0.05)
+
+
+@pytest.mark.parametrize("estimator", ["plumage", "galore", "haar"])
+@pytest.mark.parametrize("dinv_placement", ["none", "coords", "lift"])
+def test_matches_reference(estimator: str, dinv_placement: str) -> None:
+    """Production optimizer follows the readable oracle step for step (refreshes included)."""
+    m1, m2 = _mlp(), _mlp()
+    kw = dict(HPARAMS, estimator=estimator, dinv_placement=dinv_placement, scale=0.5)
+    ref = ReferencePlumageAdam(m1.parameters(), **kw)
+    opt = PlumageAdamW(m2.parameters(), **kw)
+    _train(m1, ref, range(10))
+    _train(m2, opt, range(10))
+    assert _max_diff(m1, m2) < 1e-6
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        s1, s2 = ref.state[p1], opt.state[p2]
+        assert s1["step"] == s2["step"] == 10
+        if "P" in s1:
+            torch.testing.assert_close(s1["P"], s2["P"], rtol=0, atol=1e-5)
+            torch.testing.assert_close(s1["exp_avg"], s2["exp_avg"], rtol=1e-5, atol=1e-7)
+
+
+def test_galore_peer_matches_galore_torch() -> None:
+    """estimator="galore" equals galore-torch's GaLoreAdamW step for step (1e-6), 4 refreshes."""
+    galore_torch = pytest.importorskip("galore_torch")  # test-only peer, installed by [dev]
+    m1, m2 = _mlp(), _mlp()
+    mats = [p for p in m1.parameters() if p.dim() == 2]
+    others = [p for p in m1.parameters() if p.dim() != 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peer = galore_torch.GaLoreAdamW(
+            [{"params": others}, {"params": mats, "rank": 3, "update_proj_gap": 3, "scale": 0.25, "proj_type": "std"}],
+            lr=1e-2,
+            eps=1e-6,
+            weight_decay=0.0,
+            no_deprecation_warning=True,
+        )
+    ours = PlumageAdamW(
+        m2.parameters(), lr=1e-2, eps=1e-6, rank=3, update_interval=3, estimator="galore", scale=0.25, svd_method="svd"
+    )
+    diffs = []
+    for step in range(12):
+        _train(m1, peer, range(step, step + 1))
+        _train(m2, ours, range(step, step + 1))
+        diffs.append(_max_diff(m1, m2))
+    assert max(diffs) < 1e-6, diffs
+    assert _max_diff(m1, _mlp()) > 1e-2  # the weights really moved
+
+
+def test_realignment_keeps_moments_when_projector_is_unchanged() -> None:
+    """Same gradient at a refresh ⇒ same P (GaLore top-r) ⇒ B = I and M, V unchanged."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(6, 10))
+    G = torch.randn(6, 10)
+    states = []
+    for realign in (False, True):
+        p = nn.Parameter(w.detach().clone())
+        opt = PlumageAdamW([p], lr=1e-3, rank=2, update_interval=2, estimator="galore", realign=realign)
+        for _ in range(3):  # steps 0 (refresh), 1, 2 (refresh with identical G)
+            p.grad = G.clone()
+            opt.step()
+        states.append({k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)})
+    for key in ("P", "exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-6, atol=1e-7)
+
+
+def test_realignment_applies_b_matrix() -> None:
+    """When P changes, the stored moments equal B·M_old (first moment) before the new gradient."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(8, 16))
+    opt = PlumageAdamW([p], lr=1e-3, rank=3, update_interval=1, estimator="haar", seed=3, betas=(0.5, 0.9))
+    p.grad = torch.randn(8, 16)
+    opt.step()
+    M_old, P_old = opt.state[p]["exp_avg"].clone(), opt.state[p]["P"].clone()
+    p.grad = torch.randn(8, 16)
+    opt.step()
+    P_new = opt.state[p]["P"]
+    R = P_new.mT @ p.grad
+    expected = 0.5 * (P_new.mT @ P_old) @ M_old + 0.5 * R
+    torch.testing.assert_close(opt.state[p]["exp_avg"], expected, rtol=1e-5, atol=1e-6)
+
+
+def _roundtrip(sd: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("estimator", ["plumage", "haar"])
+def test_bitwise_resume(estimator: str) -> None:
+    """Save after 5 steps (mid-period), load with weights_only, continue: bitwise equal to uninterrupted."""
+    kw = dict(HPARAMS, estimator=estimator)
+    full = _mlp()
+    opt = PlumageAdamW(full.parameters(), **kw)
+    _train(full, opt, range(11))
+
+    part = _mlp()
+    opt_a = PlumageAdamW(part.parameters(), **kw)
+    _train(part, opt_a, range(5))
+    sd = _roundtrip(opt_a.state_dict())
+    model_sd = _roundtrip(part.state_dict())
+    resumed = _mlp(seed=123)
+    resumed.load_state_dict(model_sd)
+    opt_b = PlumageAdamW(resumed.parameters(), **kw)
+    opt_b.load_state_dict(sd)
+    _train(resumed, opt_b, range(5, 11))
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_state_dict_holds_only_tensors_and_scalars() -> None:
+    """Every leaf of state_dict() is a tensor or a plain scalar/str/list/dict/None."""
+    model = _mlp()
+    opt = PlumageAdamW(model.parameters(), **HPARAMS)
+    _train(model, opt, range(2))
+
+    def check(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                check(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                check(v)
+        else:
+            assert x is None or torch.is_tensor(x) or isinstance(x, (int, float, str, bool)), type(x)
+
+    check(opt.state_dict())
+
+
+def _corrupt(sd: dict, how: str) -> dict:
+    sd = _roundtrip(sd)
+    mat = next(i for i, st in sd["state"].items() if "P" in st)
+    if how == "shape":
+        sd["state"][mat]["exp_avg"] = torch.zeros(2, 2)
+    elif how == "nan":
+        sd["state"][mat]["exp_avg_sq"][0, 0] = float("nan")
+    elif how == "rank":
+        sd["param_groups"][0]["rank"] = 5
+    elif how == "seed":
+        sd["plumage"]["seed"] = 99
+    elif how == "missing":
+        del sd["plumage"]
+    return sd
+
+
+@pytest.mark.parametrize(
+    "how,match",
+    [
+        ("shape", r"exp_avg has shape \(2, 2\), expected"),
+        ("nan", r"non-finite"),
+        ("rank", r"rank=5"),
+        ("seed", r"seed=99"),
+        ("missing", r"missing or unknown 'plumage' section"),
+    ],
+)
+def test_bad_checkpoint_is_rejected_and_state_kept(how: str, match: str) -> None:
+    """A corrupted checkpoint raises a ValueError naming the problem and leaves the state untouched."""
+    model = _mlp()
+    opt = PlumageAdamW(model.parameters(), **HPARAMS)
+    _train(model, opt, range(2))
+    before = _roundtrip(opt.state_dict())
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(_corrupt(opt.state_dict(), how))
+    after = opt.state_dict()
+    for i, st in before["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, after["state"][i][k]) if torch.is_tensor(v) else v == after["state"][i][k]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(rank=0), r"Invalid rank=0"),
+        (dict(rank=-3), r"Invalid rank=-3"),
+        (dict(update_interval=0), r"Invalid update_interval=0"),
+        (dict(estimator="topk"), r"Invalid estimator='topk'"),
+        (dict(dinv_placement="both"), r"Invalid dinv_placement='both'"),
+        (dict(scale=0.0), r"Invalid scale=0.0"),
+        (dict(lr=-1.0), r"Invalid lr=-1.0"),
+        (dict(betas=(0.9, 1.0)), r"Invalid betas=\(0.9, 1.0\)"),
+        (dict(svd_method="qr"), r"Invalid svd_method='qr'"),
+        (dict(max_grad_norm=-1.0), r"Invalid max_grad_norm=-1.0"),
+    ],
+)
+def test_bad_hyperparameters_name_the_value(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        PlumageAdamW(_mlp().parameters(), **kwargs)
+
+
+def test_rank_above_short_side_falls_back_or_raises_in_strict() -> None:
+    """rank >= short side: reported full-rank AdamW fallback; strict=True raises naming the matrix."""
+    model = _mlp()
+    opt = PlumageAdamW(model.parameters(), rank=10)
+    rows = {r["name"]: r for r in opt.matrix_report()}
+    assert rows["param0"]["mode"] == "plumage"  # 20x12, short side 12 > 10
+    assert rows["param2"]["mode"] == "adamw" and "rank=10 >= short side 8" in rows["param2"]["reason"]
+    with pytest.raises(ValueError, match=r"Matrix 'param2' cannot take the low-rank path \(strict=True\): rank=10"):
+        PlumageAdamW(model.parameters(), rank=10, strict=True)
+
+
+def test_param_group_helper_selects_by_regex_and_reports() -> None:
+    """Regex on module names picks targets; every parameter is reported with its mode and reason."""
+    model = nn.ModuleDict({"attn": nn.Linear(16, 32), "mlp": nn.Linear(32, 4), "head": nn.Linear(16, 16)})
+    groups, report = lowrank_param_groups(model, target_modules=[r"attn|mlp"], rank=4)
+    by_name = {r["name"]: r for r in report}
+    assert by_name["attn.weight"]["mode"] == "lowrank"
+    assert by_name["attn.bias"]["mode"] == "adamw" and "1-D" in by_name["attn.bias"]["reason"]
+    assert by_name["mlp.weight"]["mode"] == "adamw" and "rank=4 >= short side 4" in by_name["mlp.weight"]["reason"]
+    assert by_name["head.weight"]["reason"] == "module not matched by target_modules"
+    opt = PlumageAdamW(groups, rank=4)
+    modes = {r["name"]: r["mode"] for r in opt.matrix_report()}
+    assert modes == {"attn.weight": "plumage", "attn.bias": "adamw", "mlp.weight": "adamw", "mlp.bias": "adamw",
+                     "head.weight": "adamw", "head.bias": "adamw"}
+    with pytest.raises(ValueError, match=r"Matrix 'mlp.weight' cannot take the low-rank path"):
+        lowrank_param_groups(model, target_modules=[r"attn|mlp"], rank=4, strict=True)
+    with pytest.raises(ValueError, match=r"selected no matrix"):
+        lowrank_param_groups(model, target_modules=[r"nothing"], rank=4, strict=True)
+
+
+def test_bf16_params_keep_fp32_state_and_track_fp32() -> None:
+    """bf16 weights: fp32 P/M/V, and the trajectory stays close to the fp32 run."""
+    m32, m16 = _mlp(), _mlp().to(torch.bfloat16)
+    o32 = PlumageAdamW(m32.parameters(), **HPARAMS)
+    o16 = PlumageAdamW(m16.parameters(), **HPARAMS)
+    for step in range(6):
+        for m, o, dt in ((m32, o32, torch.float32), (m16, o16, torch.bfloat16)):
+            x, y = _data(step)
+            o.zero_grad()
+            ((m(x.to(dt)) - y.to(dt)) ** 2).mean().backward()
+            o.step()
+    for st in o16.state.values():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                assert v.dtype == torch.float32, k
+    assert max((p.float() - q).abs().max().item() for p, q in zip(m16.parameters(), m32.parameters())) < 0.05
+
+
+def test_frozen_and_gradless_params_are_skipped() -> None:
+    """A parameter without a gradient keeps no state and does not move."""
+    model = _mlp()
+    model[4].weight.requires_grad_(False)
+    opt = PlumageAdamW(model.parameters(), **HPARAMS)
+    before = model[4].weight.detach().clone()
+    _train(model, opt, range(4))
+    assert torch.equal(model[4].weight, before)
+    assert model[4].weight not in opt.state
+
+
+def test_clipping_scales_what_the_optimizer_uses() -> None:
+    """max_grad_norm clips by sqrt(Σ‖PᵀG‖² + Σ‖g_dense‖²) and reports that norm."""
+    model = _mlp()
+    opt = PlumageAdamW(model.parameters(), max_grad_norm=1e-3, **HPARAMS)
+    x, y = _data(0)
+    ((model(x) - y) ** 2).mean().backward()
+    opt.step()
+    expected = 0.0
+    for p in model.parameters():
+        st = opt.state[p]
+        g = p.grad
+        if "P" in st:
+            g_o = g if p.shape[0] <= p.shape[1] else g.mT
+            expected += float((st["P"].mT @ g_o).pow(2).sum())
+        else:
+            expected += float(g.pow(2).sum())
+    assert opt.last_grad_norm == pytest.approx(expected**0.5, rel=1e-5)
+
+
+def test_factory_and_config() -> None:
+    """OptimizerConfig builds every estimator; unknown keys are rejected naming them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2)
+    )
+    for est in ("adamw", "plumage", "galore", "haar"):
+        opt, rows = build_optimizer(model, OptimizerConfig(estimator=est, rank=4))
+        modes = {r["mode"] for r in rows}
+        assert (est in modes) if est != "adamw" else modes == {"adamw"}
+        assert any(r["name"].endswith("q_proj.weight") and r["mode"] == (est if est != "adamw" else "adamw") for r in rows)
+    with pytest.raises(ValueError, match=r"Unknown config key\(s\) \['ranks'\] in OptimizerConfig"):
+        from_dict(OptimizerConfig, {"ranks": 4})

@@ -1,7 +1,7 @@
 """plumage_ds: unbiased low-rank gradient estimators inside distributed training engines."""
 
-from .optim import PlumageAdamW, build_optimizer, lowrank_param_groups
+from .optim import GUM, PlumageAdamW, build_optimizer, lowrank_param_groups
 
 __version__ = "0.1.0"
 
-__all__ = ["PlumageAdamW", "build_optimizer", "lowrank_param_groups", "__version__"]
+__all__ = ["GUM", "PlumageAdamW", "build_optimizer", "lowrank_param_groups", "__version__"]

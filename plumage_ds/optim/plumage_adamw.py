@@ -56,6 +56,7 @@ class _Entry:
     lowrank: bool
     mode: str
     reason: str
+    shape: tuple = ()  # logical shape (``ds_shape`` for ZeRO-3 placeholders)
     left: bool = True
     s: int = 0
     l: int = 0
@@ -143,6 +144,12 @@ class PlumageAdamW(torch.optim.Optimizer):
         self.seed = seed
         self.strict = strict
         self.max_grad_norm = float(max_grad_norm)
+        # Optional callable: this rank's share of the squared norm of gradients that
+        # another optimizer applies (e.g. DeepSpeed's ZeRO partitions), so that one
+        # global norm clips both; after step(), ``last_clip_coef`` is the factor used.
+        self.external_grad_sq_norm = None
+        self.last_clip_coef = 1.0
+        self.last_grad_norm: Optional[float] = None
         self._distributor: Distributor = distributor if distributor is not None else LocalDistributor()
         self._entries: list[_Entry] = []
         super().__init__(params, defaults)
@@ -170,14 +177,15 @@ class PlumageAdamW(torch.optim.Optimizer):
         rank = group["rank"]
         if requested is False:
             return False, "adamw", "group has lowrank=False", 0
-        if p.dim() != 2:
-            reason = f"{p.dim()}-D parameter: low-rank projection needs a matrix"
+        shape = self._logical_shape(p)
+        if len(shape) != 2:
+            reason = f"{len(shape)}-D parameter: low-rank projection needs a matrix"
             if requested:
                 self._strict_fail(name, reason)
             return False, "adamw", reason, 0
-        s, _ = oriented_shape(p.shape)
+        s, _ = oriented_shape(shape)
         if rank >= s:
-            reason = f"{rank=} >= short side {s} of shape {tuple(p.shape)}: full-rank AdamW"
+            reason = f"{rank=} >= short side {s} of shape {shape}: full-rank AdamW"
             self._strict_fail(name, reason)
             return False, "adamw", reason, 0
         return True, group["estimator"], f"rank {rank} of short side {s}", rank
@@ -194,10 +202,13 @@ class PlumageAdamW(torch.optim.Optimizer):
             for p, name in zip(group["params"], names):
                 name = name or f"param{index}"
                 lowrank, mode, reason, r = self._classify(p, group, name)
-                e = _Entry(index=index, param=p, group=group, name=name, lowrank=lowrank, mode=mode, reason=reason)
+                e = _Entry(
+                    index=index, param=p, group=group, name=name, lowrank=lowrank, mode=mode, reason=reason,
+                    shape=self._logical_shape(p),
+                )
                 if lowrank:
-                    e.left = is_left(p.shape)
-                    e.s, e.l = oriented_shape(p.shape)
+                    e.left = is_left(e.shape)
+                    e.s, e.l = oriented_shape(e.shape)
                     e.r = r
                 entries.append(e)
                 index += 1
@@ -222,7 +233,7 @@ class PlumageAdamW(torch.optim.Optimizer):
     def matrix_report(self) -> list[dict]:
         """One row per parameter: name, shape, mode, reason, owner rank."""
         return [
-            {"name": e.name, "shape": list(e.param.shape), "mode": e.mode, "reason": e.reason, "owner": e.owner}
+            {"name": e.name, "shape": list(e.shape), "mode": e.mode, "reason": e.reason, "owner": e.owner}
             for e in self._entries
         ]
 
@@ -281,7 +292,7 @@ class PlumageAdamW(torch.optim.Optimizer):
         def grad32(e: _Entry) -> Tensor:
             g = e.param.grad
             if g is None:
-                return torch.zeros(e.param.shape, dtype=torch.float32, device=e.param.device)
+                return torch.zeros(e.shape, dtype=torch.float32, device=e.param.device)
             if g.is_sparse:
                 raise RuntimeError(f"PlumageAdamW does not support sparse gradients ({e.name})")
             return g.float() if g.dtype != torch.float32 else g
@@ -308,9 +319,12 @@ class PlumageAdamW(torch.optim.Optimizer):
         clip = 1.0
         if self.max_grad_norm > 0:
             sq = sum(float(t.double().pow(2).sum()) for t in R_owned + g_owned if t is not None)
+            if self.external_grad_sq_norm is not None:
+                sq += float(self.external_grad_sq_norm())
             total_norm = math.sqrt(dist.sum_scalar(sq, "grad_norm"))
             self.last_grad_norm = total_norm
             clip = min(1.0, self.max_grad_norm / (total_norm + 1e-6))
+        self.last_clip_coef = clip
 
         # -- phase 4: Adam on owners ---------------------------------------------
         N_out: list[Optional[Tensor]] = []
@@ -340,7 +354,7 @@ class PlumageAdamW(torch.optim.Optimizer):
             g = e.group
             beta1, beta2 = g["betas"]
             if "exp_avg" not in st:
-                st["exp_avg"], st["exp_avg_sq"] = zeros_state(e.param.shape, e.param.device)
+                st["exp_avg"], st["exp_avg_sq"] = zeros_state(e.shape, e.param.device)
             if clip != 1.0:
                 G = G * clip
             adam_update_moments(st["exp_avg"], st["exp_avg_sq"], G, beta1, beta2)
@@ -350,25 +364,35 @@ class PlumageAdamW(torch.optim.Optimizer):
 
         # -- phase 5: updates to every rank, applied locally -----------------------
         N_all = dist.gather_from_owners(N_out, [(e.r, e.l) for e in lowrank], [e.owner for e in lowrank], "lowrank_update")
-        W_all = dist.gather_from_owners(new_dense, [tuple(e.param.shape) for e in dense], [e.owner for e in dense], "dense_update")
+        W_all = dist.gather_from_owners(new_dense, [e.shape for e in dense], [e.owner for e in dense], "dense_update")
         for e, N in zip(lowrank, N_all):
             st = self.state[e.param]
             delta = st["P"] @ N  # (s, l)
             if not e.left:
                 delta = delta.mT
-            wd = e.group["lr"] * e.group["weight_decay"]
-            if e.param.dtype == torch.float32:
-                if wd:
-                    e.param.mul_(1.0 - wd)
-                e.param.sub_(delta)
-            else:
-                W = e.param.float()
-                if wd:
-                    W.mul_(1.0 - wd)
-                e.param.copy_(W.sub_(delta))
+            self._apply_matrix_update(e.param, delta, e.group["lr"] * e.group["weight_decay"])
         for e, W in zip(dense, W_all):
             e.param.copy_(W)
         return loss
+
+    # Hooks for engines whose parameters are not plain replicated tensors (ZeRO-3):
+    @staticmethod
+    def _logical_shape(p: Tensor) -> tuple:
+        """The matrix shape of ``p`` (``ds_shape`` when ZeRO-3 replaced it by a placeholder)."""
+        return tuple(getattr(p, "ds_shape", p.shape))
+
+    @staticmethod
+    def _apply_matrix_update(param: Tensor, delta: Tensor, decay: float) -> None:
+        """``W ← W·(1 − decay) − delta`` in fp32, rounded once into ``param``'s dtype."""
+        if param.dtype == torch.float32:
+            if decay:
+                param.mul_(1.0 - decay)
+            param.sub_(delta)
+        else:
+            W = param.float()
+            if decay:
+                W.mul_(1.0 - decay)
+            param.copy_(W.sub_(delta))
 
     def _refresh(self, refresh: list[_Entry], grad32) -> None:
         """Rebuild ``P, d`` for ``refresh`` on their owners; everyone receives them.
@@ -519,7 +543,7 @@ class PlumageAdamW(torch.optim.Optimizer):
         if e.lowrank:
             expect = {"P": (e.s, e.r), "d": (e.r,), "exp_avg": (e.r, e.l), "exp_avg_sq": (e.r, e.l)}
         else:
-            expect = {"exp_avg": tuple(e.param.shape), "exp_avg_sq": tuple(e.param.shape)}
+            expect = {"exp_avg": e.shape, "exp_avg_sq": e.shape}
         for key, t in st.items():
             if key == "step":
                 continue

@@ -62,8 +62,11 @@ def validate_lowrank_options(
     scale: Any,
     dinv_placement: Any,
     svd_method: Any,
+    uniform_mix: Any = 0.0,
 ) -> None:
     """Validate the low-rank knobs shared by the config and the optimizer constructor."""
+    if isinstance(uniform_mix, bool) or not isinstance(uniform_mix, (int, float)) or not 0.0 <= uniform_mix <= 1.0:
+        raise ValueError(f"Invalid uniform_mix={uniform_mix!r}: must be in [0, 1]")
     _check_positive("rank", rank, integer=True)
     _check_positive("update_interval", update_interval, integer=True)
     _check_choice("estimator", estimator, ESTIMATORS)
@@ -176,6 +179,7 @@ class OptimizerConfig:
     dinv_placement: str = "none"
     realign: Optional[bool] = None
     svd_method: str = "gram"
+    uniform_mix: float = 0.0
     seed: int = 0
     target_modules: tuple[str, ...] = (r".*(attn|attention|mlp).*",)
     strict: bool = False
@@ -194,6 +198,7 @@ class OptimizerConfig:
             scale=self.scale,
             dinv_placement=self.dinv_placement,
             svd_method=self.svd_method,
+            uniform_mix=self.uniform_mix,
         )
         if self.realign is not None and not isinstance(self.realign, bool):
             raise ValueError(f"Invalid realign={self.realign!r}: must be true, false or null")

@@ -17,7 +17,8 @@ Each call records, under its ``tag`` (what the bytes are: ``lowrank_grad``,
 
 These are measured from the actual tensors and calls, never computed from
 model shapes; tests compare them against formulas derived from the collectives.
-Statistics are kept per step (``begin_step`` closes a step) and in total.
+Statistics are kept per step (``end_step`` closes a step: ``last_step`` is then the step
+just finished) and in total.
 """
 
 from __future__ import annotations
@@ -58,10 +59,10 @@ class CommStats:
             row["bytes"] += wire
             row["payload"] += payload
 
-    def begin_step(self) -> None:
-        if self.current:
-            self.last_step = {k: dict(v) for k, v in self.current.items()}
-            self.steps += 1
+    def end_step(self) -> None:
+        """Close a step: what was recorded since the last close becomes ``last_step``."""
+        self.last_step = {k: dict(v) for k, v in self.current.items()}
+        self.steps += 1
         self.current = defaultdict(lambda: {"calls": 0, "bytes": 0.0, "payload": 0})
 
     def as_dict(self, world_size: int) -> dict:
@@ -131,8 +132,8 @@ class Collectives:
             dist.broadcast(t, src=self.global_rank(src), group=self.group)
         return t
 
-    def begin_step(self) -> None:
-        self.stats.begin_step()
+    def end_step(self) -> None:
+        self.stats.end_step()
 
     def comm_stats(self) -> dict:
         return self.stats.as_dict(self.world_size)

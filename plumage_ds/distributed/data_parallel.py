@@ -101,8 +101,8 @@ class DataParallelDistributor:
         self.comm.all_reduce(t, tag)
         return float(t.item())
 
-    def begin_step(self) -> None:
-        self.comm.begin_step()
+    def end_step(self) -> None:
+        self.comm.end_step()
 
     def comm_stats(self) -> dict:
         return self.comm.comm_stats()

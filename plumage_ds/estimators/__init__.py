@@ -1,7 +1,7 @@
 """Pure estimator math (no ``torch.distributed``): probabilities, samplers, projectors."""
 
 from .gum import sample_layers
-from .probabilities import estimator_variance, inclusion_probabilities, is_deterministic
+from .probabilities import estimator_variance, inclusion_probabilities, is_deterministic, mix_uniform
 from .projectors import (
     Projection,
     build_projection,
@@ -27,6 +27,7 @@ __all__ = [
     "inclusion_probabilities",
     "is_deterministic",
     "is_left",
+    "mix_uniform",
     "orient",
     "oriented_shape",
     "plumage_projection",

@@ -65,6 +65,22 @@ def inclusion_probabilities(sigma: Tensor, rank: int) -> Tensor:
     return p.to(sigma.device)
 
 
+def mix_uniform(p: Tensor, eps: float) -> Tensor:
+    """``p' = (1 − ε)·p + ε·k/d`` with ``k = Σp``: same sum, every ``p'_i >= ε·k/d > 0``.
+
+    A floor on the probabilities keeps ``E[P D⁻¹ Pᵀ X] = X`` for *every* ``X`` (not
+    only the gradient whose spectrum gave ``p``), because no direction of the
+    short-side basis is left out, and it bounds ``1/p_i`` — the variance on later
+    gradients between refreshes — by ``d/(ε·k)``. ``ε = 0`` returns ``p``.
+    """
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0.0 <= eps <= 1.0:
+        raise ValueError(f"Invalid uniform_mix={eps!r}: must be in [0, 1]")
+    if eps == 0:
+        return p
+    k = float(p.sum())
+    return (1.0 - eps) * p + eps * k / p.numel()
+
+
 def is_deterministic(p: Tensor) -> bool:
     """True when every probability is 0 or 1 (no randomness left in the design)."""
     return bool(((p == 0) | (p == 1)).all())

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .probabilities import inclusion_probabilities, is_deterministic
+from .probabilities import inclusion_probabilities, is_deterministic, mix_uniform
 from .sampling import systematic_sample
 from .spectral import short_side_basis
 
@@ -31,13 +31,19 @@ class Projection:
     deterministic: bool = False
 
 
-def plumage_projection(G: Tensor, rank: int, generator: torch.Generator, *, svd_method: str = "gram") -> Projection:
+def plumage_projection(
+    G: Tensor, rank: int, generator: torch.Generator, *, svd_method: str = "gram", uniform_mix: float = 0.0
+) -> Projection:
     """PLUMAGE: SVD → min-variance probabilities → systematic sample (``E[Ĝ] = G``).
 
     ``G`` is the (averaged, full) gradient in its stored orientation.
+    ``uniform_mix = ε > 0`` mixes the probabilities with uniform ones
+    (:func:`mix_uniform`): still unbiased for ``G``, and also for later gradients
+    projected with the same ``P`` (no direction has ``p = 0``), at a small cost in
+    variance on ``G`` itself.
     """
     U, sigma = short_side_basis(G, svd_method)  # U (s, s), sigma (s,)
-    p = inclusion_probabilities(sigma, rank)  # (s,)
+    p = mix_uniform(inclusion_probabilities(sigma, rank), uniform_mix)  # (s,)
     S = systematic_sample(p, generator)  # (r,)
     P = U[:, S.to(U.device)].contiguous()  # (s, r)
     d = p[S].to(device=U.device, dtype=torch.float32)  # (r,)
@@ -69,11 +75,17 @@ def haar_projection(short_dim: int, rank: int, generator: torch.Generator, *, de
 
 
 def build_projection(
-    estimator: str, G: Tensor, rank: int, generator: torch.Generator, *, svd_method: str = "gram"
+    estimator: str,
+    G: Tensor,
+    rank: int,
+    generator: torch.Generator,
+    *,
+    svd_method: str = "gram",
+    uniform_mix: float = 0.0,
 ) -> Projection:
     """Dispatch on ``estimator`` ∈ {plumage, galore, haar}; ``G`` in stored orientation."""
     if estimator == "plumage":
-        return plumage_projection(G, rank, generator, svd_method=svd_method)
+        return plumage_projection(G, rank, generator, svd_method=svd_method, uniform_mix=uniform_mix)
     if estimator == "galore":
         return galore_projection(G, rank, svd_method=svd_method)
     if estimator == "haar":

@@ -42,8 +42,8 @@ class Distributor(Protocol):
     def sum_scalar(self, value: float, tag: str) -> float:
         """Sum of a float over ranks."""
 
-    def begin_step(self) -> None:
-        """Marks the start of an optimizer step (for per-step accounting)."""
+    def end_step(self) -> None:
+        """Marks the end of an optimizer step (``comm_stats()["last_step"]`` is then that step)."""
 
     def comm_stats(self) -> dict:
         """Bytes and calls per collective kind (see :mod:`plumage_ds.distributed.comm`)."""
@@ -72,7 +72,7 @@ class LocalDistributor:
     def sum_scalar(self, value: float, tag: str) -> float:
         return value
 
-    def begin_step(self) -> None:
+    def end_step(self) -> None:
         pass
 
     def comm_stats(self) -> dict:

@@ -62,6 +62,7 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, **extra) -> tuple[to
             dinv_placement=cfg.dinv_placement,
             realign=cfg.realign,
             svd_method=cfg.svd_method,
+            uniform_mix=cfg.uniform_mix,
             seed=cfg.seed,
             strict=cfg.strict,
             max_grad_norm=cfg.grad_clip,

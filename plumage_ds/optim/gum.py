@@ -427,12 +427,18 @@ class GUM(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        try:
+            self._run_step()
+        finally:
+            self._distributor.end_step()  # closes this step's communication record
+        return loss
+
+    def _run_step(self) -> None:
         dist = self._distributor
-        dist.begin_step()
         has_grad = dist.any_true([e.param.grad is not None for e in self._entries])
         active = [e for e, h in zip(self._entries, has_grad) if h]
         if not active:
-            return loss
+            return
         for e in active:
             self.state[e.param].setdefault("step", 0)
         targets = [e for e in active if e.lowrank]
@@ -527,7 +533,6 @@ class GUM(torch.optim.Optimizer):
         for e, W in zip(dense, W_all):
             e.param.copy_(W)
         self._step += 1
-        return loss
 
     def _refresh(self, refresh: list[_Entry], k: int, q: float, mask: Tensor, grad32) -> None:
         """Start period ``k`` for ``refresh``: GaLore ``P`` (unless ``q == 1``), zero momentum.

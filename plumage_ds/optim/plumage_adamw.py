@@ -37,7 +37,9 @@ from ..estimators import build_projection, haar_projection, is_left, oriented_sh
 from .adam import adam_direction, adam_step_size, adam_update_moments, zeros_state
 from .distributor import Distributor, LocalDistributor
 
-_LOWRANK_KEYS = ("rank", "update_interval", "estimator", "scale", "dinv_placement", "realign", "svd_method")
+_LOWRANK_KEYS = (
+    "rank", "update_interval", "estimator", "scale", "dinv_placement", "realign", "svd_method", "uniform_mix"
+)
 _STATE_FORMAT = 1
 
 
@@ -83,6 +85,9 @@ class PlumageAdamW(torch.optim.Optimizer):
         realign: realign moments when ``P`` changes (``None``: on for plumage/haar,
             off for galore, as GaLore does not).
         svd_method: ``"gram"`` (eigh of the short-side Gram matrix) or ``"svd"``.
+        uniform_mix: PLUMAGE only: mix ε of uniform probability into the
+            sampling design so no direction has ``p = 0`` (keeps the estimate
+            unbiased for later gradients between refreshes; 0 = the paper's design).
         seed: sampler seed.
         strict: raise instead of falling back to AdamW for a target matrix that
             cannot take the low-rank path.
@@ -107,6 +112,7 @@ class PlumageAdamW(torch.optim.Optimizer):
         dinv_placement: str = "none",
         realign: Optional[bool] = None,
         svd_method: str = "gram",
+        uniform_mix: float = 0.0,
         seed: int = 0,
         strict: bool = False,
         max_grad_norm: float = 0.0,
@@ -122,6 +128,7 @@ class PlumageAdamW(torch.optim.Optimizer):
             scale=scale,
             dinv_placement=dinv_placement,
             svd_method=svd_method,
+            uniform_mix=uniform_mix,
         )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"Invalid {seed=}: must be an integer")
@@ -139,6 +146,7 @@ class PlumageAdamW(torch.optim.Optimizer):
             dinv_placement=dinv_placement,
             realign=realign,
             svd_method=svd_method,
+            uniform_mix=uniform_mix,
             lowrank=None,
         )
         self.seed = seed
@@ -277,13 +285,18 @@ class PlumageAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        try:
+            self._step()
+        finally:
+            self._distributor.end_step()  # closes this step's communication record
+        return loss
+
+    def _step(self) -> None:
         dist = self._distributor
-        dist.begin_step()
-        me = dist.rank
         has_grad = dist.any_true([e.param.grad is not None for e in self._entries])
         active = [e for e, h in zip(self._entries, has_grad) if h]
         if not active:
-            return loss
+            return
         for e in active:
             self._ensure_state(e)
         lowrank = [e for e in active if e.lowrank]
@@ -373,7 +386,6 @@ class PlumageAdamW(torch.optim.Optimizer):
             self._apply_matrix_update(e.param, delta, e.group["lr"] * e.group["weight_decay"])
         for e, W in zip(dense, W_all):
             e.param.copy_(W)
-        return loss
 
     # Hooks for engines whose parameters are not plain replicated tensors (ZeRO-3):
     @staticmethod
@@ -419,7 +431,10 @@ class PlumageAdamW(torch.optim.Optimizer):
             if haar:
                 proj = haar_projection(e.s, e.r, gen, device=device)
             else:
-                proj = build_projection(g["estimator"], full_by_index[e.index], e.r, gen, svd_method=g["svd_method"])
+                proj = build_projection(
+                    g["estimator"], full_by_index[e.index], e.r, gen,
+                    svd_method=g["svd_method"], uniform_mix=g["uniform_mix"],
+                )
             P, d = proj.P.to(device), proj.d.to(device)
             if e.owner == me:
                 realign = g["realign"] if g["realign"] is not None else _default_realign(g["estimator"])

@@ -32,6 +32,8 @@ VARIANTS = [
     ("plumage lift a=1", {"estimator": "plumage", "dinv_placement": "lift", "scale": 1.0}),
     ("plumage none a=0.25", {"estimator": "plumage", "dinv_placement": "none", "scale": 0.25}),
     ("plumage lift a=0.25", {"estimator": "plumage", "dinv_placement": "lift", "scale": 0.25}),
+    ("plumage none a=1 mix0.1", {"estimator": "plumage", "dinv_placement": "none", "scale": 1.0, "uniform_mix": 0.1}),
+    ("plumage coords a=1 mix0.1", {"estimator": "plumage", "dinv_placement": "coords", "scale": 1.0, "uniform_mix": 0.1}),
     ("plumage none a=1 no-realign", {"estimator": "plumage", "dinv_placement": "none", "scale": 1.0, "realign": False}),
     ("haar none a=1", {"estimator": "haar", "dinv_placement": "none", "scale": 1.0}),
 ]
@@ -43,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/sweep")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
+    ap.add_argument("--grad-clip", type=float, default=None, help="optimizer.grad_clip for every variant")
     args = ap.parse_args(argv)
     base = load_config(args.config)
     if args.steps:
@@ -51,6 +54,8 @@ def main(argv=None) -> int:
     for name, overrides in VARIANTS:
         if args.only and name not in args.only:
             continue
+        if args.grad_clip is not None:
+            overrides = dict(overrides, grad_clip=args.grad_clip)
         cfg = dataclasses.replace(base, optimizer=dataclasses.replace(base.optimizer, **overrides))
         out = os.path.join(args.out, name.replace(" ", "_").replace("=", ""))
         summary = train(cfg, out, overwrite=True, progress=False)
@@ -58,10 +63,10 @@ def main(argv=None) -> int:
         print(f"{name}: eval {summary['final_eval_loss']:.4f}", file=sys.stderr, flush=True)
     by_name = dict(rows)
     adamw = by_name.get("adamw", {}).get("final_eval_loss")
-    galore = by_name.get("galore a=0.25", {}).get("final_eval_loss")
+    galore = by_name.get("galore a=1", {}).get("final_eval_loss")
     print(f"\nconfig {args.config}, steps {base.train.steps}, rank {base.optimizer.rank}, "
-          f"tau {base.optimizer.update_interval}, lr {base.optimizer.lr}\n")
-    print("| variant | final eval loss | gap closed vs GaLore(a=0.25) | optimizer state bytes |")
+          f"tau {base.optimizer.update_interval}, lr {base.optimizer.lr}, grad_clip {args.grad_clip}\n")
+    print("| variant | final eval loss | gap closed vs GaLore(a=1) | optimizer state bytes |")
     print("|---|---|---|---|")
     for name, s in rows:
         loss = s["final_eval_loss"]

@@ -271,6 +271,11 @@ class PlumageAdamW(torch.optim.Optimizer):
         """Collective bytes/calls per kind, from the distributor's accounting layer."""
         return self._distributor.comm_stats()
 
+    @property
+    def distributor(self) -> Distributor:
+        """The strategy that places state and runs the collectives (read-only)."""
+        return self._distributor
+
     # ------------------------------------------------------------------ step
 
     def _ensure_state(self, e: _Entry) -> dict:

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# PLUMAGE + DeepSpeed on CPU (gloo), one node, N processes, through the real deepspeed launcher.
+#   launch/deepspeed_cpu.sh [CONFIG=configs/deepspeed/zero2.json] [NPROC=2] [extra args for deepspeed_train.py]
+# On CPU `--num_gpus` means "processes": this build accepts `--num_nodes 1 --num_accelerators N`.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CONFIG="${1:-$ROOT/configs/deepspeed/zero2.json}"
+NPROC="${2:-2}"
+shift $(( $# > 2 ? 2 : $# )) || true
+export DS_ACCELERATOR=cpu
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec deepspeed --num_nodes 1 --num_accelerators "$NPROC" "$ROOT/launch/deepspeed_train.py" \
+    --deepspeed_config "$CONFIG" "$@"

@@ -1,0 +1,498 @@
+"""DeepSpeed adapter (``plumage_ds.integrations.deepspeed``): PLUMAGE owns the target matrices.
+
+All W=2 DeepSpeed runs share ONE spawned job (module fixture ``ds_runs``; each run is recorded
+separately, so one failing run fails only the tests that read it). Checked, on a tiny LLaMA (fp32,
+``τ=2`` so 3 refreshes in 6 steps), against the single-device ``PlumageAdamW`` with the same targets
+and hyperparameters (non-targets: AdamW, same arithmetic):
+
+* stages 0, 1, 2, 3: parameters after 6 steps within 1e-5 (stage 1 with DeepSpeed's WarmupLR, the
+  reference fed the same per-step lr; stage 3 with every parameter partitioned, persistence
+  threshold 0, and with the default threshold where the small targets stay gathered); replicas
+  bitwise identical; target gradients after backward differ per rank (so
+  DeepSpeed did not reduce them — PLUMAGE did, compressed);
+* stages 0–3 with gradient_accumulation_steps=2 and an active global-norm clip: within 1e-5
+  (reference: one global batch, ``max_grad_norm``), which pins the clipping definition;
+* per-rank PLUMAGE state bytes == ``Σ_owned 2·r·l·4 + Σ_all (s·r + r)·4`` (stages 0–3);
+* target-gradient bytes of an ordinary step == the reduce-scatter / all-gather formula of
+  ``plumage_ds/distributed/data_parallel.py`` (``(W−1)·4·max_o L_o`` each), below DDP's all-reduce;
+* checkpoints through the engine API (stages 2 and 3: DeepSpeed's own files; stage 0: the adapter's
+  per-rank side files): resumed run bitwise equal to the uninterrupted one;
+* bf16 (stage 2): finite loss, decreasing, within 0.05 of the fp32 run at every step;
+* strict mode raises naming the matrix;
+* stage 3's one DeepSpeed internal (``ds_tensor`` layout) is version-guarded.
+
+Plus pure config tests (no spawn) and one end-to-end run through the real ``deepspeed`` launcher.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks an accelerator (also in spawned workers)
+pytest.importorskip("deepspeed")
+
+from plumage_ds.integrations.deepspeed import PlumageSectionConfig, split_config  # noqa: E402
+from plumage_ds.optim import PlumageAdamW, lowrank_param_groups  # noqa: E402
+from plumage_ds.testing import run_workers  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+W = 2
+VOCAB, SEQ, GLOBAL_BATCH = 64, 16, 8
+RANK, TAU, STEPS, SAVE_AT = 4, 2, 6, 3
+LR, WD, SEED = 3e-3, 0.1, 1
+CLIP = 0.05
+TARGETS = [r"self_attn|mlp"]
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        use_cache=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).float()
+
+
+def batch(step: int, learnable: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1_000_003 * step + 11)
+    if not learnable:  # uniform tokens: full-rank gradients, loss stays near ln(VOCAB)
+        return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    start = torch.randint(0, VOCAB, (GLOBAL_BATCH, 1), generator=g)
+    stride = torch.randint(1, 4, (GLOBAL_BATCH, 1), generator=g)
+    return (start + stride * torch.arange(SEQ + 1)) % VOCAB  # arithmetic sequences: learnable
+
+
+def lm_loss(model, x: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=x[:, :-1]).logits
+    return F.cross_entropy(logits.float().reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+
+
+def ds_config(
+    stage: int, *, gas: int = 1, clip: float = 0.0, bf16: bool = False, warmup: bool = False, persistent: bool = False
+) -> dict:
+    cfg = {
+        "train_batch_size": GLOBAL_BATCH,
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // (W * gas),
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": clip,
+        "zero_optimization": {"stage": stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD}},
+        "plumage": {
+            "rank": RANK,
+            "update_interval": TAU,
+            "estimator": "plumage",
+            "target_modules": TARGETS,
+            "seed": SEED,
+            "print_report": False,
+        },
+        "steps_per_print": 10_000,
+    }
+    if stage == 3 and not persistent:  # partition every parameter (the default keeps params < 1e5 elements whole)
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    if warmup:
+        cfg["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": LR, "warmup_num_steps": 4, "warmup_type": "linear"},
+        }
+    return cfg
+
+
+# ------------------------------------------------------------------------------------- worker
+
+
+def _train(engine, model, rank, gas, steps, start=0, learnable=False, probe=None):
+    mb = GLOBAL_BATCH // (W * gas)
+    losses, lrs, probes = [], [], []
+    for step in range(start, start + steps):
+        x = batch(step, learnable)
+        lrs.append(float(engine.get_lr()[0]))
+        total = 0.0
+        for j in range(gas):
+            k = rank * gas + j
+            loss = lm_loss(engine, x[k * mb : (k + 1) * mb])
+            engine.backward(loss)
+            if probe is not None and j == 0:  # a target's grad right after backward: local or reduced?
+                probes.append(float(probe.grad.double().norm()))
+            engine.step()
+            total += float(loss.detach()) / gas
+        losses.append(total)
+    return losses, lrs, probes
+
+
+def _params(model):
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def _free(*objs):
+    del objs
+    gc.collect()
+
+
+def _run(name, out, fn):
+    try:
+        out[name] = {"ok": True, **fn()}
+    except Exception:  # noqa: BLE001 - reported per run
+        out[name] = {"ok": False, "error": traceback.format_exc()}
+    gc.collect()
+    torch.distributed.barrier()
+
+
+def _worker(rank, world, port, ckpt_root):
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
+    import torch.distributed as dist
+
+    from plumage_ds.integrations import deepspeed as pds
+
+    out: dict = {}
+
+    def plain(stage, gas=1, clip=0.0, bf16=False, warmup=False, ckpt=False, learnable=False, persistent=False):
+        def fn():
+            model = tiny_llama()
+            cfg = ds_config(stage, gas=gas, clip=clip, bf16=bf16, warmup=warmup, persistent=persistent)
+            engine, _, _, _ = pds.initialize(model=model, config=cfg)
+            comp = pds.plumage_optimizer(engine)
+            res = {}
+            probe = comp._targets[0]
+            if ckpt:
+                losses, lrs, probes = _train(engine, model, rank, gas, SAVE_AT, probe=probe)
+                pds.save_checkpoint(engine, ckpt_root, tag=f"s{stage}")
+                more, lrs2, probes2 = _train(engine, model, rank, gas, STEPS - SAVE_AT, start=SAVE_AT, probe=probe)
+                losses, lrs, probes = losses + more, lrs + lrs2, probes + probes2
+            else:
+                losses, lrs, probes = _train(engine, model, rank, gas, STEPS, learnable=learnable, probe=probe)
+            res["probe"] = probes
+            res.update(
+                losses=losses,
+                lrs=lrs,
+                params=_params(model),
+                state_bytes=comp.state_bytes(),
+                comm=comp.comm_stats(),
+                report=comp.plumage.matrix_report(),
+                target_grads_none=all(p.grad is None for p in comp._targets),
+            )
+            if stage == 3:  # private-API guard, real partitioning, full weights for comparison
+                import deepspeed
+
+                for g in comp.plumage.param_groups:
+                    for p, n in zip(g["params"], g["names"]):
+                        pds.check_zero3_param(p, n)
+                res["version"] = deepspeed.__version__
+                res["placeholders"] = all(p.data.numel() == 0 for p in comp._targets)
+                res["gathered"] = all(p.data.numel() == p.ds_numel for p in comp._targets)
+                from deepspeed import zero
+
+                with zero.GatheredParameters(list(model.parameters())):
+                    res["params"] = _params(model)
+            flat = torch.cat([res["params"][n].reshape(-1) for n, _ in model.named_parameters()])
+            gathered = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(gathered, flat)
+            res["replicas_equal"] = all(torch.equal(gathered[0], g) for g in gathered)
+            _free(engine, comp)
+            return res
+
+        return fn
+
+    def resume(stage):
+        def fn():
+            model = tiny_llama(seed=123)  # different init: everything must come from the checkpoint
+            engine, _, _, _ = pds.initialize(model=model, config=ds_config(stage))
+            pds.load_checkpoint(engine, ckpt_root, tag=f"s{stage}")
+            losses, _, _ = _train(engine, model, rank, 1, STEPS - SAVE_AT, start=SAVE_AT)
+            if stage == 3:
+                from deepspeed import zero
+
+                with zero.GatheredParameters(list(model.parameters())):
+                    res = {"params": _params(model), "losses": losses}
+            else:
+                res = {"params": _params(model), "losses": losses}
+            _free(engine)
+            return res
+
+        return fn
+
+    def strict():
+        model = tiny_llama()
+        cfg = ds_config(2)
+        cfg["plumage"].update(rank=16, strict=True)  # k/v_proj are (16, 32): rank 16 >= short side 16
+        try:
+            pds.initialize(model=model, config=cfg)
+        except ValueError as exc:
+            return {"raised": str(exc)}
+        return {"raised": None}
+
+    for stage in (0, 1, 2, 3):
+        _run(f"stage{stage}", out, plain(stage, warmup=(stage == 1), ckpt=(stage in (0, 2, 3))))
+    _run("resume0", out, resume(0))
+    _run("resume2", out, resume(2))
+    _run("resume3", out, resume(3))
+    for stage in (0, 1, 2, 3):
+        _run(f"gas_clip{stage}", out, plain(stage, gas=2, clip=CLIP))
+    _run("stage3_persistent", out, plain(3, persistent=True))
+    _run("fp32_learn", out, plain(2, learnable=True))
+    _run("bf16", out, plain(2, bf16=True, learnable=True))
+    _run("strict", out, strict)
+    return out
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def ds_runs():
+    tmp = tempfile.mkdtemp(prefix="plumage_ds_ckpt_")
+    try:
+        return run_workers(_worker, W, _free_port(), tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _get(ds_runs, name):
+    for r in ds_runs:
+        if not r[name]["ok"]:
+            pytest.fail(f"DeepSpeed run {name!r} failed:\n{r[name]['error']}")
+    return ds_runs[0][name], ds_runs
+
+
+# ------------------------------------------------------------------------------------- reference
+
+
+def reference(steps=STEPS, clip=0.0, lrs=None):
+    model = tiny_llama()
+    groups, _ = lowrank_param_groups(model, target_modules=TARGETS, rank=RANK)
+    opt = PlumageAdamW(
+        groups, lr=LR, weight_decay=WD, update_interval=TAU, estimator="plumage", seed=SEED, max_grad_norm=clip
+    )
+    losses = []
+    for step in range(steps):
+        if lrs is not None:
+            for g in opt.param_groups:
+                g["lr"] = lrs[step]
+        opt.zero_grad(set_to_none=True)
+        loss = lm_loss(model, batch(step))
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    if clip:
+        assert opt.last_grad_norm > clip, "the clip must be active for the test to mean anything"
+    return _params(model), losses
+
+
+def mean_losses(ds_runs, name):
+    """Per-step loss averaged over ranks (each rank records the loss of its own slice)."""
+    per_rank = [r[name]["losses"] for r in ds_runs]
+    return [sum(v) / len(v) for v in zip(*per_rank)]
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# ------------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_matches_single_device(ds_runs, stage):
+    run, _ = _get(ds_runs, f"stage{stage}")
+    lrs = run["lrs"] if stage == 1 else None
+    if stage == 1:
+        assert lrs[0] == 0.0 and lrs[-1] == pytest.approx(LR), lrs  # WarmupLR really drove the lr
+    ref, ref_losses = reference(lrs=lrs)
+    assert run["replicas_equal"]
+    assert run["target_grads_none"]
+    # DeepSpeed did not reduce the target gradients (they differ per rank after backward): PLUMAGE did
+    p0, p1 = ds_runs[0][f"stage{stage}"]["probe"], ds_runs[1][f"stage{stage}"]["probe"]
+    assert len(p0) == STEPS and all(a != b for a, b in zip(p0, p1)), (p0, p1)
+    assert max_diff(run["params"], ref) <= 1e-5
+    assert mean_losses(ds_runs, f"stage{stage}") == pytest.approx(ref_losses, abs=1e-5)
+    modes = {row["mode"] for row in run["report"]}
+    assert modes == {"plumage"}
+
+
+@pytest.mark.distributed
+def test_stage3_persistent_targets(ds_runs):
+    """Default persistence threshold: the small targets stay gathered between steps; updating
+    ``ds_tensor`` is still right because DeepSpeed re-gathers persistent params after each step."""
+    run, _ = _get(ds_runs, "stage3_persistent")
+    assert run["gathered"]
+    ref, _ = reference()
+    assert max_diff(run["params"], ref) <= 1e-5
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_grad_accumulation_and_global_clip(ds_runs, stage):
+    run, _ = _get(ds_runs, f"gas_clip{stage}")
+    ref, ref_losses = reference(clip=CLIP)
+    assert max_diff(run["params"], ref) <= 1e-5
+    assert mean_losses(ds_runs, f"gas_clip{stage}") == pytest.approx(ref_losses, abs=1e-5)
+
+
+def _oriented(shape):
+    m, n = shape
+    return (m, n) if m <= n else (n, m)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_state_bytes_sharded(ds_runs, stage):
+    _get(ds_runs, f"stage{stage}")
+    report = ds_runs[0][f"stage{stage}"]["report"]
+    proj = sum((_oriented(r["shape"])[0] * RANK + RANK) * 4 for r in report)
+    total_moments = 0
+    for k in range(W):
+        sb = ds_runs[k][f"stage{stage}"]["state_bytes"]
+        owned = sum(2 * RANK * _oriented(r["shape"])[1] * 4 for r in report if r["owner"] == k)
+        assert sb["moments"] == owned
+        assert sb["projectors"] == proj
+        assert sb["non_target"] == 0
+        assert sb["moments"] + sb["projectors"] == owned + proj
+        total_moments += sb["moments"]
+    assert total_moments == sum(2 * RANK * _oriented(r["shape"])[1] * 4 for r in report)
+    assert 0 < ds_runs[0][f"stage{stage}"]["state_bytes"]["moments"] < total_moments  # really sharded
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_target_gradient_bytes_compressed(ds_runs, stage):
+    _get(ds_runs, f"stage{stage}")
+    report = ds_runs[0][f"stage{stage}"]["report"]
+    L = max(sum(RANK * _oriented(r["shape"])[1] for r in report if r["owner"] == o) for o in range(W))
+    for k in range(W):
+        cur = ds_runs[k][f"stage{stage}"]["comm"]["last_step"]  # step 6: ordinary (refreshes at 0, 2, 4)
+        assert not any(key.startswith(("refresh_grad", "projector")) for key in cur)
+        assert cur["lowrank_grad/reduce_scatter"]["bytes"] == (W - 1) * 4 * L
+        assert cur["lowrank_update/all_gather"]["bytes"] == (W - 1) * 4 * L
+        ddp = 2 * (W - 1) / W * sum(r["shape"][0] * r["shape"][1] * 4 for r in report)
+        compressed = cur["lowrank_grad/reduce_scatter"]["bytes"] + cur["lowrank_update/all_gather"]["bytes"]
+        assert compressed < ddp / 4
+        if stage == 0:  # non-targets: one accounted all-reduce of the averaged gradient
+            assert cur["dense_grad/all_reduce"]["calls"] == 1
+        else:  # ZeRO reduces the non-targets itself
+            assert "dense_grad/all_reduce" not in cur
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_checkpoint_roundtrip_bitwise(ds_runs, stage):
+    full, _ = _get(ds_runs, f"stage{stage}")
+    _get(ds_runs, f"resume{stage}")
+    for k in range(W):
+        a, b = ds_runs[k][f"stage{stage}"], ds_runs[k][f"resume{stage}"]
+        assert max_diff(a["params"], b["params"]) == 0.0
+        assert a["losses"][SAVE_AT:] == b["losses"]
+
+
+@pytest.mark.distributed
+def test_bf16_tracks_fp32(ds_runs):
+    run, _ = _get(ds_runs, "bf16")
+    _get(ds_runs, "fp32_learn")
+    losses, ref = mean_losses(ds_runs, "bf16"), mean_losses(ds_runs, "fp32_learn")
+    print("bf16", losses, "fp32", ref)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0] - 0.05 and ref[-1] < ref[0] - 0.05
+    assert max(abs(a - b) for a, b in zip(losses, ref)) < 0.05
+
+
+@pytest.mark.distributed
+def test_strict_names_matrix(ds_runs):
+    run, _ = _get(ds_runs, "strict")
+    assert run["raised"] is not None
+    assert "self_attn.k_proj.weight" in run["raised"] and "strict=True" in run["raised"]
+
+
+@pytest.mark.distributed
+def test_private_api_guard(ds_runs):
+    """Stage 3 relies on ``param.ds_tensor`` (this rank's flat ``ceil(numel/W)`` chunk), ``ds_shape``,
+    ``ds_numel``: checked on every target of a live ZeRO-3 engine; a failure names what changed."""
+    from plumage_ds.integrations.deepspeed import VERIFIED_DEEPSPEED
+
+    run, _ = _get(ds_runs, "stage3")
+    if run["version"] != VERIFIED_DEEPSPEED:
+        print(f"note: DeepSpeed {run['version']} (adapter verified with {VERIFIED_DEEPSPEED}); layout checks passed")
+    assert run["placeholders"]  # the targets really were partitioned (persistence threshold 0)
+
+
+
+# ------------------------------------------------------------------------------------- config (no spawn)
+
+
+def test_config_split_and_validation():
+    ds, section, adam, clip, stage = split_config(ds_config(2, clip=0.5))
+    assert "plumage" not in ds and "optimizer" not in ds
+    assert ds["gradient_clipping"] == 0.0 and ds["zero_allow_untested_optimizer"] is True
+    assert clip == 0.5 and stage == 2 and adam["lr"] == LR and adam["betas"] == (0.9, 0.999)
+    assert isinstance(section, PlumageSectionConfig) and section.rank == RANK
+    bad = ds_config(2)
+    bad["plumage"]["rnak"] = 3
+    with pytest.raises(ValueError, match="rnak"):
+        split_config(bad)
+    bad = ds_config(2)
+    bad["optimizer"]["type"] = "SGD"
+    with pytest.raises(ValueError, match="SGD"):
+        split_config(bad)
+    bad = ds_config(2)
+    bad["fp16"] = {"enabled": True}
+    with pytest.raises(NotImplementedError, match="fp16"):
+        split_config(bad)
+
+
+@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3", "zero2_bf16"])
+def test_shipped_configs_load(name):
+    path = REPO_ROOT / "configs" / "deepspeed" / f"{name}.json"
+    ds, section, _, _, stage = split_config(str(path))
+    assert stage == int(name[4])
+    json.dumps(ds)
+
+
+# ------------------------------------------------------------------------------------- real launcher
+
+
+@pytest.mark.distributed
+def test_real_deepspeed_launcher(tmp_path):
+    if shutil.which("deepspeed") is None:
+        pytest.skip("deepspeed launcher not on PATH")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    out = tmp_path / "result.json"
+    cmd = [
+        "deepspeed", "--num_nodes", "1", "--num_accelerators", "2", "--master_port", str(_free_port()),
+        str(REPO_ROOT / "launch" / "deepspeed_train.py"),
+        "--deepspeed_config", str(REPO_ROOT / "configs" / "deepspeed" / "zero2.json"),
+        "--steps", "3", "--result", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["world_size"] == 2 and res["stage"] == 2 and len(res["losses"]) == 3
+    assert all(torch.isfinite(torch.tensor(res["losses"])))
+    assert res["replicas_equal"]
+    assert "plumage" in proc.stdout  # the rank-0 mode table

@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     ap.add_argument("--grad-clip", type=float, default=None, help="optimizer.grad_clip for every variant")
+    ap.add_argument("--lr", type=float, default=None, help="optimizer.lr for every variant")
     args = ap.parse_args(argv)
     base = load_config(args.config)
     if args.steps:
@@ -56,6 +57,8 @@ def main(argv=None) -> int:
             continue
         if args.grad_clip is not None:
             overrides = dict(overrides, grad_clip=args.grad_clip)
+        if args.lr is not None:
+            overrides = dict(overrides, lr=args.lr)
         cfg = dataclasses.replace(base, optimizer=dataclasses.replace(base.optimizer, **overrides))
         out = os.path.join(args.out, name.replace(" ", "_").replace("=", ""))
         summary = train(cfg, out, overwrite=True, progress=False)
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
     adamw = by_name.get("adamw", {}).get("final_eval_loss")
     galore = by_name.get("galore a=1", {}).get("final_eval_loss")
     print(f"\nconfig {args.config}, steps {base.train.steps}, rank {base.optimizer.rank}, "
-          f"tau {base.optimizer.update_interval}, lr {base.optimizer.lr}, grad_clip {args.grad_clip}\n")
+          f"tau {base.optimizer.update_interval}, lr {args.lr or base.optimizer.lr}, grad_clip {args.grad_clip}\n")
     print("| variant | final eval loss | gap closed vs GaLore(a=1) | optimizer state bytes |")
     print("|---|---|---|---|")
     for name, s in rows:

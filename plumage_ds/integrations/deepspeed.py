@@ -392,12 +392,16 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
         return rows
 
     def state_bytes(self) -> dict:
-        """PLUMAGE target state (measured) and this rank's inner AdamW state (measured)."""
+        """This rank's optimizer state, measured: PLUMAGE's target state (``projectors``,
+        ``moments``) and the AdamW state of DeepSpeed's partition (``deepspeed_partition``);
+        ``total`` is their sum, ``plumage_total`` PLUMAGE's part alone."""
         out = dict(self.plumage.state_bytes())
         inner = 0
         for st in self.state.values():
             inner += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t))
         out["deepspeed_partition"] = inner
+        out["plumage_total"] = out["total"]
+        out["total"] = out["plumage_total"] + inner
         return out
 
     def comm_stats(self) -> dict:

@@ -371,6 +371,7 @@ def test_state_bytes_sharded(ds_runs, stage):
     total_moments = 0
     for k in range(W):
         sb = ds_runs[k][f"stage{stage}"]["state_bytes"]
+        assert sb["total"] == sb["plumage_total"] + sb["deepspeed_partition"] and sb["deepspeed_partition"] > 0
         owned = sum(2 * RANK * _oriented(r["shape"])[1] * 4 for r in report if r["owner"] == k)
         assert sb["moments"] == owned
         assert sb["projectors"] == proj

@@ -1,0 +1,43 @@
+# make test  — install into .venv (once) and run the test suite
+# make demo  — install into .venv (once), train adamw/galore/plumage/haar/gum on configs/demo.yaml, compare
+#
+# Works on a fresh machine with python3.11+, pip and gcc. torch is installed first and
+# pinned, so pip never resolves an unpinned torch (that would fetch CUDA wheels).
+
+PYTHON_BOOT ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV        := .venv
+PY          := $(VENV)/bin/python
+# .venv/bin first on PATH, so tests that call the real launchers (deepspeed, torchrun) find them
+RUN         := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
+TORCH_PIN   ?= torch==2.13.0
+PYTEST_ARGS ?=
+DEMO_CONFIG ?= configs/demo.yaml
+DEMO_OUT    ?= runs/demo
+DEMO_ESTIMATORS ?= adamw galore plumage haar gum
+DEMO_ARGS   ?=
+
+.PHONY: install test demo bench clean-runs
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py constraints.txt
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,hf,deepspeed]'
+	touch $@
+
+test: $(VENV)/.installed
+	$(RUN) $(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: $(VENV)/.installed
+	@for est in $(DEMO_ESTIMATORS); do \
+	  $(RUN) $(PY) -m plumage_ds train --config $(DEMO_CONFIG) --out $(DEMO_OUT)/$$est --overwrite \
+	    --set optimizer.estimator=$$est $(DEMO_ARGS) || exit $$?; \
+	done
+	$(PY) -m plumage_ds compare $(addprefix $(DEMO_OUT)/,$(DEMO_ESTIMATORS))
+
+bench: $(VENV)/.installed
+	@echo "make bench: not implemented yet (benchmarks/ will hold the DESIGN §5 figures)"; exit 1
+
+clean-runs:
+	rm -rf runs

@@ -36,8 +36,12 @@ demo: $(VENV)/.installed
 	done
 	$(PY) -m plumage_ds compare $(addprefix $(DEMO_OUT)/,$(DEMO_ESTIMATORS))
 
+# The quick side-by-side benchmarks of docs/benchmarks.md (a few minutes each on 2 cores); the
+# longer knob sweep is `$(PY) benchmarks/sweep_lowrank.py --config configs/sweep.yaml`.
 bench: $(VENV)/.installed
-	@echo "make bench: not implemented yet (benchmarks/ will hold the DESIGN §5 figures)"; exit 1
+	$(RUN) $(PY) benchmarks/bench_data_parallel.py
+	$(RUN) DS_ACCELERATOR=cpu $(PY) benchmarks/bench_deepspeed.py --stages 1 2 --hidden 128 --steps 10
+	$(RUN) $(PY) benchmarks/bench_comm_hook.py
 
 clean-runs:
 	rm -rf runs

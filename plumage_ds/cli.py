@@ -69,6 +69,9 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="plumage-ds",
         description="Unbiased low-rank gradient estimators (PLUMAGE, GaLore, Haar, GUM): main job.",
     )
+    # The ``deepspeed`` launcher appends ``--local_rank=N`` right after the module name,
+    # i.e. before the subcommand; accepted (and ignored: LOCAL_RANK is in the environment).
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train a small LLaMA on the embedded stdlib corpus")
     tr.add_argument("--config", required=True, help="YAML/JSON job config (see configs/)")
@@ -84,13 +87,75 @@ def _build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, help="shortcut for --set train.steps=N")
     tr.add_argument("--overwrite", action="store_true", help="replace results in a non-empty --out")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar (default: only on a TTY)")
+    tr.add_argument(
+        "--deepspeed",
+        metavar="DS.json",
+        help="train under DeepSpeed with this config (needs a \"plumage\" section; the optimizer, ZeRO stage "
+        "and batch sizes come from it, not from the job's optimizer section); see docs/deepspeed.md",
+    )
+    tr.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     cmp_ = sub.add_parser("compare", help="compare run directories written by train")
     cmp_.add_argument("runs", nargs="+", metavar="DIR")
     return parser
 
 
+def _train_deepspeed(args) -> int:
+    """``train --deepspeed``: every check that can fail runs before the process group exists."""
+    import os
+
+    from plumage_ds.train.deepspeed_loop import (
+        check_batch_sizes,
+        read_deepspeed_config,
+        resolve_config,
+        train_deepspeed,
+        world_size_from_env,
+    )
+    from plumage_ds.train.loop import NonFiniteLossError, check_job, check_out_dir
+
+    rank0 = int(os.environ.get("RANK", "0") or 0) == 0
+    try:
+        bad = [o for o in args.overrides if o.strip().startswith("optimizer.")]
+        if bad:
+            raise ValueError(
+                f"Conflicting --set {bad[0]!r} with --deepspeed: the optimizer comes from the DeepSpeed JSON "
+                "(optimizer.params, \"plumage\" section, gradient_clipping); edit it there"
+            )
+        raw = read_deepspeed_config(args.deepspeed)
+        cfg = load_job_config(args.config, args.overrides, args.steps)
+        resolved, ds = resolve_config(cfg, raw)
+        check_job(resolved)
+        check_batch_sizes(ds, world_size_from_env())
+        if rank0:
+            check_out_dir(args.out, overwrite=args.overwrite)
+    except (ValueError, OSError) as err:
+        print(f"plumage-ds train: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        summary = train_deepspeed(
+            cfg, args.out, raw, overwrite=args.overwrite, progress=False if args.no_progress else None
+        )
+    except NonFiniteLossError as err:
+        print(f"plumage-ds train: error: {err} (partial results in {args.out})", file=sys.stderr)
+        return 1
+    except (ValueError, FileExistsError) as err:
+        print(f"plumage-ds train: error: {err}", file=sys.stderr)
+        return 2
+    if summary is not None:
+        print(
+            f"{summary['config']['optimizer']['estimator']} (DeepSpeed ZeRO-{summary['zero_stage']}, "
+            f"{summary['world_size']} ranks): final eval loss {summary['final_eval_loss']:.4f}, "
+            f"train loss {summary['final_train_loss']:.4f}, "
+            f"optimizer state {summary['optimizer_state_bytes_per_rank']} B per rank, "
+            f"{summary['tokens_per_s']:.0f} tokens/s, {summary['wall_time_s']:.1f} s -> {args.out}"
+        )
+    return 0
+
+
 def _train(args) -> int:
     from plumage_ds.train.loop import NonFiniteLossError, train
+
+    if args.deepspeed is not None:
+        return _train_deepspeed(args)
 
     try:
         cfg = load_job_config(args.config, args.overrides, args.steps)

@@ -478,22 +478,75 @@ def test_shipped_configs_load(name):
 # ------------------------------------------------------------------------------------- real launcher
 
 
+def _launcher() -> str:
+    """The ``deepspeed`` launcher of this interpreter's environment (a missing one is a failure, not a skip)."""
+    exe = Path(sys.executable).parent / "deepspeed"
+    if not exe.is_file():
+        pytest.fail(f"deepspeed launcher missing: {exe} does not exist (pip install deepspeed into this environment)")
+    return str(exe)
+
+
+def _launcher_env() -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    # DeepSpeed JIT-builds its CPU shm comm op into ~/.cache/torch_extensions by default: another
+    # environment on the same machine (other venv path => other flags) rebuilds it in place,
+    # which costs minutes per switch. One build directory per environment avoids that.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
 @pytest.mark.distributed
 def test_real_deepspeed_launcher(tmp_path):
-    if shutil.which("deepspeed") is None:
-        pytest.skip("deepspeed launcher not on PATH")
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     out = tmp_path / "result.json"
     cmd = [
-        "deepspeed", "--num_nodes", "1", "--num_accelerators", "2", "--master_port", str(_free_port()),
+        _launcher(), "--num_nodes", "1", "--num_accelerators", "2", "--master_port", str(_free_port()),
         str(REPO_ROOT / "launch" / "deepspeed_train.py"),
         "--deepspeed_config", str(REPO_ROOT / "configs" / "deepspeed" / "zero2.json"),
         "--steps", "3", "--result", str(out),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, env=_launcher_env(), cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["world_size"] == 2 and res["stage"] == 2 and len(res["losses"]) == 3
     assert all(torch.isfinite(torch.tensor(res["losses"])))
     assert res["replicas_equal"]
     assert "plumage" in proc.stdout  # the rank-0 mode table
+
+
+@pytest.mark.distributed
+def test_main_job_under_real_launcher(tmp_path):
+    """``deepspeed --num_nodes 1 --num_accelerators 2 --module plumage_ds train --deepspeed ...``: the main job."""
+    import math
+
+    ds = json.loads((REPO_ROOT / "configs" / "deepspeed" / "zero2.json").read_text())
+    ds.pop("scheduler")  # the job's warmup + cosine schedule drives the LR
+    ds.update(train_batch_size=4, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
+    ds["plumage"].update(rank=4, update_interval=2)
+    ds_path = tmp_path / "zero2_tiny.json"
+    ds_path.write_text(json.dumps(ds))
+    run = tmp_path / "run"
+    cmd = [
+        _launcher(), "--num_nodes", "1", "--num_accelerators", "2", "--master_port", str(_free_port()),
+        "--module", "plumage_ds", "train", "--config", str(REPO_ROOT / "configs" / "tiny.yaml"),
+        "--deepspeed", str(ds_path), "--out", str(run), "--steps", "3", "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=_launcher_env(), cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl", "summary.json"]
+    summary = json.loads((run / "summary.json").read_text())
+    keys = {
+        "status", "config", "corpus", "matrices", "steps_completed", "final_eval_loss", "final_train_loss",
+        "optimizer_state_bytes", "optimizer_state_detail", "train_time_s", "wall_time_s", "tokens_per_s",
+        "world_size", "zero_stage", "optimizer_state_bytes_per_rank", "comm_bytes_total", "deepspeed_config",
+    }  # fmt: skip
+    assert keys <= set(summary), keys - set(summary)
+    assert summary["status"] == "completed" and summary["steps_completed"] == 3
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 2
+    assert math.isfinite(summary["final_train_loss"]) and math.isfinite(summary["final_eval_loss"])
+    assert len(summary["optimizer_state_bytes_per_rank"]) == 2 and all(b > 0 for b in summary["optimizer_state_bytes_per_rank"])
+    assert summary["config"]["data"]["batch_size"] == 2 and summary["config"]["optimizer"]["estimator"] == "plumage"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [2, 3] and [x["step"] for x in lines if "eval_loss" in x] == [3]
+    assert "DeepSpeed ZeRO-2, 2 ranks" in proc.stdout

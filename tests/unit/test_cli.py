@@ -231,3 +231,140 @@ def test_compare_gap_closed(tmp_path, tiny_config_path, capsys):
     out = capsys.readouterr().out
     assert " 0.0%" in out and "-0.0%" not in out and "warning: adamw" in out
     assert main(["compare", str(tmp_path / "missing")]) == 2
+
+
+# ------------------------------------------------------------------------------------- --deepspeed (no spawn)
+
+DS_SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / "zero2.json"
+
+
+def _ds_json(tmp_path, mutate=None, name="ds.json") -> Path:
+    cfg = json.loads(DS_SHIPPED.read_text())
+    cfg.pop("scheduler", None)
+    cfg.update(train_batch_size=2, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
+    if mutate is not None:
+        mutate(cfg)
+    path = tmp_path / name
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture
+def no_process_group(monkeypatch):
+    """Fails the test if anything tries to create a process group."""
+    import torch.distributed as dist
+
+    def refuse(*a, **k):
+        raise AssertionError("a process group was created before the config was validated")
+
+    monkeypatch.setattr(dist, "init_process_group", refuse)
+    try:
+        import deepspeed
+
+        monkeypatch.setattr(deepspeed, "init_distributed", refuse)
+    except ImportError:
+        pass
+    yield
+    assert not dist.is_initialized()
+
+
+def _del(section, key):
+    def f(cfg):
+        cfg[section].pop(key) if key else cfg.pop(section)
+
+    return f
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda tmp: tmp / "missing.json", "no such file"),
+        (lambda tmp: (tmp / "bad.json").write_text("{not json") and tmp / "bad.json", "not valid JSON"),
+        (lambda tmp: _ds_json(tmp, _del("plumage", None)), 'no "plumage" section'),
+        (lambda tmp: _ds_json(tmp, lambda c: c["plumage"].update(rnak=3)), "rnak"),
+        (lambda tmp: _ds_json(tmp, lambda c: c["optimizer"]["params"].update(momentum=0.9)), "momentum"),
+        (lambda tmp: _ds_json(tmp, lambda c: c["optimizer"].update(type="SGD")), "SGD"),
+        (lambda tmp: _ds_json(tmp, lambda c: c.update(fp16={"enabled": True})), "fp16"),
+        (lambda tmp: _ds_json(tmp, lambda c: c.update(train_batch_size=3)), "train_batch_size=3"),
+        (lambda tmp: _ds_json(tmp, lambda c: c.update(bf16={"enabled": True})), "bf16.enabled=true"),
+    ],
+    ids=["missing", "not-json", "no-plumage", "unknown-plumage-key", "unknown-adam-key", "sgd", "fp16",
+         "batch-vs-world", "dtype-conflict"],
+)  # fmt: skip
+def test_deepspeed_bad_config_exit_2_before_process_group(
+    tmp_path, tiny_config_path, make, message, capsys, no_process_group, monkeypatch
+):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    path = make(tmp_path)
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(tiny_config_path), "--deepspeed", str(path), "--out", str(out), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("plumage-ds train: error:") and message in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_deepspeed_rejects_optimizer_override(tmp_path, tiny_config_path, capsys, no_process_group):
+    argv = ["train", "--config", str(tiny_config_path), "--deepspeed", str(_ds_json(tmp_path)),
+            "--out", str(tmp_path / "run"), "--set", "optimizer.lr=1e-2"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "optimizer.lr=1e-2" in err and "--deepspeed" in err
+
+
+def test_deepspeed_batch_sizes_checked_against_launcher_world(tmp_path, tiny_config_path, capsys, no_process_group, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    argv = ["train", "--config", str(tiny_config_path), "--deepspeed", str(_ds_json(tmp_path)),
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 2
+    assert "world_size=2" in capsys.readouterr().err
+
+
+def test_local_rank_is_accepted_and_ignored():
+    from plumage_ds.cli import _build_parser
+
+    args = _build_parser().parse_args(["--local_rank=1", "train", "--config", "c", "--out", "o", "--local_rank", "0"])
+    assert args.command == "train" and args.deepspeed is None
+
+
+def test_deepspeed_resolved_config(tiny_config_path):
+    from plumage_ds.train.deepspeed_loop import resolve_config
+
+    cfg = load_job_config(str(tiny_config_path))
+    raw = json.loads(DS_SHIPPED.read_text())
+    for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        raw.pop(k)
+    resolved, ds = resolve_config(cfg, raw)
+    # optimizer from the JSON, batch sizes from the job when the JSON has none
+    assert resolved.optimizer.estimator == "plumage" and resolved.optimizer.lr == 0.003
+    assert resolved.optimizer.grad_clip == 1.0 and resolved.optimizer.rank == 8
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size
+    assert ds["gradient_accumulation_steps"] == cfg.train.grad_accum
+    assert resolved.model == cfg.model and resolved.data == cfg.data and resolved.train == cfg.train
+
+
+def test_deepspeed_single_process(tmp_path, tiny_config_path, repo_root):
+    """``--deepspeed`` without a launcher: a world of one (subprocess: it owns the process group)."""
+    pytest.importorskip("deepspeed")
+    import os
+
+    out = tmp_path / "run"
+    ds = _ds_json(tmp_path, lambda c: c["plumage"].update(rank=4, update_interval=2, print_report=False))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(repo_root))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "plumage_ds", "train", "--config", str(tiny_config_path), "--deepspeed", str(ds),
+         "--out", str(out), "--steps", "3", "--no-progress"],
+        cwd=repo_root, capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "DeepSpeed ZeRO-2, 1 ranks" in proc.stdout
+    cfg = load_job_config(str(out / "config.yaml"))
+    summary = check_completed_run(out, cfg)
+    assert summary["world_size"] == 1 and summary["zero_stage"] == 2
+    assert summary["optimizer_state_bytes_per_rank"] == [summary["optimizer_state_bytes"]]
+    assert summary["comm_bytes_total"] and cfg.optimizer.estimator == "plumage" and cfg.data.batch_size == 2

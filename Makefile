@@ -7,8 +7,9 @@
 PYTHON_BOOT ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV        := .venv
 PY          := $(VENV)/bin/python
-# .venv/bin first on PATH, so tests that call the real launchers (deepspeed, torchrun) find them
-RUN         := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
+# .venv/bin first on PATH, so tests that call the real launchers (deepspeed, torchrun) find them;
+# DeepSpeed JIT-builds its CPU comm op once per venv (not into the shared ~/.cache)
+RUN         := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" TORCH_EXTENSIONS_DIR="$(CURDIR)/$(VENV)/torch_extensions"
 TORCH_PIN   ?= torch==2.13.0
 PYTEST_ARGS ?=
 DEMO_CONFIG ?= configs/demo.yaml

@@ -42,9 +42,9 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor
 
-from ..config import validate_adam_options, validate_lowrank_options
-from ..estimators import galore_projection, is_left, orient, oriented_shape, sample_layers, sampler_generator
-from .adam import adam_direction, adam_step_size, adam_update_moments, zeros_state
+from ..config import validate_lowrank_options
+from ..estimators import galore_projection, orient, sample_layers, sampler_generator
+from .base import MatrixOptimizer, _Entry
 from .distributor import Distributor, LocalDistributor
 
 LAYER_DRAW_ID = 2**31 - 1
@@ -139,25 +139,13 @@ def _check_gamma(gamma: Any) -> None:
 
 
 @dataclass
-class _Entry:
-    """Static facts about one parameter (derived from shapes and groups, never saved)."""
+class _GumEntry(_Entry):
+    """An :class:`~plumage_ds.optim.base._Entry` with its place in the layer draw."""
 
-    index: int  # flattened position over param_groups
-    param: Tensor
-    group: dict
-    name: str
-    lowrank: bool
-    mode: str
-    reason: str
     target: int = -1  # position among the N_L targets (index into the layer-draw mask)
-    left: bool = True
-    s: int = 0
-    l: int = 0
-    r: int = 0
-    owner: int = 0
 
 
-class GUM(torch.optim.Optimizer):
+class GUM(MatrixOptimizer):
     """GaLore projection + Muon + layer-wise sampling (unbiased); AdamW elsewhere.
 
     Args:
@@ -183,6 +171,12 @@ class GUM(torch.optim.Optimizer):
         distributor: only the single-process one is supported (default).
     """
 
+    _entry_type = _GumEntry
+    _display_name = "GUM"
+    _state_section = "gum"
+    _state_format = _STATE_FORMAT
+    _projector_keys = ("P",)
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -202,24 +196,17 @@ class GUM(torch.optim.Optimizer):
         strict: bool = False,
         distributor: Optional[Distributor] = None,
     ) -> None:
-        if isinstance(betas, list):
-            betas = tuple(betas)
-        validate_adam_options(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        defaults = self._adam_defaults(lr, betas, eps, weight_decay)
         self._validate_lowrank(rank, update_interval, scale, svd_method, momentum, nesterov)
         _check_gamma(gamma)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"Invalid {seed=}: must be an integer")
+        self._check_seed(seed)
         dist = distributor if distributor is not None else LocalDistributor()
         if dist.world_size != 1:
             raise ValueError(
                 f"GUM supports a single process only (distributor world_size={dist.world_size}); "
                 "its step uses the distributor phases but the multi-rank path is not implemented/tested"
             )
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
+        defaults.update(
             rank=rank,
             update_interval=update_interval,
             momentum=momentum,
@@ -229,15 +216,10 @@ class GUM(torch.optim.Optimizer):
             lowrank=None,
         )
         self.gamma = gamma
-        self.seed = seed
-        self.strict = strict
-        self._distributor: Distributor = dist
-        self._entries: list[_Entry] = []
-        self._targets: list[_Entry] = []
+        self._targets: list[_GumEntry] = []
         self._step = 0  # optimizer steps taken (global: periods and draws are global)
         self._mask_cache: tuple[int, Tensor] | None = None
-        super().__init__(params, defaults)
-        self._build_entries()
+        super().__init__(params, defaults, seed=seed, strict=strict, distributor=dist)
 
     # ------------------------------------------------------------------ setup
 
@@ -255,63 +237,33 @@ class GUM(torch.optim.Optimizer):
         if not isinstance(nesterov, bool):
             raise ValueError(f"Invalid nesterov={nesterov!r}: must be true or false")
 
-    def add_param_group(self, param_group: dict) -> None:
-        group = dict(param_group)
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-        super().add_param_group(group)
-        g = self.param_groups[-1]
-        validate_adam_options(lr=g["lr"], betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"])
+    def _validate_group(self, g: dict) -> None:
         self._validate_lowrank(g["rank"], g["update_interval"], g["scale"], g["svd_method"], g["momentum"], g["nesterov"])
-        names = g.get("names")
-        if names is not None and len(names) != len(g["params"]):
-            raise ValueError(f"Invalid names: {len(names)} names for {len(g['params'])} params in a group")
-        if self._entries:  # a group added after construction: re-plan
-            self._build_entries()
+
+    def add_param_group(self, param_group: dict) -> None:
+        replan = bool(self._entries)  # a group added after construction
+        super().add_param_group(param_group)
+        if replan:
             # N_L changed, so this period's draw did too: every target restarts its
             # period (new P, zero momentum) at its next step.
             for st in self.state.values():
                 st.pop("period", None)
 
-    def _classify(self, p: Tensor, group: dict, name: str) -> tuple[bool, str, str, int]:
-        requested = group.get("lowrank")
-        rank = group["rank"]
-        if requested is False:
-            return False, "adamw", "group has lowrank=False", 0
-        if p.dim() != 2:
-            reason = f"{p.dim()}-D parameter: low-rank projection needs a matrix"
-            if requested:
-                self._strict_fail(name, reason)
-            return False, "adamw", reason, 0
-        s, _ = oriented_shape(p.shape)
-        if rank >= s:
-            reason = f"{rank=} >= short side {s} of shape {tuple(p.shape)}: full-rank AdamW"
-            self._strict_fail(name, reason)
-            return False, "adamw", reason, 0
-        return True, "gum", f"rank {rank} of short side {s}", rank
+    def _target_mode(self, group: dict) -> str:
+        return "gum"
 
-    def _strict_fail(self, name: str, reason: str) -> None:
-        if self.strict:
-            raise ValueError(f"Matrix {name!r} cannot take the low-rank path (strict=True): {reason}")
+    @staticmethod
+    def _logical_shape(p: Tensor) -> tuple:
+        """``p``'s own shape: GUM does not support ZeRO-3 placeholders."""
+        return tuple(p.shape)
 
     def _build_entries(self) -> None:
-        entries: list[_Entry] = []
-        index = 0
+        entries = self._plan_entries()
         n_targets = 0
-        for group in self.param_groups:
-            names = group.get("names") or [None] * len(group["params"])
-            for p, name in zip(group["params"], names):
-                name = name or f"param{index}"
-                lowrank, mode, reason, r = self._classify(p, group, name)
-                e = _Entry(index=index, param=p, group=group, name=name, lowrank=lowrank, mode=mode, reason=reason)
-                if lowrank:
-                    e.target = n_targets
-                    n_targets += 1
-                    e.left = is_left(p.shape)
-                    e.s, e.l = oriented_shape(p.shape)
-                    e.r = r
-                entries.append(e)
-                index += 1
+        for e in entries:
+            if e.lowrank:
+                e.target = n_targets
+                n_targets += 1
         intervals = sorted({e.group["update_interval"] for e in entries if e.lowrank})
         if len(intervals) > 1:
             raise ValueError(
@@ -377,20 +329,9 @@ class GUM(torch.optim.Optimizer):
         """
         mask = self.drawn_mask()
         return [
-            {
-                "name": e.name,
-                "shape": list(e.param.shape),
-                "mode": e.mode,
-                "reason": e.reason,
-                "owner": e.owner,
-                "drawn": bool(mask[e.target]) if e.lowrank else None,
-            }
+            {**self._report_row(e), "drawn": bool(mask[e.target]) if e.lowrank else None}
             for e in self._entries
         ]
-
-    def ownership(self) -> list[int]:
-        """Owner rank of each parameter, in flattened param order."""
-        return [e.owner for e in self._entries]
 
     def state_bytes(self) -> dict:
         """Optimizer-state bytes held by this rank, measured from the tensors.
@@ -399,61 +340,20 @@ class GUM(torch.optim.Optimizer):
         (``(s, l)`` for drawn, ``(r, l)`` for the others); ``non_target``: AdamW
         moments.
         """
-        out = {"projectors": 0, "moments": 0, "non_target": 0}
-        for e in self._entries:
-            st = self.state.get(e.param, {})
-            for key, t in st.items():
-                if not torch.is_tensor(t):
-                    continue
-                nbytes = t.numel() * t.element_size()
-                if not e.lowrank:
-                    out["non_target"] += nbytes
-                elif key == "P":
-                    out["projectors"] += nbytes
-                else:
-                    out["moments"] += nbytes
-        out["total"] = sum(out.values())
-        return out
-
-    def comm_stats(self) -> dict:
-        """Collective bytes/calls per kind, from the distributor's accounting layer."""
-        return self._distributor.comm_stats()
+        return super().state_bytes()
 
     # ------------------------------------------------------------------ step
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        try:
-            self._run_step()
-        finally:
-            self._distributor.end_step()  # closes this step's communication record
-        return loss
-
     def _run_step(self) -> None:
         dist = self._distributor
-        has_grad = dist.any_true([e.param.grad is not None for e in self._entries])
-        active = [e for e, h in zip(self._entries, has_grad) if h]
-        if not active:
+        split = self._begin_step()
+        if split is None:
             return
-        for e in active:
-            self.state[e.param].setdefault("step", 0)
-        targets = [e for e in active if e.lowrank]
-        dense = [e for e in active if not e.lowrank]
+        targets, dense = split
         k = self._step // self.update_interval
         q = self.q
         mask = self.drawn_mask(k)
-
-        def grad32(e: _Entry) -> Tensor:
-            g = e.param.grad
-            if g is None:
-                return torch.zeros(e.param.shape, dtype=torch.float32, device=e.param.device)
-            if g.is_sparse:
-                raise RuntimeError(f"GUM does not support sparse gradients ({e.name})")
-            return g.float() if g.dtype != torch.float32 else g
+        grad32 = self._grad32
 
         # -- phase 1: period start: projectors, momentum reset ---------------------
         # A target refreshes when its state belongs to an earlier period: at the
@@ -496,23 +396,7 @@ class GUM(torch.optim.Optimizer):
             O = newton_schulz5(U)
             O.mul_(update_coefficient(g["lr"], g["scale"], e.param.shape))
             O_out.append(O)
-        new_dense: list[Optional[Tensor]] = []
-        for e, G in zip(dense, g_owned):
-            st = self.state[e.param]
-            st["step"] += 1
-            if G is None:
-                new_dense.append(None)
-                continue
-            g = e.group
-            beta1, beta2 = g["betas"]
-            if "exp_avg" not in st:
-                st["exp_avg"], st["exp_avg_sq"] = zeros_state(e.param.shape, e.param.device)
-            adam_update_moments(st["exp_avg"], st["exp_avg_sq"], G, beta1, beta2)
-            N = adam_direction(st["exp_avg"], st["exp_avg_sq"], g["eps"])
-            W = e.param.detach().float().mul(1.0 - g["lr"] * g["weight_decay"]).sub_(
-                N, alpha=adam_step_size(g["lr"], st["step"], beta1, beta2)
-            )
-            new_dense.append(W)
+        new_dense = self._dense_adamw(dense, g_owned)
 
         # -- phase 4: updates to every rank, applied locally -----------------------
         shapes = [(e.s, e.l) if bool(mask[e.target]) else (e.r, e.l) for e in targets]
@@ -520,21 +404,12 @@ class GUM(torch.optim.Optimizer):
         W_all = dist.gather_from_owners(new_dense, [tuple(e.param.shape) for e in dense], [e.owner for e in dense], "dense_update")
         for e, O in zip(targets, O_all):
             delta = orient(lift(O, self.state[e.param].get("P"), bool(mask[e.target])), e.left)
-            wd = e.group["lr"] * e.group["weight_decay"]
-            if e.param.dtype == torch.float32:
-                if wd:
-                    e.param.mul_(1.0 - wd)
-                e.param.sub_(delta)
-            else:
-                W = e.param.float()
-                if wd:
-                    W.mul_(1.0 - wd)
-                e.param.copy_(W.sub_(delta))
+            self._apply_matrix_update(e.param, delta, e.group["lr"] * e.group["weight_decay"])
         for e, W in zip(dense, W_all):
             e.param.copy_(W)
         self._step += 1
 
-    def _refresh(self, refresh: list[_Entry], k: int, q: float, mask: Tensor, grad32) -> None:
+    def _refresh(self, refresh: list[_GumEntry], k: int, q: float, mask: Tensor, grad32) -> None:
         """Start period ``k`` for ``refresh``: GaLore ``P`` (unless ``q == 1``), zero momentum.
 
         The previous period's buffers are replaced, so full-size momentum exists
@@ -572,36 +447,13 @@ class GUM(torch.optim.Optimizer):
         it from ``gum.seed``/``gamma`` and the period. ``gum.step`` is the global
         step counter that places periods.
         """
-        state = {}
-        for e in self._entries:
-            st = self.state.get(e.param)
-            if st:
-                state[e.index] = {key: (v.clone() if torch.is_tensor(v) else v) for key, v in st.items()}
-        groups = []
-        for g in self.param_groups:
-            groups.append({key: (list(v) if isinstance(v, tuple) else v) for key, v in g.items() if key != "params"})
-            groups[-1]["params"] = [self._index_of(p) for p in g["params"]]
-        return {
-            "state": state,
-            "param_groups": groups,
-            "gum": {
-                "format": _STATE_FORMAT,
-                "seed": self.seed,
-                "gamma": self.gamma,
-                "step": self._step,
-                "num_targets": self.num_targets,
-                "world_size": self._distributor.world_size,
-                "rank": self._distributor.rank,
-                "ownership": self.ownership(),
-                "modes": [e.mode for e in self._entries],
-            },
-        }
-
-    def _index_of(self, p: Tensor) -> int:
-        for e in self._entries:
-            if e.param is p:
-                return e.index
-        raise KeyError("parameter not managed by this optimizer")
+        return self._state_dict_with({
+            "format": _STATE_FORMAT,
+            "seed": self.seed,
+            "gamma": self.gamma,
+            "step": self._step,
+            "num_targets": self.num_targets,
+        })
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a :meth:`state_dict` of an identically configured optimizer.
@@ -612,54 +464,26 @@ class GUM(torch.optim.Optimizer):
         replaces the state, so a bad checkpoint leaves the optimizer untouched.
         Saved group hyperparameters (lr, momentum, …) replace the current ones.
         """
-        meta = state_dict.get("gum")
-        if not isinstance(meta, dict) or meta.get("format") != _STATE_FORMAT:
-            raise ValueError("Invalid optimizer state_dict: missing or unknown 'gum' section")
-        groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"Invalid state_dict: {len(groups)} param groups, optimizer has {len(self.param_groups)}")
-        for i, (saved, mine) in enumerate(zip(groups, self.param_groups)):
-            if len(saved["params"]) != len(mine["params"]):
-                raise ValueError(
-                    f"Invalid state_dict: group {i} has {len(saved['params'])} params, optimizer has {len(mine['params'])}"
-                )
-            for key in ("rank", "lowrank", "update_interval"):
-                if saved.get(key) != mine.get(key):
-                    raise ValueError(f"Invalid state_dict: group {i} {key}={saved.get(key)!r}, optimizer has {mine.get(key)!r}")
+        meta, groups = self._check_saved_groups(state_dict, ("rank", "lowrank", "update_interval"))
         if meta["world_size"] != self._distributor.world_size or meta["ownership"] != self.ownership():
             raise ValueError(f"Invalid state_dict: saved for world_size={meta['world_size']} with a different ownership plan")
-        if meta["modes"] != [e.mode for e in self._entries]:
-            raise ValueError("Invalid state_dict: matrix modes differ from this optimizer's")
+        self._check_saved_modes(meta)
         for key, mine in (("seed", self.seed), ("gamma", self.gamma), ("num_targets", self.num_targets)):
             if meta.get(key) != mine:
                 raise ValueError(f"Invalid state_dict: {key}={meta.get(key)!r}, optimizer has {key}={mine!r}")
         step = meta.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"Invalid state_dict: gum step={step!r}")
-        new_state: dict = {}
-        saved_state = state_dict["state"]
-        for e in self._entries:
-            st = saved_state.get(e.index)
-            if st is None:
-                continue
-            st = dict(st)
+
+        def prepare(e: _GumEntry, st: dict) -> dict:
             self._check_entry_state(e, st, step)
-            new_state[e.param] = {
-                key: (v.to(device=e.param.device, dtype=torch.float32).clone() if torch.is_tensor(v) else v)
-                for key, v in st.items()
-            }
-        for g, saved in zip(self.param_groups, groups):
-            for key, v in saved.items():
-                if key in ("params", "names"):
-                    continue
-                g[key] = tuple(v) if key == "betas" else v
-        self.state.clear()
-        for p, st in new_state.items():
-            self.state[p] = st
+            return st
+
+        self._install_state(self._load_entry_states(state_dict["state"], prepare), groups)
         self._step = step
         self._mask_cache = None
 
-    def _check_entry_state(self, e: _Entry, st: dict, global_step: int) -> None:
+    def _check_entry_state(self, e: _GumEntry, st: dict, global_step: int) -> None:
         step = st.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= global_step:
             raise ValueError(f"Invalid state_dict: {e.name} step={step!r}")
@@ -679,13 +503,4 @@ class GUM(torch.optim.Optimizer):
         missing = sorted(set(expect) - set(st))
         if missing:
             raise ValueError(f"Invalid state_dict: {e.name} lacks {missing}")
-        for key, t in st.items():
-            if key in ints:
-                continue
-            if key not in expect:
-                raise ValueError(f"Invalid state_dict: unexpected key {key!r} for {e.name}")
-            if not torch.is_tensor(t) or tuple(t.shape) != expect[key]:
-                shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-                raise ValueError(f"Invalid state_dict: {e.name}.{key} has shape {shape}, expected {expect[key]}")
-            if not torch.isfinite(t).all():
-                raise ValueError(f"Invalid state_dict: {e.name}.{key} holds non-finite values")
+        self._check_state_tensors(e, st, expect, ints)

@@ -26,16 +26,16 @@ every world size, and resuming needs no RNG state beyond the step counters.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor
 
-from ..config import validate_adam_options, validate_lowrank_options
-from ..estimators import build_projection, haar_projection, is_left, oriented_shape, realign_moments, realignment, sampler_generator
+from ..config import validate_lowrank_options
+from ..estimators import build_projection, haar_projection, realign_moments, realignment, sampler_generator
 from .adam import adam_direction, adam_step_size, adam_update_moments, zeros_state
-from .distributor import Distributor, LocalDistributor
+from .base import MatrixOptimizer, _Entry
+from .distributor import Distributor
 
 _LOWRANK_KEYS = (
     "rank", "update_interval", "estimator", "scale", "dinv_placement", "realign", "svd_method", "uniform_mix"
@@ -47,26 +47,7 @@ def _default_realign(estimator: str) -> bool:
     return estimator in ("plumage", "haar")
 
 
-@dataclass
-class _Entry:
-    """Static facts about one parameter (derived from shapes and groups, never saved)."""
-
-    index: int  # flattened position over param_groups == matrix id
-    param: Tensor
-    group: dict
-    name: str
-    lowrank: bool
-    mode: str
-    reason: str
-    shape: tuple = ()  # logical shape (``ds_shape`` for ZeRO-3 placeholders)
-    left: bool = True
-    s: int = 0
-    l: int = 0
-    r: int = 0
-    owner: int = 0
-
-
-class PlumageAdamW(torch.optim.Optimizer):
+class PlumageAdamW(MatrixOptimizer):
     """AdamW with PLUMAGE / GaLore / Haar–Stiefel low-rank projection of target matrices.
 
     Args:
@@ -97,6 +78,11 @@ class PlumageAdamW(torch.optim.Optimizer):
         distributor: where state lives (default: this process owns everything).
     """
 
+    _display_name = "PlumageAdamW"
+    _state_section = "plumage"
+    _state_format = _STATE_FORMAT
+    _projector_keys = ("P", "d")
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -118,9 +104,7 @@ class PlumageAdamW(torch.optim.Optimizer):
         max_grad_norm: float = 0.0,
         distributor: Optional[Distributor] = None,
     ) -> None:
-        if isinstance(betas, list):
-            betas = tuple(betas)
-        validate_adam_options(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        defaults = self._adam_defaults(lr, betas, eps, weight_decay)
         validate_lowrank_options(
             rank=rank,
             update_interval=update_interval,
@@ -130,15 +114,10 @@ class PlumageAdamW(torch.optim.Optimizer):
             svd_method=svd_method,
             uniform_mix=uniform_mix,
         )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"Invalid {seed=}: must be an integer")
+        self._check_seed(seed)
         if not isinstance(max_grad_norm, (int, float)) or not max_grad_norm >= 0 or not math.isfinite(max_grad_norm):
             raise ValueError(f"Invalid {max_grad_norm=}: must be a finite number >= 0 (0 disables clipping)")
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
+        defaults.update(
             rank=rank,
             update_interval=update_interval,
             estimator=estimator,
@@ -149,8 +128,6 @@ class PlumageAdamW(torch.optim.Optimizer):
             uniform_mix=uniform_mix,
             lowrank=None,
         )
-        self.seed = seed
-        self.strict = strict
         self.max_grad_norm = float(max_grad_norm)
         # Optional callable: this rank's share of the squared norm of gradients that
         # another optimizer applies (e.g. DeepSpeed's ZeRO partitions), so that one
@@ -158,68 +135,18 @@ class PlumageAdamW(torch.optim.Optimizer):
         self.external_grad_sq_norm = None
         self.last_clip_coef = 1.0
         self.last_grad_norm: Optional[float] = None
-        self._distributor: Distributor = distributor if distributor is not None else LocalDistributor()
-        self._entries: list[_Entry] = []
-        super().__init__(params, defaults)
-        self._build_entries()
+        super().__init__(params, defaults, seed=seed, strict=strict, distributor=distributor)
 
     # ------------------------------------------------------------------ setup
 
-    def add_param_group(self, param_group: dict) -> None:
-        group = dict(param_group)
-        for key in ("betas",):
-            if isinstance(group.get(key), list):
-                group[key] = tuple(group[key])
-        super().add_param_group(group)
-        g = self.param_groups[-1]
-        validate_adam_options(lr=g["lr"], betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"])
+    def _validate_group(self, g: dict) -> None:
         validate_lowrank_options(**{k: g[k] for k in _LOWRANK_KEYS if k != "realign"})
-        names = g.get("names")
-        if names is not None and len(names) != len(g["params"]):
-            raise ValueError(f"Invalid names: {len(names)} names for {len(g['params'])} params in a group")
-        if self._entries:  # a group added after construction: re-plan
-            self._build_entries()
 
-    def _classify(self, p: Tensor, group: dict, name: str) -> tuple[bool, str, str, int]:
-        requested = group.get("lowrank")
-        rank = group["rank"]
-        if requested is False:
-            return False, "adamw", "group has lowrank=False", 0
-        shape = self._logical_shape(p)
-        if len(shape) != 2:
-            reason = f"{len(shape)}-D parameter: low-rank projection needs a matrix"
-            if requested:
-                self._strict_fail(name, reason)
-            return False, "adamw", reason, 0
-        s, _ = oriented_shape(shape)
-        if rank >= s:
-            reason = f"{rank=} >= short side {s} of shape {shape}: full-rank AdamW"
-            self._strict_fail(name, reason)
-            return False, "adamw", reason, 0
-        return True, group["estimator"], f"rank {rank} of short side {s}", rank
-
-    def _strict_fail(self, name: str, reason: str) -> None:
-        if self.strict:
-            raise ValueError(f"Matrix {name!r} cannot take the low-rank path (strict=True): {reason}")
+    def _target_mode(self, group: dict) -> str:
+        return group["estimator"]
 
     def _build_entries(self) -> None:
-        entries: list[_Entry] = []
-        index = 0
-        for group in self.param_groups:
-            names = group.get("names") or [None] * len(group["params"])
-            for p, name in zip(group["params"], names):
-                name = name or f"param{index}"
-                lowrank, mode, reason, r = self._classify(p, group, name)
-                e = _Entry(
-                    index=index, param=p, group=group, name=name, lowrank=lowrank, mode=mode, reason=reason,
-                    shape=self._logical_shape(p),
-                )
-                if lowrank:
-                    e.left = is_left(e.shape)
-                    e.s, e.l = oriented_shape(e.shape)
-                    e.r = r
-                entries.append(e)
-                index += 1
+        entries = self._plan_entries()
         # Matrices and dense parameters travel in separate collectives (each padded
         # to its longest owner segment), so each category is balanced on its own.
         for category in ([e for e in entries if e.lowrank], [e for e in entries if not e.lowrank]):
@@ -236,84 +163,15 @@ class PlumageAdamW(torch.optim.Optimizer):
                 e.owner = o
         self._entries = entries
 
-    # ------------------------------------------------------------------ reports
-
-    def matrix_report(self) -> list[dict]:
-        """One row per parameter: name, shape, mode, reason, owner rank."""
-        return [
-            {"name": e.name, "shape": list(e.shape), "mode": e.mode, "reason": e.reason, "owner": e.owner}
-            for e in self._entries
-        ]
-
-    def ownership(self) -> list[int]:
-        """Owner rank of each parameter, in flattened param order."""
-        return [e.owner for e in self._entries]
-
-    def state_bytes(self) -> dict:
-        """Optimizer-state bytes held by this rank, measured from the tensors."""
-        out = {"projectors": 0, "moments": 0, "non_target": 0}
-        for e in self._entries:
-            st = self.state.get(e.param, {})
-            for key, t in st.items():
-                if not torch.is_tensor(t):
-                    continue
-                nbytes = t.numel() * t.element_size()
-                if not e.lowrank:
-                    out["non_target"] += nbytes
-                elif key in ("P", "d"):
-                    out["projectors"] += nbytes
-                else:
-                    out["moments"] += nbytes
-        out["total"] = sum(out.values())
-        return out
-
-    def comm_stats(self) -> dict:
-        """Collective bytes/calls per kind, from the distributor's accounting layer."""
-        return self._distributor.comm_stats()
-
-    @property
-    def distributor(self) -> Distributor:
-        """The strategy that places state and runs the collectives (read-only)."""
-        return self._distributor
-
     # ------------------------------------------------------------------ step
 
-    def _ensure_state(self, e: _Entry) -> dict:
-        st = self.state[e.param]
-        if "step" not in st:
-            st["step"] = 0
-        return st
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        try:
-            self._step()
-        finally:
-            self._distributor.end_step()  # closes this step's communication record
-        return loss
-
-    def _step(self) -> None:
+    def _run_step(self) -> None:
         dist = self._distributor
-        has_grad = dist.any_true([e.param.grad is not None for e in self._entries])
-        active = [e for e, h in zip(self._entries, has_grad) if h]
-        if not active:
+        split = self._begin_step()
+        if split is None:
             return
-        for e in active:
-            self._ensure_state(e)
-        lowrank = [e for e in active if e.lowrank]
-        dense = [e for e in active if not e.lowrank]
-
-        def grad32(e: _Entry) -> Tensor:
-            g = e.param.grad
-            if g is None:
-                return torch.zeros(e.shape, dtype=torch.float32, device=e.param.device)
-            if g.is_sparse:
-                raise RuntimeError(f"PlumageAdamW does not support sparse gradients ({e.name})")
-            return g.float() if g.dtype != torch.float32 else g
+        lowrank, dense = split
+        grad32 = self._grad32
 
         # -- phase 1: refresh projectors ------------------------------------------
         refresh = [e for e in lowrank if self.state[e.param]["step"] % e.group["update_interval"] == 0]
@@ -362,23 +220,7 @@ class PlumageAdamW(torch.optim.Optimizer):
                 N.div_(st["d"][:, None])
             N.mul_(adam_step_size(g["lr"], st["step"], beta1, beta2) * g["scale"])
             N_out.append(N)
-        new_dense: list[Optional[Tensor]] = []
-        for e, G in zip(dense, g_owned):
-            st = self.state[e.param]
-            st["step"] += 1
-            if G is None:
-                new_dense.append(None)
-                continue
-            g = e.group
-            beta1, beta2 = g["betas"]
-            if "exp_avg" not in st:
-                st["exp_avg"], st["exp_avg_sq"] = zeros_state(e.shape, e.param.device)
-            if clip != 1.0:
-                G = G * clip
-            adam_update_moments(st["exp_avg"], st["exp_avg_sq"], G, beta1, beta2)
-            N = adam_direction(st["exp_avg"], st["exp_avg_sq"], g["eps"])
-            W = e.param.detach().float().mul(1.0 - g["lr"] * g["weight_decay"]).sub_(N, alpha=adam_step_size(g["lr"], st["step"], beta1, beta2))
-            new_dense.append(W)
+        new_dense = self._dense_adamw(dense, g_owned, clip)
 
         # -- phase 5: updates to every rank, applied locally -----------------------
         N_all = dist.gather_from_owners(N_out, [(e.r, e.l) for e in lowrank], [e.owner for e in lowrank], "lowrank_update")
@@ -391,25 +233,6 @@ class PlumageAdamW(torch.optim.Optimizer):
             self._apply_matrix_update(e.param, delta, e.group["lr"] * e.group["weight_decay"])
         for e, W in zip(dense, W_all):
             e.param.copy_(W)
-
-    # Hooks for engines whose parameters are not plain replicated tensors (ZeRO-3):
-    @staticmethod
-    def _logical_shape(p: Tensor) -> tuple:
-        """The matrix shape of ``p`` (``ds_shape`` when ZeRO-3 replaced it by a placeholder)."""
-        return tuple(getattr(p, "ds_shape", p.shape))
-
-    @staticmethod
-    def _apply_matrix_update(param: Tensor, delta: Tensor, decay: float) -> None:
-        """``W ← W·(1 − decay) − delta`` in fp32, rounded once into ``param``'s dtype."""
-        if param.dtype == torch.float32:
-            if decay:
-                param.mul_(1.0 - decay)
-            param.sub_(delta)
-        else:
-            W = param.float()
-            if decay:
-                W.mul_(1.0 - decay)
-            param.copy_(W.sub_(delta))
 
     def _refresh(self, refresh: list[_Entry], grad32) -> None:
         """Rebuild ``P, d`` for ``refresh`` on their owners; everyone receives them.
@@ -470,34 +293,11 @@ class PlumageAdamW(torch.optim.Optimizer):
         ``state[i]`` holds this rank's state of parameter ``i`` (moments only on
         its owner); ``plumage`` records the ownership plan and world size.
         """
-        state = {}
-        for e in self._entries:
-            st = self.state.get(e.param)
-            if st:
-                state[e.index] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-        groups = []
-        for g in self.param_groups:
-            groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"})
-            groups[-1]["params"] = [self._index_of(p) for p in g["params"]]
-        return {
-            "state": state,
-            "param_groups": groups,
-            "plumage": {
-                "format": _STATE_FORMAT,
-                "kind": "shard",
-                "seed": self.seed,
-                "world_size": self._distributor.world_size,
-                "rank": self._distributor.rank,
-                "ownership": self.ownership(),
-                "modes": [e.mode for e in self._entries],
-            },
-        }
-
-    def _index_of(self, p: Tensor) -> int:
-        for e in self._entries:
-            if e.param is p:
-                return e.index
-        raise KeyError("parameter not managed by this optimizer")
+        return self._state_dict_with({
+            "format": _STATE_FORMAT,
+            "kind": "shard",
+            "seed": self.seed,
+        })
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a :meth:`state_dict` from the same world size and ownership plan.
@@ -510,52 +310,24 @@ class PlumageAdamW(torch.optim.Optimizer):
         the state, so a bad checkpoint leaves the optimizer untouched. For a
         different world size, merge the old shards first.
         """
-        meta = state_dict.get("plumage")
-        if not isinstance(meta, dict) or meta.get("format") != _STATE_FORMAT:
-            raise ValueError("Invalid optimizer state_dict: missing or unknown 'plumage' section")
-        groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"Invalid state_dict: {len(groups)} param groups, optimizer has {len(self.param_groups)}")
-        for i, (saved, mine) in enumerate(zip(groups, self.param_groups)):
-            if len(saved["params"]) != len(mine["params"]):
-                raise ValueError(
-                    f"Invalid state_dict: group {i} has {len(saved['params'])} params, optimizer has {len(mine['params'])}"
-                )
-            for key in ("rank", "estimator", "lowrank"):
-                if saved.get(key) != mine.get(key):
-                    raise ValueError(f"Invalid state_dict: group {i} {key}={saved.get(key)!r}, optimizer has {mine.get(key)!r}")
+        meta, groups = self._check_saved_groups(state_dict, ("rank", "estimator", "lowrank"))
         full = meta.get("kind") == "full"
         if not full and (meta["world_size"] != self._distributor.world_size or meta["ownership"] != self.ownership()):
             raise ValueError(
                 f"Invalid state_dict: a shard saved for world_size={meta['world_size']} with a different ownership "
                 "plan; merge all shards with plumage_ds.optim.merge_shards(...) and load the result"
             )
-        if meta["modes"] != [e.mode for e in self._entries]:
-            raise ValueError("Invalid state_dict: matrix modes differ from this optimizer's")
+        self._check_saved_modes(meta)
         if meta["seed"] != self.seed:
             raise ValueError(f"Invalid state_dict: seed={meta['seed']}, optimizer has seed={self.seed}")
-        new_state: dict = {}
-        saved_state = state_dict["state"]
-        for e in self._entries:
-            st = saved_state.get(e.index)
-            if st is None:
-                continue
-            st = dict(st)
+
+        def prepare(e: _Entry, st: dict) -> dict:
             if full and e.owner != self._distributor.rank:  # keep only what this rank owns
                 st = {k: v for k, v in st.items() if k not in ("exp_avg", "exp_avg_sq")}
             self._check_entry_state(e, st)
-            new_state[e.param] = {
-                k: (v.to(device=e.param.device, dtype=torch.float32).clone() if torch.is_tensor(v) else v)
-                for k, v in st.items()
-            }
-        for g, saved in zip(self.param_groups, groups):
-            for k, v in saved.items():
-                if k in ("params", "names"):
-                    continue
-                g[k] = tuple(v) if k == "betas" else v
-        self.state.clear()
-        for p, st in new_state.items():
-            self.state[p] = st
+            return st
+
+        self._install_state(self._load_entry_states(state_dict["state"], prepare), groups)
 
     def _check_entry_state(self, e: _Entry, st: dict) -> None:
         if not isinstance(st.get("step"), int) or st["step"] < 0:
@@ -564,16 +336,7 @@ class PlumageAdamW(torch.optim.Optimizer):
             expect = {"P": (e.s, e.r), "d": (e.r,), "exp_avg": (e.r, e.l), "exp_avg_sq": (e.r, e.l)}
         else:
             expect = {"exp_avg": e.shape, "exp_avg_sq": e.shape}
-        for key, t in st.items():
-            if key == "step":
-                continue
-            if key not in expect:
-                raise ValueError(f"Invalid state_dict: unexpected key {key!r} for {e.name}")
-            if not torch.is_tensor(t) or tuple(t.shape) != expect[key]:
-                shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-                raise ValueError(f"Invalid state_dict: {e.name}.{key} has shape {shape}, expected {expect[key]}")
-            if not torch.isfinite(t).all():
-                raise ValueError(f"Invalid state_dict: {e.name}.{key} holds non-finite values")
+        self._check_state_tensors(e, st, expect, ("step",))
 
 
 def merge_shards(shards: list[dict]) -> dict:

@@ -219,17 +219,8 @@ def _zero3_plumage_class():
             n = max(0, min(part.numel(), int(param.ds_numel) - start))
             if n == 0:
                 return
-            d = delta.reshape(-1)[start : start + n]
-            mine = part.narrow(0, 0, n)
-            if mine.dtype == torch.float32:
-                if decay:
-                    mine.mul_(1.0 - decay)
-                mine.sub_(d)
-            else:
-                w = mine.float()
-                if decay:
-                    w.mul_(1.0 - decay)
-                mine.copy_(w.sub_(d))
+            # the chunk is a flat view; the base rule (fp32 math, one rounding) applies as is
+            ShardedPlumageAdamW._apply_matrix_update(part.narrow(0, 0, n), delta.reshape(-1)[start : start + n], decay)
 
     return Zero3PlumageAdamW
 

@@ -185,6 +185,7 @@ def train_deepspeed(
     from plumage_ds.train.data import BatchStream, load_corpus
     from plumage_ds.train.loop import (
         NonFiniteLossError,
+        StepRecorder,
         _write_json,
         check_job,
         check_out_dir,
@@ -268,9 +269,13 @@ def train_deepspeed(
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
 
-        train_time, window_time, window_losses = 0.0, 0.0, []
-        final_train_loss = final_eval_loss = None
-        steps_done = 0
+        rec = StepRecorder(
+            tokens_per_step=tokens_per_step,
+            log_interval=tc.log_interval,
+            eval_interval=tc.eval_interval,
+            total_steps=tc.steps,
+            log=log,
+        )
         try:
             for s in range(tc.steps):
                 t0 = time.perf_counter()
@@ -292,29 +297,8 @@ def train_deepspeed(
                         f"(estimator={cfg.optimizer.estimator!r}, lr={lr:.3g}, world_size={world}); stopped"
                     )
                 engine.step()  # the accumulation boundary: the optimizer step
-                dt = time.perf_counter() - t0
-                train_time += dt
-                window_time += dt
-                window_losses.append(step_loss)
-                steps_done = s + 1
-                last = steps_done == tc.steps
-                if steps_done % tc.log_interval == 0 or last:
-                    final_train_loss = sum(window_losses) / len(window_losses)
-                    log(
-                        {
-                            "step": steps_done,
-                            "loss": final_train_loss,
-                            "lr": lr,
-                            "tokens_per_s": tokens_per_step * len(window_losses) / window_time,
-                        }
-                    )
-                    window_time, window_losses = 0.0, []
-                if steps_done % tc.eval_interval == 0 or last:
-                    # every rank evaluates (ZeRO-3 forward passes are collective); same data → same value
-                    final_eval_loss = evaluate(engine, eval_set)
-                    log({"step": steps_done, "eval_loss": final_eval_loss})
-                    if not math.isfinite(final_eval_loss):
-                        raise NonFiniteLossError(f"Non-finite eval loss={final_eval_loss} at step {steps_done}; stopped")
+                # every rank evaluates (ZeRO-3 forward passes are collective); same data → same value
+                rec.record(s, step_loss, time.perf_counter() - t0, lr, lambda: evaluate(engine, eval_set))
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.3f}")
             summary["status"] = "completed"
@@ -334,18 +318,14 @@ def train_deepspeed(
                 gathered: list = [None] * world
                 dist.all_gather_object(gathered, int(detail["total"]))
                 per_rank = [int(x) for x in gathered]
+            summary.update(rec.summary())
             summary.update(
                 {
-                    "steps_completed": steps_done,
-                    "final_train_loss": final_train_loss,
-                    "final_eval_loss": final_eval_loss,
                     "optimizer_state_bytes": max(per_rank),
                     "optimizer_state_bytes_per_rank": per_rank,
                     "optimizer_state_detail": detail,
                     "comm_bytes_total": opt.comm_stats()["total"],
-                    "train_time_s": train_time,
                     "wall_time_s": time.perf_counter() - wall_start,
-                    "tokens_per_s": tokens_per_step * steps_done / train_time if train_time > 0 else None,
                 }
             )
             if summary["status"] == "running":

@@ -41,6 +41,61 @@ class NonFiniteLossError(RuntimeError):
     """Training loss became NaN/inf; ``summary.json`` has ``status="diverged"``."""
 
 
+class StepRecorder:
+    """Per-step bookkeeping shared by the single-process and the DeepSpeed loops.
+
+    ``record`` adds one finished step: the windowed train loss and tokens/s go to ``log``
+    every ``log_interval`` steps (and at the last step), and ``evaluate()`` runs every
+    ``eval_interval`` steps (and at the last); a non-finite eval loss raises
+    :class:`NonFiniteLossError`. Eval time is not counted in ``train_time``.
+    """
+
+    def __init__(self, *, tokens_per_step: int, log_interval: int, eval_interval: int, total_steps: int, log) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.log_interval = log_interval
+        self.eval_interval = eval_interval
+        self.total_steps = total_steps
+        self.log = log
+        self.train_time = 0.0  # seconds spent in training steps (eval excluded)
+        self.window_time, self.window_losses = 0.0, []
+        self.final_train_loss: Optional[float] = None
+        self.final_eval_loss: Optional[float] = None
+        self.steps_done = 0
+
+    def record(self, step_index: int, step_loss: float, dt: float, lr: float, evaluate) -> None:
+        self.train_time += dt
+        self.window_time += dt
+        self.window_losses.append(step_loss)
+        self.steps_done = step_index + 1
+        last = self.steps_done == self.total_steps
+        if self.steps_done % self.log_interval == 0 or last:
+            self.final_train_loss = sum(self.window_losses) / len(self.window_losses)
+            self.log(
+                {
+                    "step": self.steps_done,
+                    "loss": self.final_train_loss,
+                    "lr": lr,
+                    "tokens_per_s": self.tokens_per_step * len(self.window_losses) / self.window_time,
+                }
+            )
+            self.window_time, self.window_losses = 0.0, []
+        if self.steps_done % self.eval_interval == 0 or last:
+            self.final_eval_loss = evaluate()
+            self.log({"step": self.steps_done, "eval_loss": self.final_eval_loss})
+            if not math.isfinite(self.final_eval_loss):
+                raise NonFiniteLossError(f"Non-finite eval loss={self.final_eval_loss} at step {self.steps_done}; stopped")
+
+    def summary(self) -> dict:
+        """The bookkeeping keys of ``summary.json``."""
+        return {
+            "steps_completed": self.steps_done,
+            "final_train_loss": self.final_train_loss,
+            "final_eval_loss": self.final_eval_loss,
+            "train_time_s": self.train_time,
+            "tokens_per_s": self.tokens_per_step * self.steps_done / self.train_time if self.train_time > 0 else None,
+        }
+
+
 def lr_multiplier(step: int, *, steps: int, warmup_steps: int, schedule: str) -> float:
     """Factor on the base LR for optimizer step ``step`` (0-based).
 
@@ -196,16 +251,21 @@ def train(
     from tqdm import tqdm
 
     bar = tqdm(total=tc.steps, disable=not progress, desc=cfg.optimizer.estimator, unit="step")
-    train_time = 0.0  # seconds spent in training steps (eval excluded)
-    window_time, window_losses = 0.0, []
-    final_train_loss = final_eval_loss = None
-    steps_done = 0
+    rec: Optional[StepRecorder] = None
     try:
         with open(out / "metrics.jsonl", "w", encoding="utf-8") as metrics:
 
             def log(row: dict) -> None:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
+
+            rec = StepRecorder(
+                tokens_per_step=tokens_per_step,
+                log_interval=tc.log_interval,
+                eval_interval=tc.eval_interval,
+                total_steps=tc.steps,
+                log=log,
+            )
 
             for s in range(tc.steps):
                 t0 = time.perf_counter()
@@ -225,30 +285,7 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                dt = time.perf_counter() - t0
-                train_time += dt
-                window_time += dt
-                window_losses.append(step_loss)
-                steps_done = s + 1
-                last = steps_done == tc.steps
-                if steps_done % tc.log_interval == 0 or last:
-                    final_train_loss = sum(window_losses) / len(window_losses)
-                    log(
-                        {
-                            "step": steps_done,
-                            "loss": final_train_loss,
-                            "lr": lr,
-                            "tokens_per_s": tokens_per_step * len(window_losses) / window_time,
-                        }
-                    )
-                    window_time, window_losses = 0.0, []
-                if steps_done % tc.eval_interval == 0 or last:
-                    final_eval_loss = evaluate(model, eval_set)
-                    log({"step": steps_done, "eval_loss": final_eval_loss})
-                    if not math.isfinite(final_eval_loss):
-                        raise NonFiniteLossError(
-                            f"Non-finite eval loss={final_eval_loss} at step {steps_done}; stopped"
-                        )
+                rec.record(s, step_loss, time.perf_counter() - t0, lr, lambda: evaluate(model, eval_set))
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.3f}")
         summary["status"] = "completed"
@@ -259,16 +296,12 @@ def train(
     finally:
         bar.close()
         state_total, state_detail = optimizer_state_bytes(optimizer)
+        summary.update(rec.summary() if rec is not None else {"steps_completed": 0})
         summary.update(
             {
-                "steps_completed": steps_done,
-                "final_train_loss": final_train_loss,
-                "final_eval_loss": final_eval_loss,
                 "optimizer_state_bytes": state_total,
                 "optimizer_state_detail": state_detail,
-                "train_time_s": train_time,
                 "wall_time_s": time.perf_counter() - wall_start,
-                "tokens_per_s": tokens_per_step * steps_done / train_time if train_time > 0 else None,
             }
         )
         if summary["status"] == "running":

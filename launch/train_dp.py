@@ -78,9 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from plumage_ds.config import DataConfig, ModelConfig
-    from plumage_ds.distributed import ShardedPlumageAdamW
-    from plumage_ds.optim import lowrank_param_groups, merge_shards
+    from plumage_ds.config import DataConfig, ModelConfig, OptimizerConfig
+    from plumage_ds.distributed import DataParallelDistributor
+    from plumage_ds.optim import build_optimizer, merge_shards
     from plumage_ds.train.data import BatchStream, load_corpus
     from plumage_ds.train.model import build_model, causal_lm_loss
 
@@ -110,18 +110,19 @@ def main(argv=None) -> int:
     data_cfg = DataConfig(seq_len=args.seq_len, batch_size=micro, max_corpus_bytes=args.corpus_bytes)
     model = build_model(model_cfg, seed=args.seed).to(device)
     stream = BatchStream(load_corpus(data_cfg), data_cfg, seed=args.seed)
-    groups, _ = lowrank_param_groups(model, target_modules=[args.target_modules], rank=args.rank)
-    opt = ShardedPlumageAdamW(
-        groups,
+    opt_cfg = OptimizerConfig(
+        estimator=args.estimator,
         lr=args.lr,
         weight_decay=args.weight_decay,
         rank=args.rank,
         update_interval=args.update_interval,
-        estimator=args.estimator,
         scale=args.scale,
         seed=args.seed,
-        max_grad_norm=args.max_grad_norm,
+        grad_clip=args.max_grad_norm,
+        target_modules=(args.target_modules,),
     )
+    # the factory's PlumageAdamW with the sharded data-parallel distributor == ShardedPlumageAdamW
+    opt, _ = build_optimizer(model, opt_cfg, distributor=DataParallelDistributor())
 
     start = 0
     if args.resume_dir:

@@ -99,6 +99,20 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_job(run, out) -> tuple[int, object]:
+    """Run a training function; map its failures to exit codes (1 diverged, 2 bad input)."""
+    from plumage_ds.train.loop import NonFiniteLossError
+
+    try:
+        return 0, run()
+    except NonFiniteLossError as err:
+        print(f"plumage-ds train: error: {err} (partial results in {out})", file=sys.stderr)
+        return 1, None
+    except (ValueError, FileExistsError) as err:
+        print(f"plumage-ds train: error: {err}", file=sys.stderr)
+        return 2, None
+
+
 def _train_deepspeed(args) -> int:
     """``train --deepspeed``: every check that can fail runs before the process group exists."""
     import os
@@ -110,7 +124,7 @@ def _train_deepspeed(args) -> int:
         train_deepspeed,
         world_size_from_env,
     )
-    from plumage_ds.train.loop import NonFiniteLossError, check_job, check_out_dir
+    from plumage_ds.train.loop import check_job, check_out_dir
 
     rank0 = int(os.environ.get("RANK", "0") or 0) == 0
     try:
@@ -130,16 +144,12 @@ def _train_deepspeed(args) -> int:
     except (ValueError, OSError) as err:
         print(f"plumage-ds train: error: {err}", file=sys.stderr)
         return 2
-    try:
-        summary = train_deepspeed(
-            cfg, args.out, raw, overwrite=args.overwrite, progress=False if args.no_progress else None
-        )
-    except NonFiniteLossError as err:
-        print(f"plumage-ds train: error: {err} (partial results in {args.out})", file=sys.stderr)
-        return 1
-    except (ValueError, FileExistsError) as err:
-        print(f"plumage-ds train: error: {err}", file=sys.stderr)
-        return 2
+    code, summary = _run_job(
+        lambda: train_deepspeed(cfg, args.out, raw, overwrite=args.overwrite, progress=False if args.no_progress else None),
+        args.out,
+    )
+    if code:
+        return code
     if summary is not None:
         print(
             f"{summary['config']['optimizer']['estimator']} (DeepSpeed ZeRO-{summary['zero_stage']}, "
@@ -152,7 +162,7 @@ def _train_deepspeed(args) -> int:
 
 
 def _train(args) -> int:
-    from plumage_ds.train.loop import NonFiniteLossError, train
+    from plumage_ds.train.loop import train
 
     if args.deepspeed is not None:
         return _train_deepspeed(args)
@@ -162,14 +172,11 @@ def _train(args) -> int:
     except (ValueError, OSError) as err:
         print(f"plumage-ds train: error: {err}", file=sys.stderr)
         return 2
-    try:
-        summary = train(cfg, args.out, overwrite=args.overwrite, progress=False if args.no_progress else None)
-    except NonFiniteLossError as err:
-        print(f"plumage-ds train: error: {err} (partial results in {args.out})", file=sys.stderr)
-        return 1
-    except (ValueError, FileExistsError) as err:
-        print(f"plumage-ds train: error: {err}", file=sys.stderr)
-        return 2
+    code, summary = _run_job(
+        lambda: train(cfg, args.out, overwrite=args.overwrite, progress=False if args.no_progress else None), args.out
+    )
+    if code:
+        return code
     print(
         f"{cfg.optimizer.estimator}: final eval loss {summary['final_eval_loss']:.4f}, "
         f"train loss {summary['final_train_loss']:.4f}, "

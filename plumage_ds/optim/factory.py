@@ -27,45 +27,33 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, **extra) -> tuple[to
     groups, rows = lowrank_param_groups(
         model, target_modules=cfg.target_modules, rank=cfg.rank, strict=cfg.strict
     )
+    common = dict(
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        rank=cfg.rank,
+        update_interval=cfg.update_interval,
+        scale=cfg.scale,
+        svd_method=cfg.svd_method,
+        seed=cfg.seed,
+        strict=cfg.strict,
+        **extra,
+    )
     if cfg.estimator == "gum":
         from .gum import GUM
 
-        opt = GUM(
-            groups,
-            lr=cfg.lr,
-            betas=cfg.betas,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            rank=cfg.rank,
-            update_interval=cfg.update_interval,
-            gamma=cfg.gum_gamma,
-            momentum=cfg.gum_momentum,
-            scale=cfg.scale,
-            svd_method=cfg.svd_method,
-            seed=cfg.seed,
-            strict=cfg.strict,
-            **extra,
-        )
+        opt = GUM(groups, gamma=cfg.gum_gamma, momentum=cfg.gum_momentum, **common)
     else:
         from .plumage_adamw import PlumageAdamW
 
         opt = PlumageAdamW(
             groups,
-            lr=cfg.lr,
-            betas=cfg.betas,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            rank=cfg.rank,
-            update_interval=cfg.update_interval,
             estimator=cfg.estimator,
-            scale=cfg.scale,
             dinv_placement=cfg.dinv_placement,
             realign=cfg.realign,
-            svd_method=cfg.svd_method,
             uniform_mix=cfg.uniform_mix,
-            seed=cfg.seed,
-            strict=cfg.strict,
             max_grad_norm=cfg.grad_clip,
-            **extra,
+            **common,
         )
     return opt, opt.matrix_report()

@@ -269,13 +269,7 @@ def train_deepspeed(
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
 
-        rec = StepRecorder(
-            tokens_per_step=tokens_per_step,
-            log_interval=tc.log_interval,
-            eval_interval=tc.eval_interval,
-            total_steps=tc.steps,
-            log=log,
-        )
+        rec = StepRecorder(tc, tokens_per_step=tokens_per_step, log=log)
         try:
             for s in range(tc.steps):
                 t0 = time.perf_counter()

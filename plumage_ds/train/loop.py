@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import torch
 
-from plumage_ds.config import JobConfig, to_dict
+from plumage_ds.config import JobConfig, TrainConfig, to_dict
 from plumage_ds.train.data import BatchStream, load_corpus
 from plumage_ds.train.model import build_model, causal_lm_loss
 
@@ -50,11 +50,11 @@ class StepRecorder:
     :class:`NonFiniteLossError`. Eval time is not counted in ``train_time``.
     """
 
-    def __init__(self, *, tokens_per_step: int, log_interval: int, eval_interval: int, total_steps: int, log) -> None:
+    def __init__(self, train_cfg: TrainConfig, *, tokens_per_step: int, log) -> None:
         self.tokens_per_step = tokens_per_step
-        self.log_interval = log_interval
-        self.eval_interval = eval_interval
-        self.total_steps = total_steps
+        self.log_interval = train_cfg.log_interval
+        self.eval_interval = train_cfg.eval_interval
+        self.total_steps = train_cfg.steps
         self.log = log
         self.train_time = 0.0  # seconds spent in training steps (eval excluded)
         self.window_time, self.window_losses = 0.0, []
@@ -259,13 +259,7 @@ def train(
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
 
-            rec = StepRecorder(
-                tokens_per_step=tokens_per_step,
-                log_interval=tc.log_interval,
-                eval_interval=tc.eval_interval,
-                total_steps=tc.steps,
-                log=log,
-            )
+            rec = StepRecorder(tc, tokens_per_step=tokens_per_step, log=log)
 
             for s in range(tc.steps):
                 t0 = time.perf_counter()

@@ -13,6 +13,7 @@ Each call records, under its ``tag`` (what the bytes are: ``lowrank_grad``,
   reduce_scatter          ``(W−1)/W · S`` (S = input)
   all_gather              ``(W−1)/W · S`` (S = output)
   broadcast, reduce       ``(W−1)/W · S``
+  all_to_all              what leaves this rank: ``S`` minus its own split
   ======================  ==========================
 
 These are measured from the actual tensors and calls, never computed from
@@ -132,11 +133,33 @@ class Collectives:
             dist.broadcast(t, src=self.global_rank(src), group=self.group)
         return t
 
+    def all_to_all(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int], tag: str) -> Tensor:
+        """1-D ``inp`` cut in ``in_splits`` (one piece per destination rank, in rank order);
+        ``out`` receives the pieces sent to this rank, in source-rank order (``out_splits``)."""
+        own = in_splits[self.rank] * inp.element_size()
+        self.stats.record(tag, "all_to_all", _nbytes(inp), float(_nbytes(inp) - own))
+        if self.world_size > 1:
+            dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+        else:
+            out.copy_(inp)
+        return out
+
     def end_step(self) -> None:
         self.stats.end_step()
 
     def comm_stats(self) -> dict:
         return self.stats.as_dict(self.world_size)
+
+
+def first_error(message: Optional[str], group: Optional[dist.ProcessGroup]) -> Optional[str]:
+    """The first non-``None`` message of the ranks of ``group`` (collective; error path only).
+
+    Pass messages already prefixed by their global rank, so that nested agreements (shard group,
+    then replicate group) keep naming the rank that failed.
+    """
+    got: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(got, message, group=group)
+    return next((m for m in got if m is not None), None)
 
 
 def flat_concat(tensors: list[Tensor], dtype=torch.float32, device=None) -> Tensor:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..optim.plumage_adamw import PlumageAdamW
-from .comm import Collectives
+from .comm import Collectives, first_error
 from .ownership import greedy_ownership
 
 
@@ -55,24 +55,27 @@ class DataParallelDistributor:
         return offsets, max(fill) if fill else 0
 
     # -- collectives -----------------------------------------------------------
-    def any_true(self, flags: Sequence[bool]) -> list[bool]:
+    def any_true(self, flags: Sequence[bool], tag: str = "grad_flags") -> list[bool]:
         t = torch.tensor([1.0 if f else 0.0 for f in flags], dtype=torch.float32, device=self._device())
-        self.comm.all_reduce(t, "grad_flags", op=dist.ReduceOp.MAX)
+        self.comm.all_reduce(t, tag, op=dist.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]
 
-    def reduce_to_owners(self, tensors: Sequence[Tensor], owners: Sequence[int], tag: str) -> list[Optional[Tensor]]:
+    def reduce_to_owners(
+        self, tensors: Sequence[Tensor], owners: Sequence[int], tag: str, *, mean: bool = True
+    ) -> list[Optional[Tensor]]:
         if not tensors:
             return []
         numels = [t.numel() for t in tensors]
         offsets, seg = self._layout(numels, owners)
         W = self.world_size
-        device = tensors[0].device
-        send = torch.zeros(W * seg, dtype=torch.float32, device=device)
+        device, dtype = tensors[0].device, tensors[0].dtype
+        send = torch.zeros(W * seg, dtype=dtype, device=device)
         for t, o, off in zip(tensors, owners, offsets):
             send[o * seg + off : o * seg + off + t.numel()].copy_(t.reshape(-1))
-        recv = torch.empty(seg, dtype=torch.float32, device=device)
+        recv = torch.empty(seg, dtype=dtype, device=device)
         self.comm.reduce_scatter(recv, send, tag)
-        recv.div_(W)
+        if mean:
+            recv.div_(W)
         out: list[Optional[Tensor]] = []
         for t, o, off in zip(tensors, owners, offsets):
             out.append(recv[off : off + t.numel()].view(t.shape) if o == self.rank else None)
@@ -100,6 +103,11 @@ class DataParallelDistributor:
         t = torch.tensor([value], dtype=torch.float64, device=self._device())
         self.comm.all_reduce(t, tag)
         return float(t.item())
+
+    def agree_error(self, message: Optional[str], tag: str) -> Optional[str]:
+        if not self.any_true([message is not None], f"{tag}_agree")[0]:
+            return None
+        return first_error(None if message is None else f"rank {dist.get_rank()}: {message}", self.comm.group)
 
     def end_step(self) -> None:
         self.comm.end_step()

@@ -6,14 +6,17 @@ from .projectors import (
     Projection,
     build_projection,
     estimate,
+    galore_from_basis,
     galore_projection,
     haar_projection,
+    plumage_from_basis,
     plumage_projection,
+    projection_from_basis,
     realign_moments,
     realignment,
 )
 from .sampling import derive_seed, sampler_generator, systematic_sample
-from .spectral import deorient, is_left, orient, oriented_shape, short_side_basis
+from .spectral import deorient, gram_basis, is_left, orient, oriented_shape, short_side_basis
 
 __all__ = [
     "Projection",
@@ -22,7 +25,9 @@ __all__ = [
     "derive_seed",
     "estimate",
     "estimator_variance",
+    "galore_from_basis",
     "galore_projection",
+    "gram_basis",
     "haar_projection",
     "inclusion_probabilities",
     "is_deterministic",
@@ -30,7 +35,9 @@ __all__ = [
     "mix_uniform",
     "orient",
     "oriented_shape",
+    "plumage_from_basis",
     "plumage_projection",
+    "projection_from_basis",
     "realign_moments",
     "realignment",
     "sample_layers",

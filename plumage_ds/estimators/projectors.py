@@ -42,7 +42,13 @@ def plumage_projection(
     projected with the same ``P`` (no direction has ``p = 0``), at a small cost in
     variance on ``G`` itself.
     """
-    U, sigma = short_side_basis(G, svd_method)  # U (s, s), sigma (s,)
+    return plumage_from_basis(*short_side_basis(G, svd_method), rank, generator, uniform_mix=uniform_mix)
+
+
+def plumage_from_basis(
+    U: Tensor, sigma: Tensor, rank: int, generator: torch.Generator, *, uniform_mix: float = 0.0
+) -> Projection:
+    """PLUMAGE's draw from a short-side basis ``U``  # (s, s) and spectrum ``sigma``  # (s,)."""
     p = mix_uniform(inclusion_probabilities(sigma, rank), uniform_mix)  # (s,)
     S = systematic_sample(p, generator)  # (r,)
     P = U[:, S.to(U.device)].contiguous()  # (s, r)
@@ -52,7 +58,11 @@ def plumage_projection(
 
 def galore_projection(G: Tensor, rank: int, *, svd_method: str = "svd") -> Projection:
     """GaLore: top-``r`` singular directions, ``d = 1`` (biased: drops the tail)."""
-    U, _ = short_side_basis(G, svd_method)
+    return galore_from_basis(short_side_basis(G, svd_method)[0], rank)
+
+
+def galore_from_basis(U: Tensor, rank: int) -> Projection:
+    """GaLore's top-``r`` columns of a short-side basis ``U``  # (s, s) sorted by σ."""
     r = min(rank, U.shape[1])
     P = U[:, :r].contiguous()  # (s, r)
     return Projection(P=P, d=torch.ones(r, device=U.device), deterministic=True)
@@ -91,6 +101,18 @@ def build_projection(
     if estimator == "haar":
         return haar_projection(min(G.shape), rank, generator, device=G.device)
     raise ValueError(f"Invalid estimator={estimator!r}: must be one of ['plumage', 'galore', 'haar']")
+
+
+def projection_from_basis(
+    estimator: str, U: Tensor, sigma: Tensor, rank: int, generator: torch.Generator, *, uniform_mix: float = 0.0
+) -> Projection:
+    """:func:`build_projection` for the SVD-based estimators when ``(U, σ)`` is already known
+    (e.g. from a Gram matrix reduced across row shards, :func:`~.spectral.gram_basis`)."""
+    if estimator == "plumage":
+        return plumage_from_basis(U, sigma, rank, generator, uniform_mix=uniform_mix)
+    if estimator == "galore":
+        return galore_from_basis(U, rank)
+    raise ValueError(f"Invalid estimator={estimator!r}: a basis-driven estimator must be 'plumage' or 'galore'")
 
 
 def estimate(G_o: Tensor, proj: Projection) -> Tensor:

@@ -57,7 +57,16 @@ def short_side_basis(G: Tensor, method: str = "svd") -> tuple[Tensor, Tensor]:
         # the eigenvectors jump under 1e-7 perturbations of G (reduction order across
         # world sizes); in float64 the Gram route stays about 2× faster than fp32 svd.
         Go = orient(G.detach().double(), left)
-        evals, evecs = torch.linalg.eigh(Go @ Go.mT)
-        evals = torch.flip(evals, [0]).clamp(min=0.0)
-        return torch.flip(evecs, [1]).float(), torch.sqrt(evals).float()
+        return gram_basis(Go @ Go.mT)
     raise ValueError(f"Invalid svd_method={method!r}: must be one of ['svd', 'gram']")
+
+
+def gram_basis(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """``(U, σ)`` from the short-side Gram matrix ``G_o G_oᵀ``  # (s, s), float64.
+
+    ``U`` (s, s) eigenvectors by descending eigenvalue, ``σ = sqrt(max(λ, 0))``, both float32.
+    Used directly when the Gram matrix is assembled from row shards (``Σ_k G_kᵀ G_k``).
+    """
+    evals, evecs = torch.linalg.eigh(gram.double())
+    evals = torch.flip(evals, [0]).clamp(min=0.0)
+    return torch.flip(evecs, [1]).float(), torch.sqrt(evals).float()

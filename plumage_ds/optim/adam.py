@@ -20,6 +20,11 @@ def adam_update_moments(M: Tensor, V: Tensor, R: Tensor, beta1: float, beta2: fl
     V.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
 
 
+def adam_moments(M: Tensor, V: Tensor, R: Tensor, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
+    """Out of place (new tensors, bitwise equal to :func:`adam_update_moments`): ``(M', V')``."""
+    return M.mul(beta1).add_(R, alpha=1.0 - beta1), V.mul(beta2).addcmul_(R, R, value=1.0 - beta2)
+
+
 def adam_step_size(lr: float, step: int, beta1: float, beta2: float) -> float:
     """Bias-corrected step size ``lr·sqrt(1 − β2^t)/(1 − β1^t)`` for step ``t >= 1``."""
     return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)

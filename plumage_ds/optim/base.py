@@ -1,15 +1,20 @@
 """Scaffolding shared by the matrix optimizers (:class:`~plumage_ds.optim.PlumageAdamW`, :class:`~plumage_ds.optim.GUM`).
 
-:class:`MatrixOptimizer` plans one :class:`_Entry` per parameter (target matrix
-or AdamW fallback, with the same classification and reason strings for both
-optimizers), owns the distributor, wraps ``step()`` around the subclass's
-``_run_step()``, runs the AdamW path of non-targets, and holds the pieces of
-``state_dict``/``load_state_dict`` that do not depend on the target math. Each
-subclass keeps its own target math, ownership costs and checkpoint section.
+:class:`MatrixOptimizer` plans one :class:`_Entry` per distinct parameter (target matrix or
+AdamW fallback, with its sharding case from :func:`~plumage_ds.optim.sharding.sharding_case`),
+picks the distributor that matches the parameters, wraps ``step()`` (engine checks, non-finite
+agreement, the end of the step's communication record), runs the AdamW path of non-targets on
+this rank's local views, and holds the parts of ``state_dict``/``load_state_dict`` that do not
+depend on the target math. Subclasses keep their own target math and checkpoint section.
+
+A step is atomic (compute, agree, commit): subclasses stage every new tensor and write state
+and parameters only after the step's last collective, so an error anywhere before that leaves
+parameters and optimizer state as they were, on every rank.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -18,13 +23,24 @@ from torch import Tensor
 
 from ..config import validate_adam_options
 from ..estimators import is_left, oriented_shape
-from .adam import adam_direction, adam_step_size, adam_update_moments, zeros_state
+from .adam import adam_direction, adam_moments, adam_step_size
 from .distributor import Distributor, LocalDistributor
+from .sharding import FSDP_ROWS, REPLICATED, ZERO3_FLAT, chunk_bounds, is_dtensor, local, sharding_case, wrap_like
+
+NONFINITE_POLICIES = ("skip", "raise")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Raised by ``step()`` with ``nonfinite="raise"``: some gradient holds NaN/Inf (nothing was changed)."""
+
+
+class CollectiveStepError(RuntimeError):
+    """A failure on one rank during a step, raised with the same message on every rank (nothing was changed)."""
 
 
 @dataclass
 class _Entry:
-    """Static facts about one parameter (derived from shapes and groups, never saved)."""
+    """Static facts about one parameter (derived from shapes, groups and the mesh; never saved)."""
 
     index: int  # flattened position over param_groups == matrix id
     param: Tensor
@@ -33,19 +49,36 @@ class _Entry:
     lowrank: bool
     mode: str
     reason: str
-    shape: tuple = ()  # logical shape (``ds_shape`` for ZeRO-3 placeholders)
+    shape: tuple = ()  # logical (global) shape
+    case: str = REPLICATED
     left: bool = True
     s: int = 0
     l: int = 0
     r: int = 0
     owner: int = 0
+    # FSDP_ROWS only: this rank's rows of P (oriented short side) and columns of M, V (long side)
+    p_rows: tuple = (0, 0)
+    cols: tuple = (0, 0)
+
+    @property
+    def local_shape(self) -> tuple:
+        """Shape of this rank's piece of the weight (the whole weight unless FSDP_ROWS)."""
+        if self.case == FSDP_ROWS:
+            return tuple(local(self.param).shape)
+        return self.shape
+
+
+def _nonneg_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
+        raise ValueError(f"Invalid {name}={value!r}: must be a finite number >= 0")
+    return float(value)
 
 
 class MatrixOptimizer(torch.optim.Optimizer):
     """Base of the optimizers that treat 2-D target matrices specially and use AdamW elsewhere.
 
-    Subclasses set ``_display_name``, ``_state_section``, ``_state_format`` and
-    ``_projector_keys``, and implement ``_target_mode``, ``_validate_group``,
+    Subclasses set ``_display_name``, ``_state_section``, ``_state_format``, ``_projector_keys``
+    and ``_supported_cases``, and implement ``_target_mode``, ``_validate_group``,
     ``_build_entries`` (usually :meth:`_plan_entries` + ownership) and ``_run_step``.
     """
 
@@ -54,6 +87,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
     _state_section = ""  # key of the optimizer's own section in state_dict()
     _state_format = 1
     _projector_keys: tuple = ("P",)  # lowrank state counted as "projectors" by state_bytes()
+    _supported_cases: tuple = (REPLICATED, ZERO3_FLAT)
 
     def __init__(
         self,
@@ -63,13 +97,24 @@ class MatrixOptimizer(torch.optim.Optimizer):
         seed: int,
         strict: bool,
         distributor: Optional[Distributor],
+        nonfinite: str = "skip",
+        replicate_group=None,
     ) -> None:
+        self._check_seed(seed)
+        self._check_bool("strict", strict)
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"Invalid {nonfinite=}: must be one of {list(NONFINITE_POLICIES)}")
         self.seed = seed
         self.strict = strict
-        self._distributor: Distributor = distributor if distributor is not None else LocalDistributor()
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0  # steps skipped on every rank because of non-finite gradients
+        self.last_nonfinite: list[str] = []  # parameters that made the last skipped step non-finite
         self._entries: list[_Entry] = []
+        self._distributor: Optional[Distributor] = None
         super().__init__(params, defaults)
+        self._distributor = self._resolve_distributor(distributor, replicate_group)
         self._build_entries()
+        self._planned_params = [e.param for e in self._entries]
 
     @staticmethod
     def _adam_defaults(lr: float, betas: Any, eps: float, weight_decay: float) -> dict:
@@ -84,28 +129,106 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"Invalid {seed=}: must be an integer")
 
+    @staticmethod
+    def _check_bool(name: str, value: Any) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"Invalid {name}={value!r}: must be True or False")
+
     # ------------------------------------------------------------------ setup
 
     def add_param_group(self, param_group: dict) -> None:
+        """Validate the group completely, then add it (a rejected group leaves the optimizer as it was).
+
+        A tensor listed twice (tied weights under two names) is kept once; its names are joined
+        with ``|`` in :meth:`matrix_report`.
+        """
         group = dict(param_group)
+        params = group.get("params")
+        if isinstance(params, Tensor):
+            params = [params]
+        params = list(params) if params is not None else []
+        names = group.get("names")
+        if names is not None and len(names) != len(params):
+            raise ValueError(f"Invalid names: {len(names)} names for {len(params)} params in a group")
+        kept: dict[int, int] = {}
+        uniq, uniq_names = [], []
+        for i, p in enumerate(params):
+            if id(p) in kept:  # shared tensor: one entry, one state, one update
+                if names is not None:
+                    uniq_names[kept[id(p)]] += f"|{names[i]}"
+                continue
+            kept[id(p)] = len(uniq)
+            uniq.append(p)
+            if names is not None:
+                uniq_names.append(names[i])
+        group["params"] = uniq
+        if names is not None:
+            group["names"] = uniq_names
+        for k, v in self.defaults.items():
+            group.setdefault(k, v)
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
+        validate_adam_options(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
+        self._validate_group(group)
+        if self._distributor is not None:  # a group added after construction: plan it before committing
+            for i, p in enumerate(uniq):
+                self._case_of(p, (group.get("names") or [f"param{i}"] * len(uniq))[i])
         super().add_param_group(group)
-        g = self.param_groups[-1]
-        validate_adam_options(lr=g["lr"], betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"])
-        self._validate_group(g)
-        names = g.get("names")
-        if names is not None and len(names) != len(g["params"]):
-            raise ValueError(f"Invalid names: {len(names)} names for {len(g['params'])} params in a group")
-        if self._entries:  # a group added after construction: re-plan
+        if self._entries:
             self._build_entries()
+            self._planned_params = [e.param for e in self._entries]
 
     def _validate_group(self, g: dict) -> None:
-        """Validate the optimizer-specific hyperparameters of a newly added group."""
+        """Validate the optimizer-specific hyperparameters of a group (before it is added)."""
 
     def _target_mode(self, group: dict) -> str:
         """The ``mode`` of a target matrix of ``group`` (see :meth:`matrix_report`)."""
         raise NotImplementedError
+
+    def _case_of(self, p: Tensor, name: str) -> str:
+        case = sharding_case(p, name)
+        if case not in self._supported_cases:
+            raise ValueError(f"Invalid parameter {name!r}: {self._display_name} does not support the {case} sharding case")
+        return case
+
+    def _resolve_distributor(self, distributor: Optional[Distributor], replicate_group) -> Distributor:
+        """The distributor matching the parameters' sharding case (one case per optimizer).
+
+        Plain tensors: the given distributor or :class:`LocalDistributor`. FSDP2 rows: the
+        row-sharded strategy of :mod:`plumage_ds.distributed.fsdp` on the parameters' mesh
+        (``replicate_group``: compressed HSDP across replicas). This is the one place the
+        optimizer layer reaches into ``distributed/`` (lazily), so that
+        ``PlumageAdamW(model.parameters())`` works after ``fully_shard`` like any torch optimizer.
+        """
+        cases: dict[str, str] = {}
+        meshes = []
+        index = 0
+        for group in self.param_groups:
+            names = group.get("names") or [None] * len(group["params"])
+            for p, name in zip(group["params"], names):
+                name = name or f"param{index}"
+                case = self._case_of(p, name)
+                cases.setdefault(case, name)
+                if case == FSDP_ROWS and all(p.device_mesh != m for m in meshes):
+                    meshes.append(p.device_mesh)
+                index += 1
+        if len(cases) > 1:
+            listed = ", ".join(f"{c} (e.g. {n!r})" for c, n in cases.items())
+            raise ValueError(
+                f"Invalid parameters: {self._display_name} got several sharding cases: {listed}. With FSDP2, "
+                "call fully_shard on the root module too so that every parameter is a DTensor"
+            )
+        if FSDP_ROWS in cases:
+            if len(meshes) > 1:
+                raise ValueError(f"Invalid parameters: FSDP2 parameters on {len(meshes)} different device meshes")
+            if distributor is not None:
+                raise ValueError("Invalid distributor: FSDP2 parameters bring their own (the row-sharded strategy)")
+            from ..distributed.fsdp import FSDPDistributor  # lazy: see the docstring
+
+            return FSDPDistributor(meshes[0], replicate_group=replicate_group)
+        if replicate_group is not None:
+            raise ValueError("Invalid replicate_group: only meaningful for FSDP2 (DTensor) parameters (HSDP)")
+        return distributor if distributor is not None else LocalDistributor()
 
     def _classify(self, p: Tensor, group: dict, name: str) -> tuple[bool, str, str, int]:
         requested = group.get("lowrank")
@@ -130,9 +253,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Matrix {name!r} cannot take the low-rank path (strict=True): {reason}")
 
     def _plan_entries(self) -> list[_Entry]:
-        """One entry per parameter in flattened order, classified; owners are left at 0."""
+        """One entry per parameter in flattened order, classified, with its local layout; owners left at 0."""
         entries: list[_Entry] = []
         index = 0
+        dist = self._distributor
         for group in self.param_groups:
             names = group.get("names") or [None] * len(group["params"])
             for p, name in zip(group["params"], names):
@@ -140,15 +264,31 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 lowrank, mode, reason, r = self._classify(p, group, name)
                 e = self._entry_type(
                     index=index, param=p, group=group, name=name, lowrank=lowrank, mode=mode, reason=reason,
-                    shape=self._logical_shape(p),
+                    shape=self._logical_shape(p), case=self._case_of(p, name),
                 )
                 if lowrank:
                     e.left = is_left(e.shape)
                     e.s, e.l = oriented_shape(e.shape)
                     e.r = r
+                    if e.case == FSDP_ROWS:
+                        self._plan_fsdp_layout(e, dist)
                 entries.append(e)
                 index += 1
         return entries
+
+    def _plan_fsdp_layout(self, e: _Entry, dist) -> None:
+        """This rank's rows of ``P`` and columns of ``M, V`` (``torch.chunk`` over the shard group)."""
+        k, S = dist.rank, dist.world_size
+        rows = chunk_bounds(e.shape[0], S, k)  # the weight's rows held here
+        if tuple(local(e.param).shape) != (rows[1] - rows[0], e.shape[1]):
+            raise ValueError(
+                f"Invalid parameter {e.name!r}: local shard {tuple(local(e.param).shape)} is not rows {rows} of "
+                f"{e.shape} (expected FSDP2's even row split over {S} ranks)"
+            )
+        if e.left:  # P rows follow the weight's rows; M, V columns are chunks of n
+            e.p_rows, e.cols = rows, chunk_bounds(e.l, S, k)
+        else:  # M, V columns are the weight's rows; P (n, r) is split by rows of n
+            e.p_rows, e.cols = dist.right_projector_rows(e), rows
 
     def _build_entries(self) -> None:
         raise NotImplementedError
@@ -156,10 +296,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ reports
 
     def _report_row(self, e: _Entry) -> dict:
-        return {"name": e.name, "shape": list(e.shape), "mode": e.mode, "reason": e.reason, "owner": e.owner}
+        return {
+            "name": e.name, "shape": list(e.shape), "mode": e.mode, "reason": e.reason, "owner": e.owner,
+            "sharding": e.case,
+        }
 
     def matrix_report(self) -> list[dict]:
-        """One row per parameter: name, shape, mode, reason, owner rank."""
+        """One row per parameter: name, shape, mode, reason, owner rank (of the SVD), sharding case."""
         return [self._report_row(e) for e in self._entries]
 
     def ownership(self) -> list[int]:
@@ -205,62 +348,121 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_engine()
         try:
             self._run_step()
         finally:
             self._distributor.end_step()  # closes this step's communication record
         return loss
 
+    def _check_engine(self) -> None:
+        """Raise if an engine replaced the parameters this optimizer was planned on.
+
+        DeepSpeed ZeRO >= 1 given this optimizer swaps ``param_groups[...]["params"]`` for its own
+        flat partitions: stepping the planned entries would update nothing.
+        """
+        current = [p for g in self.param_groups for p in g["params"]]
+        if len(current) != len(self._planned_params) or any(a is not b for a, b in zip(current, self._planned_params)):
+            raise RuntimeError(
+                f"{self._display_name}: its param_groups no longer hold the parameters it was built on (an engine "
+                "such as DeepSpeed ZeRO replaced them by flat partitions), so step() would update nothing. Under "
+                "DeepSpeed build the engine with plumage_ds.integrations.deepspeed.initialize(model=..., config=...) "
+                "(see docs/deepspeed.md)"
+            )
+
     def _run_step(self) -> None:
         raise NotImplementedError
 
-    def _ensure_state(self, e: _Entry) -> dict:
-        st = self.state[e.param]
-        if "step" not in st:
-            st["step"] = 0
-        return st
+    def _step_of(self, e: _Entry) -> int:
+        """Updates applied to ``e`` so far (0 before its first step; reading creates no state)."""
+        return self.state.get(e.param, {}).get("step", 0)
 
     def _begin_step(self) -> Optional[tuple[list[_Entry], list[_Entry]]]:
-        """``(targets, dense)`` entries with a gradient on some rank (``None`` if none has)."""
-        has_grad = self._distributor.any_true([e.param.grad is not None for e in self._entries])
-        active = [e for e, h in zip(self._entries, has_grad) if h]
-        if not active:
+        """``(targets, dense)`` entries with a gradient on some rank; ``None`` to skip the step.
+
+        One small collective agrees, for every entry, on "has a gradient somewhere" and "holds a
+        non-finite value somewhere", before anything changes. Non-finite: ``nonfinite="skip"``
+        skips the step on every rank (counted in ``skipped_steps``), ``"raise"`` raises
+        :class:`NonFiniteGradientError` naming the parameters. No gradient on any rank for any
+        parameter raises: the engine probably took the parameters away.
+        """
+        n = len(self._entries)
+        has, bad = [], []
+        for e in self._entries:
+            g = local(e.param.grad)
+            has.append(e.param.grad is not None)
+            bad.append(g is not None and g.numel() > 0 and not bool(torch.isfinite(g).all()))
+        agreed = self._distributor.any_true(has + bad)
+        has_grad, nonfinite = agreed[:n], agreed[n:]
+        if not any(has_grad):
+            raise RuntimeError(
+                f"{self._display_name}.step(): none of its {n} parameters has a gradient on any rank. If the model "
+                "was wrapped (FSDP2 fully_shard, DeepSpeed) after this optimizer was built, the engine replaced the "
+                "parameters: build the optimizer after wrapping the model"
+            )
+        if any(nonfinite):
+            names = [e.name for e, b in zip(self._entries, nonfinite) if b]
+            if self.nonfinite == "raise":
+                raise NonFiniteGradientError(
+                    f"Non-finite gradient in {names}; step not applied (nonfinite='raise'); parameters and "
+                    "optimizer state are unchanged"
+                )
+            self.skipped_steps += 1
+            self.last_nonfinite = names
             return None
-        for e in active:
-            self._ensure_state(e)
+        active = [e for e, h in zip(self._entries, has_grad) if h]
         return [e for e in active if e.lowrank], [e for e in active if not e.lowrank]
 
     def _grad32(self, e: _Entry) -> Tensor:
-        """``e``'s gradient in fp32 (zeros where this rank has none)."""
-        g = e.param.grad
+        """``e``'s gradient on this rank (its local shard under FSDP2) in fp32 (zeros where none)."""
+        g = local(e.param.grad)
         if g is None:
-            return torch.zeros(e.shape, dtype=torch.float32, device=e.param.device)
+            return torch.zeros(e.local_shape, dtype=torch.float32, device=local(e.param).device)
         if g.is_sparse:
             raise RuntimeError(f"{self._display_name} does not support sparse gradients ({e.name})")
         return g.float() if g.dtype != torch.float32 else g
 
-    def _dense_adamw(self, dense: list[_Entry], g_owned: list[Optional[Tensor]], clip: float = 1.0) -> list[Optional[Tensor]]:
-        """AdamW on the owners of the non-targets: their new fp32 weights (``None`` elsewhere)."""
+    def _dense_adamw(
+        self, dense: list[_Entry], g_owned: list[Optional[Tensor]], clip: float, staged: dict
+    ) -> list[Optional[Tensor]]:
+        """AdamW on the pieces this rank owns: their new fp32 weights (``None`` elsewhere).
+
+        Out of place: new moments go to ``staged[e.index]``; nothing is written to the state.
+        """
         new_dense: list[Optional[Tensor]] = []
         for e, G in zip(dense, g_owned):
-            st = self.state[e.param]
-            st["step"] += 1
             if G is None:
                 new_dense.append(None)
                 continue
+            st = self.state.get(e.param, {})
             g = e.group
             beta1, beta2 = g["betas"]
-            if "exp_avg" not in st:
-                st["exp_avg"], st["exp_avg_sq"] = zeros_state(e.shape, e.param.device)
             if clip != 1.0:
                 G = G * clip
-            adam_update_moments(st["exp_avg"], st["exp_avg_sq"], G, beta1, beta2)
-            N = adam_direction(st["exp_avg"], st["exp_avg_sq"], g["eps"])
-            W = e.param.detach().float().mul(1.0 - g["lr"] * g["weight_decay"]).sub_(
-                N, alpha=adam_step_size(g["lr"], st["step"], beta1, beta2)
+            M = st.get("exp_avg")
+            if M is None:
+                M = V = torch.zeros_like(G)
+            else:
+                V = st["exp_avg_sq"]
+            M, V = adam_moments(M, V, G, beta1, beta2)
+            N = adam_direction(M, V, g["eps"])
+            W = local(e.param).detach().float().mul(1.0 - g["lr"] * g["weight_decay"]).sub_(
+                N, alpha=adam_step_size(g["lr"], self._step_of(e) + 1, beta1, beta2)
             )
+            staged.setdefault(e.index, {}).update(exp_avg=M, exp_avg_sq=V)
             new_dense.append(W)
         return new_dense
+
+    def _commit(self, active: list[_Entry], staged: dict) -> None:
+        """Write the staged state of a completed step and advance the step counters."""
+        for e in active:
+            st = self.state[e.param]
+            for k, v in staged.get(e.index, {}).items():
+                if v is None:  # staged removal
+                    st.pop(k, None)
+                else:
+                    st[k] = v
+            st["step"] = st.get("step", 0) + 1
 
     # Hooks for engines whose parameters are not plain replicated tensors (ZeRO-3):
     @staticmethod
@@ -270,7 +472,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _apply_matrix_update(param: Tensor, delta: Tensor, decay: float) -> None:
-        """``W ← W·(1 − decay) − delta`` in fp32, rounded once into ``param``'s dtype."""
+        """``W ← W·(1 − decay) − delta`` in fp32, rounded once into ``param``'s dtype (this rank's piece)."""
+        param = local(param)
         if param.dtype == torch.float32:
             if decay:
                 param.mul_(1.0 - decay)
@@ -285,24 +488,47 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def _state_dict_with(self, meta: dict) -> dict:
         """``state`` (cloned, by parameter index), ``param_groups`` (params as indices), and the
-        optimizer's section: ``meta`` followed by ``world_size``, ``rank``, ``ownership``, ``modes``."""
+        optimizer's section: ``meta`` followed by ``world_size``, ``rank``, ``ownership``, ``modes``.
+
+        Under FSDP2 every state tensor sharded like the weight is returned as a ``DTensor``
+        (:meth:`_export_state`), so ``torch.distributed.checkpoint`` saves and reshards it.
+        """
         meta = {
             **meta,
             "world_size": self._distributor.world_size,
             "rank": self._distributor.rank,
             "ownership": self.ownership(),
             "modes": [e.mode for e in self._entries],
+            "skipped_steps": self.skipped_steps,
         }
         state = {}
         for e in self._entries:
             st = self.state.get(e.param)
             if st:
-                state[e.index] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+                state[e.index] = {k: self._export_state(e, k, v) for k, v in st.items()}
         groups = []
         for g in self.param_groups:
             groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"})
             groups[-1]["params"] = [self._index_of(p) for p in g["params"]]
         return {"state": state, "param_groups": groups, self._state_section: meta}
+
+    def _export_state(self, e: _Entry, key: str, v: Any) -> Any:
+        """A state value as saved: a clone; a ``DTensor`` for FSDP2 shards (see :meth:`_state_sharding`)."""
+        if not torch.is_tensor(v):
+            return v
+        v = v.clone()
+        if e.case == FSDP_ROWS:
+            layout = self._state_sharding(e, key)
+            if layout is not None:
+                shape, dim = layout
+                return wrap_like(e.param, v, shape, dim)
+        return v
+
+    def _state_sharding(self, e: _Entry, key: str) -> Optional[tuple[tuple, int]]:
+        """``(global shape, shard dim)`` of an FSDP2 state tensor, ``None`` if replicated."""
+        if not e.lowrank and key in ("exp_avg", "exp_avg_sq"):
+            return e.shape, 0
+        return None
 
     def _index_of(self, p: Tensor) -> int:
         for e in self._entries:
@@ -310,43 +536,92 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 return e.index
         raise KeyError("parameter not managed by this optimizer")
 
-    def _check_saved_groups(self, state_dict: dict, keys: tuple[str, ...]) -> tuple[dict, list]:
-        """Checks the optimizer's section format, group count and sizes, and ``keys`` of every group."""
+    def _check_saved_groups(self, state_dict: dict, keys: tuple[str, ...]) -> tuple[Optional[dict], list]:
+        """Checks the optimizer's section format, group count and sizes, and ``keys`` of every group.
+
+        The section may be missing only when every entry's state is symmetric across ranks
+        (FSDP2), since ``torch.distributed.checkpoint.state_dict`` keeps only ``state`` and
+        ``param_groups``.
+        """
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("Invalid state_dict: expected a mapping with 'state' and 'param_groups'")
         meta = state_dict.get(self._state_section)
-        if not isinstance(meta, dict) or meta.get("format") != self._state_format:
+        symmetric = bool(self._entries) and all(e.case == FSDP_ROWS for e in self._entries)
+        if meta is None and symmetric:
+            pass
+        elif not isinstance(meta, dict) or meta.get("format") != self._state_format:
             raise ValueError(f"Invalid optimizer state_dict: missing or unknown {self._state_section!r} section")
         groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"Invalid state_dict: {len(groups)} param groups, optimizer has {len(self.param_groups)}")
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            n = len(groups) if isinstance(groups, list) else type(groups).__name__
+            raise ValueError(f"Invalid state_dict: {n} param groups, optimizer has {len(self.param_groups)}")
         for i, (saved, mine) in enumerate(zip(groups, self.param_groups)):
-            if len(saved["params"]) != len(mine["params"]):
-                raise ValueError(
-                    f"Invalid state_dict: group {i} has {len(saved['params'])} params, optimizer has {len(mine['params'])}"
-                )
+            if not isinstance(saved, dict) or len(saved.get("params", ())) != len(mine["params"]):
+                n = len(saved.get("params", ())) if isinstance(saved, dict) else "?"
+                raise ValueError(f"Invalid state_dict: group {i} has {n} params, optimizer has {len(mine['params'])}")
             for key in keys:
                 if saved.get(key) != mine.get(key):
                     raise ValueError(f"Invalid state_dict: group {i} {key}={saved.get(key)!r}, optimizer has {mine.get(key)!r}")
+            self._check_saved_hyperparameters(i, saved)
         return meta, groups
 
-    def _check_saved_modes(self, meta: dict) -> None:
-        if meta["modes"] != [e.mode for e in self._entries]:
+    def _check_saved_hyperparameters(self, i: int, saved: dict) -> None:
+        """Every hyperparameter that :meth:`_install_state` would install is validated first."""
+        trial = dict(self.param_groups[i])
+        for k, v in saved.items():
+            if k in ("params", "names"):
+                continue
+            if k not in trial:
+                raise ValueError(f"Invalid state_dict: group {i} has unknown hyperparameter {k!r}")
+            trial[k] = tuple(v) if k == "betas" and isinstance(v, list) else v
+        try:
+            validate_adam_options(lr=trial["lr"], betas=trial["betas"], eps=trial["eps"], weight_decay=trial["weight_decay"])
+            self._validate_group(trial)
+        except ValueError as err:
+            raise ValueError(f"Invalid state_dict: group {i}: {err}") from None
+
+    def _check_saved_modes(self, meta: Optional[dict]) -> None:
+        if meta is not None and meta["modes"] != [e.mode for e in self._entries]:
             raise ValueError("Invalid state_dict: matrix modes differ from this optimizer's")
 
-    def _load_entry_states(self, saved_state: dict, prepare: Callable[[_Entry, dict], dict]) -> dict:
-        """New ``state`` (by parameter): each saved entry through ``prepare`` (check/filter), fp32 on the param's device."""
+    def _saved_entry_states(self, state_dict: dict) -> dict:
+        """Saved per-parameter states keyed by entry index.
+
+        Saved states are keyed by whatever ``param_groups[i]["params"]`` lists (indices from
+        :meth:`state_dict`, fully qualified names from ``torch.distributed.checkpoint``) and
+        matched to this optimizer's parameters by position, as ``torch.optim`` does.
+        """
+        saved_state = state_dict["state"]
+        out = {}
+        position = 0
+        for saved, mine in zip(state_dict["param_groups"], self.param_groups):
+            for key in saved["params"]:
+                if key in saved_state:
+                    out[self._entries[position].index] = saved_state[key]
+                position += 1
+        unknown = set(saved_state) - {k for g in state_dict["param_groups"] for k in g["params"]}
+        if unknown:
+            raise ValueError(f"Invalid state_dict: state for parameters {sorted(map(str, unknown))[:5]} not in any group")
+        return out
+
+    def _load_entry_states(self, state_dict: dict, prepare: Callable[[_Entry, dict], dict]) -> dict:
+        """New ``state`` (by parameter): each saved entry made local, checked by ``prepare``, fp32 on the device."""
+        saved = self._saved_entry_states(state_dict)
         new_state: dict = {}
         for e in self._entries:
-            st = saved_state.get(e.index)
+            st = saved.get(e.index)
             if st is None:
                 continue
-            st = prepare(e, dict(st))
+            if not isinstance(st, dict):
+                raise ValueError(f"Invalid state_dict: state of {e.name} is a {type(st).__name__}, expected a mapping")
+            st = prepare(e, {k: (local(v) if is_dtensor(v) else v) for k, v in st.items()})
+            device = local(e.param).device
             new_state[e.param] = {
-                k: (v.to(device=e.param.device, dtype=torch.float32).clone() if torch.is_tensor(v) else v)
-                for k, v in st.items()
+                k: (v.to(device=device, dtype=torch.float32).clone() if torch.is_tensor(v) else v) for k, v in st.items()
             }
         return new_state
 
-    def _install_state(self, new_state: dict, groups: list) -> None:
+    def _install_state(self, new_state: dict, groups: list, meta: Optional[dict] = None) -> None:
         """Replace group hyperparameters (but ``params``/``names``) and the whole state."""
         for g, saved in zip(self.param_groups, groups):
             for k, v in saved.items():
@@ -356,12 +631,16 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self.state.clear()
         for p, st in new_state.items():
             self.state[p] = st
+        if meta is not None:
+            self.skipped_steps = int(meta.get("skipped_steps", 0))
 
     @staticmethod
     def _check_state_tensors(e: _Entry, st: dict, expect: dict, ints: tuple[str, ...]) -> None:
-        """Every key but ``ints`` is expected, a tensor of the expected shape, and finite."""
+        """Every key but ``ints`` is expected, a tensor of the expected shape, and finite; ``ints`` are ints >= 0."""
         for key, t in st.items():
             if key in ints:
+                if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                    raise ValueError(f"Invalid state_dict: {e.name} {key}={t!r}")
                 continue
             if key not in expect:
                 raise ValueError(f"Invalid state_dict: unexpected key {key!r} for {e.name}")

@@ -28,11 +28,13 @@ class Distributor(Protocol):
     def assign_owners(self, costs: Sequence[float], state_bytes: Sequence[int]) -> list[int]:
         """Deterministic owner rank for each item."""
 
-    def any_true(self, flags: Sequence[bool]) -> list[bool]:
-        """Element-wise OR of ``flags`` over ranks."""
+    def any_true(self, flags: Sequence[bool], tag: str = "grad_flags") -> list[bool]:
+        """Element-wise OR of ``flags`` over every rank that takes part in the step."""
 
-    def reduce_to_owners(self, tensors: Sequence[Tensor], owners: Sequence[int], tag: str) -> list[Optional[Tensor]]:
-        """Mean over ranks of each tensor, delivered to its owner only (``None`` elsewhere)."""
+    def reduce_to_owners(
+        self, tensors: Sequence[Tensor], owners: Sequence[int], tag: str, *, mean: bool = True
+    ) -> list[Optional[Tensor]]:
+        """Mean (or sum) over ranks of each tensor, delivered to its owner only (``None`` elsewhere)."""
 
     def gather_from_owners(
         self, tensors: Sequence[Optional[Tensor]], shapes: Sequence[tuple], owners: Sequence[int], tag: str
@@ -40,7 +42,10 @@ class Distributor(Protocol):
         """Every rank receives every tensor from its owner (owners pass the tensor, others ``None``)."""
 
     def sum_scalar(self, value: float, tag: str) -> float:
-        """Sum of a float over ranks."""
+        """Sum of a float over the ranks that hold disjoint pieces of the state."""
+
+    def agree_error(self, message: Optional[str], tag: str) -> Optional[str]:
+        """``None`` if no rank failed, else the first failing rank's message (same on every rank)."""
 
     def end_step(self) -> None:
         """Marks the end of an optimizer step (``comm_stats()["last_step"]`` is then that step)."""
@@ -58,10 +63,12 @@ class LocalDistributor:
     def assign_owners(self, costs: Sequence[float], state_bytes: Sequence[int]) -> list[int]:
         return [0] * len(costs)
 
-    def any_true(self, flags: Sequence[bool]) -> list[bool]:
+    def any_true(self, flags: Sequence[bool], tag: str = "grad_flags") -> list[bool]:
         return list(flags)
 
-    def reduce_to_owners(self, tensors: Sequence[Tensor], owners: Sequence[int], tag: str) -> list[Optional[Tensor]]:
+    def reduce_to_owners(
+        self, tensors: Sequence[Tensor], owners: Sequence[int], tag: str, *, mean: bool = True
+    ) -> list[Optional[Tensor]]:
         return list(tensors)
 
     def gather_from_owners(
@@ -71,6 +78,9 @@ class LocalDistributor:
 
     def sum_scalar(self, value: float, tag: str) -> float:
         return value
+
+    def agree_error(self, message: Optional[str], tag: str) -> Optional[str]:
+        return message
 
     def end_step(self) -> None:
         pass

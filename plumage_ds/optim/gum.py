@@ -44,8 +44,9 @@ from torch import Tensor
 
 from ..config import validate_lowrank_options
 from ..estimators import galore_projection, orient, sample_layers, sampler_generator
-from .base import MatrixOptimizer, _Entry
+from .base import CollectiveStepError, MatrixOptimizer, _Entry
 from .distributor import Distributor, LocalDistributor
+from .sharding import REPLICATED
 
 LAYER_DRAW_ID = 2**31 - 1
 """The ``matrix_id`` slot of :func:`sampler_generator` used for the layer draw."""
@@ -176,6 +177,7 @@ class GUM(MatrixOptimizer):
     _state_section = "gum"
     _state_format = _STATE_FORMAT
     _projector_keys = ("P",)
+    _supported_cases = (REPLICATED,)
 
     def __init__(
         self,
@@ -354,13 +356,18 @@ class GUM(MatrixOptimizer):
         q = self.q
         mask = self.drawn_mask(k)
         grad32 = self._grad32
+        staged: dict[int, dict] = {}
 
-        # -- phase 1: period start: projectors, momentum reset ---------------------
+        def current(e: _GumEntry, key: str) -> Optional[Tensor]:
+            new = staged.get(e.index, {})
+            return new[key] if key in new else self.state.get(e.param, {}).get(key)
+
+        # -- phase 1: period start: projectors, momentum reset (staged) --------------
         # A target refreshes when its state belongs to an earlier period: at the
         # boundary step, or at its first step with a gradient within the period.
-        refresh = [e for e in targets if self.state[e.param].get("period") != k]
+        refresh = [e for e in targets if self.state.get(e.param, {}).get("period") != k]
         if refresh:
-            self._refresh(refresh, k, q, mask, grad32)
+            self._refresh(refresh, k, q, mask, grad32, staged)
 
         # -- phase 2: branch inputs to owners --------------------------------------
         # Drawn (and q == 1): the full oriented gradient, the residual is formed on
@@ -371,70 +378,81 @@ class GUM(MatrixOptimizer):
             if bool(mask[e.target]):
                 local.append(G_o)
             else:
-                local.append(self.state[e.param]["P"].mT @ G_o)  # (r, l)
+                local.append(current(e, "P").mT @ G_o)  # (r, l)
         reduced = dist.reduce_to_owners(local, [e.owner for e in targets], "gum_grad")
         g_owned = dist.reduce_to_owners([grad32(e) for e in dense], [e.owner for e in dense], "dense_grad")
 
-        # -- phase 3: Muon on owners (targets), AdamW on owners (others) ------------
+        # -- phase 3: Muon on owners (targets), AdamW on owners (others), out of place --
         O_out: list[Optional[Tensor]] = []
         for e, Y in zip(targets, reduced):
-            st = self.state[e.param]
-            st["step"] += 1
             if Y is None:
                 O_out.append(None)
                 continue
             g = e.group
             drawn = bool(mask[e.target])
             if drawn:
-                X = gum_input(Y, st.get("P"), True, q)
+                X = gum_input(Y, current(e, "P"), True, q)
             else:
                 X = Y / (1.0 - q)  # == gum_input(G_o, P, False, q) for the averaged G_o
-            M = st["momentum_buffer"]
             mu = g["momentum"]
-            M.mul_(mu).add_(X)
+            M = current(e, "momentum_buffer").mul(mu).add_(X)
+            staged.setdefault(e.index, {})["momentum_buffer"] = M
             U = X.add(M, alpha=mu) if g["nesterov"] else M
             O = newton_schulz5(U)
             O.mul_(update_coefficient(g["lr"], g["scale"], e.param.shape))
             O_out.append(O)
-        new_dense = self._dense_adamw(dense, g_owned)
+        new_dense = self._dense_adamw(dense, g_owned, 1.0, staged)
 
-        # -- phase 4: updates to every rank, applied locally -----------------------
+        # -- phase 4: updates to every rank, then commit ---------------------------
         shapes = [(e.s, e.l) if bool(mask[e.target]) else (e.r, e.l) for e in targets]
         O_all = dist.gather_from_owners(O_out, shapes, [e.owner for e in targets], "gum_update")
         W_all = dist.gather_from_owners(new_dense, [tuple(e.param.shape) for e in dense], [e.owner for e in dense], "dense_update")
-        for e, O in zip(targets, O_all):
-            delta = orient(lift(O, self.state[e.param].get("P"), bool(mask[e.target])), e.left)
+        deltas = [orient(lift(O, current(e, "P"), bool(mask[e.target])), e.left) for e, O in zip(targets, O_all)]
+        self._commit(targets + dense, staged)
+        for e, delta in zip(targets, deltas):
             self._apply_matrix_update(e.param, delta, e.group["lr"] * e.group["weight_decay"])
         for e, W in zip(dense, W_all):
             e.param.copy_(W)
         self._step += 1
 
-    def _refresh(self, refresh: list[_GumEntry], k: int, q: float, mask: Tensor, grad32) -> None:
-        """Start period ``k`` for ``refresh``: GaLore ``P`` (unless ``q == 1``), zero momentum.
+    def _refresh(self, refresh: list[_GumEntry], k: int, q: float, mask: Tensor, grad32, staged: dict) -> None:
+        """Stage period ``k`` for ``refresh``: GaLore ``P`` (unless ``q == 1``), zero momentum.
 
         The previous period's buffers are replaced, so full-size momentum exists
         only for this period's drawn targets. Collectives: full gradients to owners
-        (``refresh_grad``), ``P`` from owners to everyone (``projector``).
+        (``refresh_grad``), ``P`` from owners to everyone (``projector``). A failed SVD on
+        any owner raises :class:`~plumage_ds.optim.base.CollectiveStepError` on every rank.
         """
         dist = self._distributor
         me = dist.rank
         need_p = [e for e in refresh if q < 1.0]
         full = dist.reduce_to_owners([grad32(e) for e in need_p], [e.owner for e in need_p], "refresh_grad")
         mine: list[Optional[Tensor]] = []
+        error = None
         for e, G in zip(need_p, full):
-            mine.append(None if G is None else galore_projection(G, e.r, svd_method=e.group["svd_method"]).P)
+            if G is None:
+                mine.append(None)
+                continue
+            try:
+                mine.append(galore_projection(G, e.r, svd_method=e.group["svd_method"]).P)
+            except Exception as err:  # noqa: BLE001 - agreed on below, raised on every rank
+                error = error or f"refresh of {e.name!r} failed: {type(err).__name__}: {err}"
+                mine.append(torch.zeros(e.s, e.r, device=G.device))
         got = dist.gather_from_owners(mine, [(e.s, e.r) for e in need_p], [e.owner for e in need_p], "projector")
+        error = dist.agree_error(error, "refresh")
+        if error is not None:
+            raise CollectiveStepError(f"GUM step failed ({error}); parameters and optimizer state are unchanged")
         P_by_index = {e.index: P for e, P in zip(need_p, got)}
         for e in refresh:
-            st = self.state[e.param]
-            st.pop("momentum_buffer", None)
-            st.pop("P", None)
+            new = staged.setdefault(e.index, {})
+            new["P"] = None  # dropped unless this period has one
+            new["momentum_buffer"] = None
             if e.index in P_by_index:
-                st["P"] = P_by_index[e.index].to(device=e.param.device, dtype=torch.float32).contiguous()
+                new["P"] = P_by_index[e.index].to(device=e.param.device, dtype=torch.float32).contiguous()
             if e.owner == me:
                 shape = (e.s, e.l) if bool(mask[e.target]) else (e.r, e.l)
-                st["momentum_buffer"] = torch.zeros(shape, dtype=torch.float32, device=e.param.device)
-            st["period"] = k
+                new["momentum_buffer"] = torch.zeros(shape, dtype=torch.float32, device=e.param.device)
+            new["period"] = k
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -479,7 +497,7 @@ class GUM(MatrixOptimizer):
             self._check_entry_state(e, st, step)
             return st
 
-        self._install_state(self._load_entry_states(state_dict["state"], prepare), groups)
+        self._install_state(self._load_entry_states(state_dict, prepare), groups, meta)
         self._step = step
         self._mask_cache = None
 

@@ -1,26 +1,40 @@
 """``PlumageAdamW``: Adam on one-sided low-rank projections of target matrices.
 
-For each target matrix ``W`` (``m × n``, oriented to ``(s, l)`` with the short
-side first, see :mod:`plumage_ds.estimators.spectral`):
+For each target matrix ``W`` (``m × n``, oriented to ``(s, l)`` with the short side first, see
+:mod:`plumage_ds.estimators.spectral`):
 
-* every ``τ = update_interval`` steps (refresh), the owner builds ``P``  # (s, r)
-  and ``d``  # (r,) from the averaged gradient (PLUMAGE: SVD → min-variance
-  probabilities → systematic sample; GaLore: top-r; Haar: random orthonormal,
-  no gradient needed) and, if ``realign``, maps its moments into the new basis
-  (``M ← BM``, ``V ← (B∘B)V``, ``B = P_newᵀ P_old``);
-* every step: ``R = Pᵀ G_o``  # (r, l) (times ``D⁻¹`` for ``dinv_placement="coords"``),
-  Adam on ``R`` gives ``N``  # (r, l) (times ``D⁻¹`` for ``"lift"``), and
+* every ``τ = update_interval`` steps (refresh), one rank (the matrix's *owner*) builds ``P``
+  # (s, r) and ``d``  # (r,) from the averaged gradient (PLUMAGE: SVD → min-variance
+  probabilities → systematic sample; GaLore: top-r; Haar: random orthonormal, no gradient
+  needed) and, if ``realign``, the moments move to the new basis (``M ← BM``,
+  ``V ← (B∘B)V``, ``B = P_newᵀ P_old``);
+* every step: ``R = Pᵀ G_o``  # (r, l) (times ``D⁻¹`` for ``dinv_placement="coords"``), Adam on
+  ``R`` gives ``N``  # (r, l) (times ``D⁻¹`` for ``"lift"``), and
   ``W ← W·(1 − lr·wd) − step_size·scale·P N``.
 
-Everything else (1-D parameters, groups with ``lowrank=False``, matrices whose
-``rank >= s``) gets AdamW with the same arithmetic (:mod:`plumage_ds.optim.adam`).
+Everything else (1-D parameters, groups with ``lowrank=False``, matrices whose ``rank >= s``)
+gets AdamW with the same arithmetic (:mod:`plumage_ds.optim.adam`).
 
-The step is written as phases over lists so that a distributor
-(:mod:`plumage_ds.optim.distributor`) decides where each tensor lives: the
-single-process :class:`LocalDistributor` (default) or the sharded data-parallel
-strategy of :mod:`plumage_ds.distributed`. Sampling uses a generator seeded from
-``(seed, matrix_id, refresh_index)``, so the draw is the same on every rank and
-every world size, and resuming needs no RNG state beyond the step counters.
+The math is written once; where each piece lives depends on the parameter's sharding case
+(:mod:`plumage_ds.optim.sharding`), and each case has its own projection/lift functions on
+this rank's local views:
+
+* ``*_replicated`` (plain tensors; ZeRO-3 chunks reuse them): every rank holds ``P``; the
+  owner holds ``M, V`` ``(r, l)``; ``R_k = Pᵀ G_k`` is reduced to the owner and ``N`` gathered
+  back (:class:`LocalDistributor`: all on one process);
+* ``*_fsdp`` (FSDP2 rows ``W_k``, ``G_k``): left projection (``m <= n``): ``P_k`` = this rank's
+  rows of ``P``, ``Σ_k P_kᵀ G_k`` reduce-scattered by columns, ``M, V`` ``(r, n/S)``, ``N``
+  all-gathered, ``ΔW_k = P_k N``; right projection (``m > n``): ``R_k = (G_k P)ᵀ`` is local,
+  ``M, V`` ``(r, m_k)`` follow the weight's rows, ``ΔW_k = (P N_k)ᵀ``; ``P`` ``(n, r)`` row-sharded
+  and all-gathered each step (``right_projectors="sharded"``) or kept whole on every rank
+  (``"replicated"``: no optimizer communication on ordinary steps). Compressed HSDP averages
+  ``R`` (not ``G``) across replicas.
+
+A step is atomic: new ``P, d, M, V`` and weights are staged and committed after the step's
+last collective; a refresh failure on any rank raises :class:`CollectiveStepError` on every
+rank with nothing changed. Sampling uses a generator seeded from
+``(seed, matrix_id, refresh_index)``: the same draw on every rank and world size, and resuming
+needs no RNG state beyond the step counters.
 """
 
 from __future__ import annotations
@@ -32,23 +46,202 @@ import torch
 from torch import Tensor
 
 from ..config import validate_lowrank_options
-from ..estimators import build_projection, haar_projection, realign_moments, realignment, sampler_generator
-from .adam import adam_direction, adam_step_size, adam_update_moments, zeros_state
-from .base import MatrixOptimizer, _Entry
+from ..estimators import (
+    build_projection,
+    deorient,
+    gram_basis,
+    haar_projection,
+    orient,
+    projection_from_basis,
+    realign_moments,
+    realignment,
+    sampler_generator,
+)
+from .adam import adam_direction, adam_moments, adam_step_size
+from .base import CollectiveStepError, MatrixOptimizer, _Entry
 from .distributor import Distributor
+from .sharding import FSDP_ROWS, REPLICATED, ZERO3_FLAT, chunk_bounds, local
 
 _LOWRANK_KEYS = (
     "rank", "update_interval", "estimator", "scale", "dinv_placement", "realign", "svd_method", "uniform_mix"
 )
 _STATE_FORMAT = 1
+RIGHT_PROJECTORS = ("sharded", "replicated")
 
 
 def _default_realign(estimator: str) -> bool:
     return estimator in ("plumage", "haar")
 
 
+# ============================================================================ replicated case
+# Every rank holds the whole weight and P (s, r); the owner holds M, V (r, l).
+
+
+def _projectors_replicated(dist, entries: list[_Entry], P_local: list[Tensor]) -> list[Tensor]:
+    """The ``P`` each rank projects with: its own (whole) copy."""
+    return P_local
+
+
+def _compress_replicated(dist, entries, grads, P_use, averaged) -> list[Optional[Tensor]]:
+    """``R̄ = mean_k Pᵀ G_k``  # (r, l), on the owner (one reduce-scatter over owner segments)."""
+    R = [P.mT @ orient(G, e.left) for e, G, P in zip(entries, grads, P_use)]
+    return dist.reduce_to_owners(R, [e.owner for e in entries], "lowrank_grad")
+
+
+def _lift_replicated(dist, entries, N_owned, P_use) -> list[Tensor]:
+    """``ΔW = deorient(P N)``  # (m, n) on every rank, ``N`` all-gathered from the owners."""
+    N_all = dist.gather_from_owners(N_owned, [(e.r, e.l) for e in entries], [e.owner for e in entries], "lowrank_update")
+    return [deorient(P @ N, e.left) for e, N, P in zip(entries, N_all, P_use)]
+
+
+def _reduce_dense_replicated(dist, entries, grads) -> list[Optional[Tensor]]:
+    return dist.reduce_to_owners(grads, [e.owner for e in entries], "dense_grad")
+
+
+def _gather_dense_replicated(dist, entries, new_W) -> list[Tensor]:
+    return dist.gather_from_owners(new_W, [e.shape for e in entries], [e.owner for e in entries], "dense_update")
+
+
+def _refresh_basis_replicated(dist, entries, grads) -> list[Optional[tuple]]:
+    """Owner: ``("grad", G)`` with the averaged full gradient (``refresh_grad``); ``None`` elsewhere."""
+    full = dist.reduce_to_owners(grads, [e.owner for e in entries], "refresh_grad")
+    return [None if G is None else ("grad", G) for G in full]
+
+
+def _share_projectors_replicated(dist, entries, new_on_owner) -> list[tuple[Tensor, Tensor]]:
+    """Every rank receives the owner's whole ``[P, d]`` (one all-gather over owner segments)."""
+    packed = [None if x is None else torch.cat([x[0].reshape(-1), x[1]]) for x in new_on_owner]
+    got = dist.gather_from_owners(packed, [(e.s * e.r + e.r,) for e in entries], [e.owner for e in entries], "projector")
+    return [(f[: e.s * e.r].reshape(e.s, e.r).clone(), f[e.s * e.r :].clone()) for e, f in zip(entries, got)]
+
+
+def _realignment_replicated(dist, entries, P_new, P_old) -> list[Optional[Tensor]]:
+    """``B = P_newᵀ P_old``  # (r, r), on the owner (the only rank with moments)."""
+    return [realignment(Pn, Po) if e.owner == dist.rank else None for e, Pn, Po in zip(entries, P_new, P_old)]
+
+
+# ============================================================================ FSDP2 rows case
+# This rank holds rows W_k, G_k; P rows e.p_rows; M, V columns e.cols of (r, l).
+
+
+def _projectors_fsdp(dist, entries, P_local) -> list[Tensor]:
+    """Left: this rank's rows ``P_k``; right: the whole ``P`` (all-gathered when row-sharded)."""
+    gather = [i for i, e in enumerate(entries) if not e.left and e.p_rows != (0, e.s)]
+    full = dist.all_gather_rows([P_local[i] for i in gather], [entries[i].s for i in gather], "projector_gather")
+    out = list(P_local)
+    for i, P in zip(gather, full):
+        out[i] = P
+    return out
+
+
+def _compress_fsdp(dist, entries, grads, P_use, averaged) -> list[Tensor]:
+    """This rank's columns of ``R̄ = Pᵀ G_o`` (averaged across replicas under compressed HSDP).
+
+    Left: ``Σ_k P_kᵀ G_k`` reduce-scattered by columns ``(r, n/S)``. Right: ``(G_k P)ᵀ``
+    ``(r, m_k)`` is already this rank's columns. Collectives: one reduce-scatter (shard group),
+    one all-reduce of the compressed pieces (replicate group).
+    """
+    left = [i for i, e in enumerate(entries) if e.left]
+    R: list = [None] * len(entries)
+    for i, part in zip(left, dist.reduce_scatter_cols([P_use[i].mT @ grads[i] for i in left], "lowrank_grad")):
+        R[i] = part
+    for i, e in enumerate(entries):
+        if not e.left:
+            R[i] = (grads[i] @ P_use[i]).mT  # (r, m_k)
+    sync = [i for i in range(len(entries)) if not averaged[i]]
+    for i, t in zip(sync, dist.replica_mean([R[i] for i in sync], "lowrank_grad")):
+        R[i] = t
+    return R
+
+
+def _lift_fsdp(dist, entries, N_owned, P_use) -> list[Tensor]:
+    """``ΔW_k``  # (m_k, n): left ``P_k N`` (``N`` all-gathered by columns), right ``(P N_k)ᵀ``."""
+    left = [i for i, e in enumerate(entries) if e.left]
+    N_full = dist.all_gather_cols([N_owned[i] for i in left], [entries[i].l for i in left], "lowrank_update")
+    delta: list = [None] * len(entries)
+    for i, N in zip(left, N_full):
+        delta[i] = P_use[i] @ N
+    for i, e in enumerate(entries):
+        if not e.left:
+            delta[i] = (P_use[i] @ N_owned[i]).mT
+    return delta
+
+
+def _reduce_dense_fsdp(dist, entries, grads) -> list[Tensor]:
+    return dist.replica_mean(grads, "dense_grad")
+
+
+def _gather_dense_fsdp(dist, entries, new_W) -> list[Tensor]:
+    return new_W
+
+
+def _refresh_basis_fsdp(dist, entries, grads) -> list[Optional[tuple]]:
+    """Owner: ``("gram", G_oG_oᵀ)`` for right projections with the Gram route (Gram matrices of
+    the row shards summed, float64), else ``("grad", G)`` (rows gathered, one all-to-all)."""
+    gram = [i for i, e in enumerate(entries) if not e.left and e.group["svd_method"] == "gram"]
+    rows = [i for i in range(len(entries)) if i not in set(gram)]
+    out: list = [None] * len(entries)
+    G64 = [grads[i].double() for i in gram]
+    owners = [entries[i].owner for i in gram]
+    for i, S in zip(gram, dist.reduce_to_owners([G.mT @ G for G in G64], owners, "refresh_gram", mean=False)):
+        out[i] = None if S is None else ("gram", S)
+    full = dist.gather_rows_to_owners([grads[i] for i in rows], [entries[i].shape[0] for i in rows],
+                                      [entries[i].owner for i in rows], "refresh_grad")
+    for i, G in zip(rows, full):
+        out[i] = None if G is None else ("grad", G)
+    return out
+
+
+def _share_projectors_fsdp(dist, entries, new_on_owner) -> list[tuple[Tensor, Tensor]]:
+    """Each rank receives its rows of the owner's ``P`` and the whole ``d`` (one all-to-all)."""
+    W = dist.world_size
+    bounds = [[_p_rows(e, k, W) for k in range(W)] for e in entries]
+    return dist.scatter_rows_from_owners(
+        [None if x is None else x[0] for x in new_on_owner],
+        [None if x is None else x[1] for x in new_on_owner],
+        bounds, [(e.s, e.r) for e in entries], [e.owner for e in entries], "projector",
+    )
+
+
+def _realignment_fsdp(dist, entries, P_new, P_old) -> list[Tensor]:
+    """``B = Σ_k P_new,kᵀ P_old,k``  # (r, r): summed over the shard group where ``P`` is row-sharded."""
+    B = [Pn.mT @ Po for Pn, Po in zip(P_new, P_old)]
+    split = [i for i, e in enumerate(entries) if e.p_rows != (0, e.s)]
+    for i, t in zip(split, dist.all_reduce_sum([B[i] for i in split], "realign")):
+        B[i] = t
+    return B
+
+
+def _p_rows(e: _Entry, k: int, S: int) -> tuple[int, int]:
+    """Rows of ``P`` held by shard rank ``k`` (the weight's rows for left projections)."""
+    if e.p_rows == (0, e.s) and not e.left:  # right projector kept whole on every rank
+        return (0, e.s)
+    return chunk_bounds(e.s, S, k)
+
+
+_CASES = {
+    REPLICATED: dict(
+        projectors=_projectors_replicated, compress=_compress_replicated, lift=_lift_replicated,
+        reduce_dense=_reduce_dense_replicated, gather_dense=_gather_dense_replicated,
+        refresh_basis=_refresh_basis_replicated, share_projectors=_share_projectors_replicated,
+        realignment=_realignment_replicated,
+    ),
+    FSDP_ROWS: dict(
+        projectors=_projectors_fsdp, compress=_compress_fsdp, lift=_lift_fsdp,
+        reduce_dense=_reduce_dense_fsdp, gather_dense=_gather_dense_fsdp,
+        refresh_basis=_refresh_basis_fsdp, share_projectors=_share_projectors_fsdp,
+        realignment=_realignment_fsdp,
+    ),
+}
+_CASES[ZERO3_FLAT] = _CASES[REPLICATED]  # full local gradients; ΔW lands on this rank's flat chunk
+
+
 class PlumageAdamW(MatrixOptimizer):
     """AdamW with PLUMAGE / GaLore / Haar–Stiefel low-rank projection of target matrices.
+
+    Works like ``torch.optim.AdamW``: build it on ``model.parameters()`` (or groups, e.g. from
+    :func:`~plumage_ds.optim.lowrank_param_groups`) — after ``fully_shard`` under FSDP2, where
+    the state is then sharded like the weights.
 
     Args:
         params: parameters or groups. A group may set ``lowrank`` (bool) and any
@@ -75,13 +268,24 @@ class PlumageAdamW(MatrixOptimizer):
         max_grad_norm: if > 0, clip by the global norm of what the optimizer
             uses: ``sqrt(Σ_targets ‖R̄‖² + Σ_others ‖ḡ‖²)`` with ``R̄`` the
             (averaged) projected gradient and ``ḡ`` the averaged dense gradient.
-        distributor: where state lives (default: this process owns everything).
+        nonfinite: ``"skip"`` (default: a step whose gradients hold NaN/Inf on any rank is
+            skipped on every rank and counted in ``skipped_steps``) or ``"raise"``.
+        right_projectors: FSDP2 only, right-projected matrices (``m > n``): ``"sharded"``
+            (default: ``P`` ``(n, r)`` row-sharded, state per rank ~1/S, one all-gather of ``P``
+            per step) or ``"replicated"`` (whole ``P`` on every rank, no optimizer
+            communication on ordinary steps).
+        replicate_group: FSDP2 only: compressed HSDP. ``fully_shard`` ran on the shard
+            sub-mesh; the optimizer averages across this group itself, target matrices as
+            their ``r × l`` projections.
+        distributor: where state lives for plain tensors (default: this process owns
+            everything; see :class:`~plumage_ds.distributed.ShardedPlumageAdamW`).
     """
 
     _display_name = "PlumageAdamW"
     _state_section = "plumage"
     _state_format = _STATE_FORMAT
     _projector_keys = ("P", "d")
+    _supported_cases = (REPLICATED, FSDP_ROWS, ZERO3_FLAT)
 
     def __init__(
         self,
@@ -102,21 +306,12 @@ class PlumageAdamW(MatrixOptimizer):
         seed: int = 0,
         strict: bool = False,
         max_grad_norm: float = 0.0,
+        nonfinite: str = "skip",
+        right_projectors: str = "sharded",
+        replicate_group=None,
         distributor: Optional[Distributor] = None,
     ) -> None:
         defaults = self._adam_defaults(lr, betas, eps, weight_decay)
-        validate_lowrank_options(
-            rank=rank,
-            update_interval=update_interval,
-            estimator=estimator,
-            scale=scale,
-            dinv_placement=dinv_placement,
-            svd_method=svd_method,
-            uniform_mix=uniform_mix,
-        )
-        self._check_seed(seed)
-        if not isinstance(max_grad_norm, (int, float)) or not max_grad_norm >= 0 or not math.isfinite(max_grad_norm):
-            raise ValueError(f"Invalid {max_grad_norm=}: must be a finite number >= 0 (0 disables clipping)")
         defaults.update(
             rank=rank,
             update_interval=update_interval,
@@ -128,22 +323,40 @@ class PlumageAdamW(MatrixOptimizer):
             uniform_mix=uniform_mix,
             lowrank=None,
         )
+        self._validate_group(defaults)
+        if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm >= 0 or not math.isfinite(max_grad_norm):
+            raise ValueError(f"Invalid {max_grad_norm=}: must be a finite number >= 0 (0 disables clipping)")
+        if right_projectors not in RIGHT_PROJECTORS:
+            raise ValueError(f"Invalid {right_projectors=}: must be one of {list(RIGHT_PROJECTORS)}")
         self.max_grad_norm = float(max_grad_norm)
+        self.right_projectors = right_projectors
         # Optional callable: this rank's share of the squared norm of gradients that
         # another optimizer applies (e.g. DeepSpeed's ZeRO partitions), so that one
         # global norm clips both; after step(), ``last_clip_coef`` is the factor used.
         self.external_grad_sq_norm = None
         self.last_clip_coef = 1.0
         self.last_grad_norm: Optional[float] = None
-        super().__init__(params, defaults, seed=seed, strict=strict, distributor=distributor)
+        super().__init__(
+            params, defaults, seed=seed, strict=strict, distributor=distributor, nonfinite=nonfinite,
+            replicate_group=replicate_group,
+        )
 
     # ------------------------------------------------------------------ setup
 
     def _validate_group(self, g: dict) -> None:
         validate_lowrank_options(**{k: g[k] for k in _LOWRANK_KEYS if k != "realign"})
+        if g["realign"] is not None and not isinstance(g["realign"], bool):
+            raise ValueError(f"Invalid realign={g['realign']!r}: must be True, False or None")
+        if g.get("lowrank") is not None and not isinstance(g["lowrank"], bool):
+            raise ValueError(f"Invalid lowrank={g['lowrank']!r}: must be True, False or None")
 
     def _target_mode(self, group: dict) -> str:
         return group["estimator"]
+
+    def _plan_fsdp_layout(self, e: _Entry, dist) -> None:
+        super()._plan_fsdp_layout(e, dist)
+        if not e.left and self.right_projectors == "replicated":
+            e.p_rows = (0, e.s)
 
     def _build_entries(self) -> None:
         entries = self._plan_entries()
@@ -157,39 +370,55 @@ class PlumageAdamW(MatrixOptimizer):
                     costs.append(svd_cost + 2.0 * e.r * e.l)
                     state_bytes.append(2 * e.r * e.l * 4)
                 else:
-                    costs.append(2.0 * e.param.numel())
-                    state_bytes.append(2 * e.param.numel() * 4)
+                    numel = int(torch.Size(e.shape).numel())
+                    costs.append(2.0 * numel)
+                    state_bytes.append(2 * numel * 4)
             for e, o in zip(category, self._distributor.assign_owners(costs, state_bytes)):
                 e.owner = o
         self._entries = entries
 
+    def _report_row(self, e: _Entry) -> dict:
+        row = super()._report_row(e)
+        if e.lowrank and e.case == FSDP_ROWS:
+            row["projector"] = "rows" if e.p_rows != (0, e.s) else "replicated"
+        return row
+
     # ------------------------------------------------------------------ step
+
+    def _case_ops(self) -> dict:
+        return _CASES[self._entries[0].case if self._entries else REPLICATED]
 
     def _run_step(self) -> None:
         dist = self._distributor
-        split = self._begin_step()
-        if split is None:
+        plan = self._begin_step()
+        if plan is None:
             return
-        lowrank, dense = split
-        grad32 = self._grad32
+        lowrank, dense = plan
+        ops = self._case_ops()
+        staged: dict[int, dict] = {}
+        grads = [self._grad32(e) for e in lowrank]
+        averaged = [False] * len(lowrank)  # this step's gradient already averaged across replicas
 
-        # -- phase 1: refresh projectors ------------------------------------------
-        refresh = [e for e in lowrank if self.state[e.param]["step"] % e.group["update_interval"] == 0]
+        # -- phase 1: refresh projectors (staged) ------------------------------------
+        refresh = [i for i, e in enumerate(lowrank) if self._step_of(e) % e.group["update_interval"] == 0]
         if refresh:
-            self._refresh(refresh, grad32)
+            self._refresh([lowrank[i] for i in refresh], [grads[i] for i in refresh], staged, ops)
+            for i in refresh:
+                if "G" in staged[lowrank[i].index]:
+                    grads[i] = staged[lowrank[i].index].pop("G")
+                    averaged[i] = True
 
-        # -- phase 2: compressed gradients (and dense ones) to owners -------------
-        R_local = []
-        for e in lowrank:
-            st = self.state[e.param]
-            G = grad32(e)
-            G_o = G if e.left else G.mT  # (s, l)
-            R = st["P"].mT @ G_o  # (r, l)
-            if e.group["dinv_placement"] == "coords":
-                R = R / st["d"][:, None]
-            R_local.append(R)
-        R_owned = dist.reduce_to_owners(R_local, [e.owner for e in lowrank], "lowrank_grad")
-        g_owned = dist.reduce_to_owners([grad32(e) for e in dense], [e.owner for e in dense], "dense_grad")
+        def current(e: _Entry, key: str) -> Tensor:
+            return staged.get(e.index, {}).get(key, self.state.get(e.param, {}).get(key))
+
+        # -- phase 2: compressed gradients (and dense ones) to their owners -----------
+        P_use = ops["projectors"](dist, lowrank, [current(e, "P") for e in lowrank])
+        R_owned = ops["compress"](dist, lowrank, grads, P_use, averaged)
+        R_owned = [
+            R / current(e, "d")[:, None] if R is not None and e.group["dinv_placement"] == "coords" else R
+            for e, R in zip(lowrank, R_owned)
+        ]
+        g_owned = ops["reduce_dense"](dist, dense, [self._grad32(e) for e in dense])
 
         # -- phase 3: clipping on what the optimizer uses -------------------------
         clip = 1.0
@@ -202,96 +431,146 @@ class PlumageAdamW(MatrixOptimizer):
             clip = min(1.0, self.max_grad_norm / (total_norm + 1e-6))
         self.last_clip_coef = clip
 
-        # -- phase 4: Adam on owners ---------------------------------------------
-        N_out: list[Optional[Tensor]] = []
+        # -- phase 4: Adam on the owned pieces (out of place) ----------------------
+        N_owned: list[Optional[Tensor]] = []
         for e, R in zip(lowrank, R_owned):
-            st = self.state[e.param]
-            st["step"] += 1
             if R is None:
-                N_out.append(None)
+                N_owned.append(None)
                 continue
             g = e.group
             beta1, beta2 = g["betas"]
             if clip != 1.0:
                 R = R * clip
-            adam_update_moments(st["exp_avg"], st["exp_avg_sq"], R, beta1, beta2)
-            N = adam_direction(st["exp_avg"], st["exp_avg_sq"], g["eps"])  # (r, l)
+            M, V = adam_moments(current(e, "exp_avg"), current(e, "exp_avg_sq"), R, beta1, beta2)
+            staged.setdefault(e.index, {}).update(exp_avg=M, exp_avg_sq=V)
+            N = adam_direction(M, V, g["eps"])  # (r, l_k)
             if g["dinv_placement"] == "lift":
-                N.div_(st["d"][:, None])
-            N.mul_(adam_step_size(g["lr"], st["step"], beta1, beta2) * g["scale"])
-            N_out.append(N)
-        new_dense = self._dense_adamw(dense, g_owned, clip)
+                N.div_(current(e, "d")[:, None])
+            step = self._step_of(e) + 1
+            N.mul_(adam_step_size(g["lr"], step, beta1, beta2) * g["scale"])
+            N_owned.append(N)
+        new_dense = self._dense_adamw(dense, g_owned, clip, staged)
 
-        # -- phase 5: updates to every rank, applied locally -----------------------
-        N_all = dist.gather_from_owners(N_out, [(e.r, e.l) for e in lowrank], [e.owner for e in lowrank], "lowrank_update")
-        W_all = dist.gather_from_owners(new_dense, [e.shape for e in dense], [e.owner for e in dense], "dense_update")
-        for e, N in zip(lowrank, N_all):
-            st = self.state[e.param]
-            delta = st["P"] @ N  # (s, l)
-            if not e.left:
-                delta = delta.mT
+        # -- phase 5: updates to every rank (the step's last collectives) ----------
+        deltas = ops["lift"](dist, lowrank, N_owned, P_use)
+        W_all = ops["gather_dense"](dist, dense, new_dense)
+
+        # -- commit ------------------------------------------------------------------
+        self._commit(lowrank + dense, staged)
+        for e, delta in zip(lowrank, deltas):
             self._apply_matrix_update(e.param, delta, e.group["lr"] * e.group["weight_decay"])
         for e, W in zip(dense, W_all):
-            e.param.copy_(W)
+            self._apply_dense(e, W)
 
-    def _refresh(self, refresh: list[_Entry], grad32) -> None:
-        """Rebuild ``P, d`` for ``refresh`` on their owners; everyone receives them.
+    @staticmethod
+    def _apply_dense(e: _Entry, W: Tensor) -> None:
+        local(e.param).copy_(W)
 
-        Collectives (via the distributor): full gradients of SVD-based matrices
-        reduced to owners (``refresh_grad``), ``[P, d]`` gathered from owners
-        (``projector``). Haar draws need neither: every rank draws the same ``P``.
+    def _refresh(self, refresh: list[_Entry], grads: list[Tensor], staged: dict, ops: dict) -> None:
+        """Stage new ``P, d`` and realigned (or fresh) moments for ``refresh``.
+
+        SVD-based estimators: the spectral input goes to each matrix's owner (the averaged
+        gradient, or for right projections of row shards the summed Gram matrix), the owner
+        draws ``P, d`` and every rank receives its part. Haar: every rank draws the same ``P``
+        from the shared seed, no communication. A failure on any owner is agreed on and
+        raised on every rank as :class:`CollectiveStepError`, with nothing changed.
+        Under compressed HSDP the refresh gradients are first averaged across replicas
+        (uncompressed, every ``τ`` steps); they are then staged as ``"G"`` for this step.
         """
         dist = self._distributor
         me = dist.rank
-        needs_grad = [e for e in refresh if e.group["estimator"] != "haar"]
-        full = dist.reduce_to_owners([grad32(e) for e in needs_grad], [e.owner for e in needs_grad], "refresh_grad")
-        full_by_index = {e.index: G for e, G in zip(needs_grad, full)}
-        packed: list[Optional[Tensor]] = []
-        for e in refresh:
-            st = self.state[e.param]
-            g = e.group
-            k = st["step"] // g["update_interval"]
-            haar = g["estimator"] == "haar"
-            if not haar and e.owner != me:
+        if ops is _CASES[FSDP_ROWS]:
+            grads = dist.replica_mean(grads, "refresh_grad")
+            if dist.replica_comm is not None:
+                for e, G in zip(refresh, grads):
+                    staged.setdefault(e.index, {})["G"] = G
+        svd = [i for i, e in enumerate(refresh) if e.group["estimator"] != "haar"]
+        basis = ops["refresh_basis"](dist, [refresh[i] for i in svd], [grads[i] for i in svd])
+        error: Optional[str] = None
+        new_on_owner: list[Optional[tuple[Tensor, Tensor]]] = []
+        for i, b in zip(svd, basis):
+            e = refresh[i]
+            if b is None:
+                new_on_owner.append(None)
                 continue
-            device = e.param.device
-            gen = sampler_generator(self.seed, e.index, k)
-            if haar:
-                proj = haar_projection(e.s, e.r, gen, device=device)
-            else:
-                proj = build_projection(
-                    g["estimator"], full_by_index[e.index], e.r, gen,
-                    svd_method=g["svd_method"], uniform_mix=g["uniform_mix"],
-                )
-            P, d = proj.P.to(device), proj.d.to(device)
-            if e.owner == me:
-                realign = g["realign"] if g["realign"] is not None else _default_realign(g["estimator"])
-                if "exp_avg" not in st:
-                    st["exp_avg"], st["exp_avg_sq"] = zeros_state((e.r, e.l), device)
-                elif realign:
-                    B = realignment(P, st["P"])  # (r, r)
-                    st["exp_avg"], st["exp_avg_sq"] = realign_moments(st["exp_avg"], st["exp_avg_sq"], B)
-            if haar:
-                st["P"], st["d"] = P, d
-            else:
-                st["_new"] = torch.cat([P.reshape(-1), d])
-        svd_entries = [e for e in refresh if e.group["estimator"] != "haar"]
-        mine = [self.state[e.param].pop("_new", None) for e in svd_entries]
-        got = dist.gather_from_owners(
-            mine, [(e.s * e.r + e.r,) for e in svd_entries], [e.owner for e in svd_entries], "projector"
+            try:
+                proj = self._projection(e, b)
+                new_on_owner.append((proj.P.float(), proj.d.float()))
+            except Exception as err:  # noqa: BLE001 - agreed on below, raised on every rank
+                error = error or f"refresh of {e.name!r} failed: {type(err).__name__}: {err}"
+                new_on_owner.append((torch.zeros(e.s, e.r, device=grads[i].device), torch.ones(e.r, device=grads[i].device)))
+        shared = ops["share_projectors"](dist, [refresh[i] for i in svd], new_on_owner)
+        error = dist.agree_error(error, "refresh")
+        if error is not None:
+            for e in refresh:
+                staged.pop(e.index, None)
+            raise CollectiveStepError(f"{self._display_name} step failed ({error}); parameters and optimizer state are unchanged")
+        new_P: dict[int, tuple[Tensor, Tensor]] = {refresh[i].index: pd for i, pd in zip(svd, shared)}
+        for e in refresh:
+            if e.index not in new_P:  # haar: every rank draws the same P
+                proj = haar_projection(e.s, e.r, self._generator(e), device=grads[0].device)
+                a, b = e.p_rows if e.case == FSDP_ROWS else (0, e.s)
+                new_P[e.index] = (proj.P[a:b].contiguous(), proj.d)
+
+        # moments: fresh zeros, or realigned to the new basis (B = P_newᵀ P_old)
+        old = [e for e in refresh if "P" in self.state.get(e.param, {})]
+        realign = [e for e in old if (e.group["realign"] if e.group["realign"] is not None else _default_realign(e.group["estimator"]))]
+        B = ops["realignment"](dist, realign, [new_P[e.index][0] for e in realign], [self.state[e.param]["P"] for e in realign])
+        B_of = {e.index: b for e, b in zip(realign, B)}
+        for e in refresh:
+            st = self.state.get(e.param, {})
+            P, d = new_P[e.index]
+            new = staged.setdefault(e.index, {})
+            new.update(P=P.to(grads[0].device).contiguous(), d=d.to(grads[0].device).contiguous())
+            if not self._holds_moments(e):
+                continue
+            if "exp_avg" not in st:
+                cols = self._moment_cols(e)
+                new["exp_avg"] = torch.zeros(e.r, cols, dtype=torch.float32, device=P.device)
+                new["exp_avg_sq"] = torch.zeros(e.r, cols, dtype=torch.float32, device=P.device)
+            elif e.index in B_of:
+                new["exp_avg"], new["exp_avg_sq"] = realign_moments(st["exp_avg"], st["exp_avg_sq"], B_of[e.index])
+
+    def _projection(self, e: _Entry, basis: tuple):
+        """The owner's draw of ``P, d`` from the gradient (``("grad", G)``) or its Gram (``("gram", S)``)."""
+        g = e.group
+        kind, X = basis
+        if kind == "gram":
+            U, sigma = gram_basis(X)
+            return projection_from_basis(g["estimator"], U, sigma, e.r, self._generator(e), uniform_mix=g["uniform_mix"])
+        return build_projection(
+            g["estimator"], X, e.r, self._generator(e), svd_method=g["svd_method"], uniform_mix=g["uniform_mix"]
         )
-        for e, flat in zip(svd_entries, got):
-            st = self.state[e.param]
-            st["P"] = flat[: e.s * e.r].reshape(e.s, e.r).clone()
-            st["d"] = flat[e.s * e.r :].clone()
+
+    def _generator(self, e: _Entry) -> torch.Generator:
+        return sampler_generator(self.seed, e.index, self._step_of(e) // e.group["update_interval"])
+
+    def _holds_moments(self, e: _Entry) -> bool:
+        """FSDP2: every rank holds its columns; replicated: the owner only."""
+        return e.case == FSDP_ROWS or e.owner == self._distributor.rank
+
+    @staticmethod
+    def _moment_cols(e: _Entry) -> int:
+        return e.cols[1] - e.cols[0] if e.case == FSDP_ROWS else e.l
 
     # ------------------------------------------------------------------ checkpoints
+
+    def _state_sharding(self, e: _Entry, key: str):
+        if e.lowrank and e.case == FSDP_ROWS:
+            if key in ("exp_avg", "exp_avg_sq"):
+                return (e.r, e.l), 1
+            if key == "P" and e.p_rows != (0, e.s):
+                return (e.s, e.r), 0
+            return None
+        return super()._state_sharding(e, key)
 
     def state_dict(self) -> dict:
         """Tensors and plain scalars only (``torch.load(weights_only=True)`` safe).
 
-        ``state[i]`` holds this rank's state of parameter ``i`` (moments only on
-        its owner); ``plumage`` records the ownership plan and world size.
+        ``state[i]`` holds this rank's state of parameter ``i``: replicated weights keep ``P, d``
+        on every rank and moments on the owner; under FSDP2 every rank holds its shard of
+        ``P``/``M``/``V`` as ``DTensor`` s (``torch.distributed.checkpoint`` reshards them).
+        ``plumage`` records the ownership plan and world size.
         """
         return self._state_dict_with({
             "format": _STATE_FORMAT,
@@ -300,43 +579,54 @@ class PlumageAdamW(MatrixOptimizer):
         })
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a :meth:`state_dict` from the same world size and ownership plan.
+        """Load a :meth:`state_dict`; everything is validated before anything changes.
 
-        ``state_dict`` is either this rank's shard saved under the same world size
-        and ownership plan, or a full state from :func:`merge_shards` (any world
-        size), from which each rank keeps the moments it owns under its current plan.
-        Validates everything first (group count and sizes, hyperparameters that
-        shape the state, modes, ownership, tensor shapes) and only then replaces
-        the state, so a bad checkpoint leaves the optimizer untouched. For a
-        different world size, merge the old shards first.
+        Replicated weights: this rank's shard saved under the same world size and ownership
+        plan, or a full state from :func:`merge_shards` (any world size), from which each rank
+        keeps the moments it owns. FSDP2: the state this rank gets from
+        ``torch.distributed.checkpoint`` (any world size; the ``plumage`` section may be
+        absent) or from :meth:`state_dict` on the same layout. Checks: group count and
+        sizes, every hyperparameter, modes, ownership, seed, tensor shapes, finiteness.
         """
         meta, groups = self._check_saved_groups(state_dict, ("rank", "estimator", "lowrank"))
-        full = meta.get("kind") == "full"
-        if not full and (meta["world_size"] != self._distributor.world_size or meta["ownership"] != self.ownership()):
+        full = meta is not None and meta.get("kind") == "full"
+        symmetric = all(e.case == FSDP_ROWS for e in self._entries)
+        if meta is not None and not full and not symmetric and (
+            meta["world_size"] != self._distributor.world_size or meta["ownership"] != self.ownership()
+        ):
             raise ValueError(
                 f"Invalid state_dict: a shard saved for world_size={meta['world_size']} with a different ownership "
                 "plan; merge all shards with plumage_ds.optim.merge_shards(...) and load the result"
             )
         self._check_saved_modes(meta)
-        if meta["seed"] != self.seed:
+        if meta is not None and meta["seed"] != self.seed:
             raise ValueError(f"Invalid state_dict: seed={meta['seed']}, optimizer has seed={self.seed}")
 
         def prepare(e: _Entry, st: dict) -> dict:
-            if full and e.owner != self._distributor.rank:  # keep only what this rank owns
+            if full and not self._holds_moments(e):  # keep only what this rank owns
                 st = {k: v for k, v in st.items() if k not in ("exp_avg", "exp_avg_sq")}
             self._check_entry_state(e, st)
             return st
 
-        self._install_state(self._load_entry_states(state_dict["state"], prepare), groups)
+        self._install_state(self._load_entry_states(state_dict, prepare), groups, meta)
 
     def _check_entry_state(self, e: _Entry, st: dict) -> None:
-        if not isinstance(st.get("step"), int) or st["step"] < 0:
-            raise ValueError(f"Invalid state_dict: {e.name} step={st.get('step')!r}")
         if e.lowrank:
-            expect = {"P": (e.s, e.r), "d": (e.r,), "exp_avg": (e.r, e.l), "exp_avg_sq": (e.r, e.l)}
+            if e.case == FSDP_ROWS:
+                a, b = e.p_rows
+                expect = {"P": (b - a, e.r), "d": (e.r,), "exp_avg": (e.r, self._moment_cols(e))}
+            else:
+                expect = {"P": (e.s, e.r), "d": (e.r,), "exp_avg": (e.r, e.l)}
         else:
-            expect = {"exp_avg": e.shape, "exp_avg_sq": e.shape}
+            expect = {"exp_avg": e.local_shape}
+        expect["exp_avg_sq"] = expect["exp_avg"]
         self._check_state_tensors(e, st, expect, ("step",))
+        if "step" not in st:
+            raise ValueError(f"Invalid state_dict: {e.name} has no step")
+        if e.lowrank and st["step"] > 0 and not {"P", "d"} <= set(st):
+            raise ValueError(f"Invalid state_dict: {e.name} lacks its projector (P, d) after {st['step']} steps")
+        if self._holds_moments(e) and st["step"] > 0 and not {"exp_avg", "exp_avg_sq"} <= set(st):
+            raise ValueError(f"Invalid state_dict: {e.name} lacks its moments after {st['step']} steps")
 
 
 def merge_shards(shards: list[dict]) -> dict:

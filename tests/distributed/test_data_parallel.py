@@ -402,7 +402,8 @@ def expected_step_bytes(report, world, *, refresh: bool, clip: bool, active=None
     """``{tag/kind: bytes}`` this rank sends in one step (ring model, fp32), docs/data_parallel.md."""
     p = plan(report, active)
     W = world
-    out = {"grad_flags/all_reduce": 2 * (W - 1) / W * 4 * len(report)}
+    # one flag per parameter for "has a gradient" and one for "holds NaN/Inf"
+    out = {"grad_flags/all_reduce": 2 * (W - 1) / W * 4 * 2 * len(report)}
     if p["lowrank"]:  # a category without items makes no collective
         out["lowrank_grad/reduce_scatter"] = (W - 1) * 4 * _max_owner_sum(p["lowrank"], rl, W)
         out["lowrank_update/all_gather"] = (W - 1) * 4 * _max_owner_sum(p["lowrank"], rl, W)
@@ -412,6 +413,7 @@ def expected_step_bytes(report, world, *, refresh: bool, clip: bool, active=None
     if refresh and p["lowrank"]:
         out["refresh_grad/reduce_scatter"] = (W - 1) * 4 * _max_owner_sum(p["lowrank"], sl, W)
         out["projector/all_gather"] = (W - 1) * 4 * _max_owner_sum(p["lowrank"], proj, W)
+        out["refresh_agree/all_reduce"] = 2 * (W - 1) / W * 4  # did any owner fail its SVD?
     if clip:
         out["grad_norm/all_reduce"] = 2 * (W - 1) / W * 8
     return out

@@ -66,7 +66,17 @@ def gram_basis(gram: Tensor) -> tuple[Tensor, Tensor]:
 
     ``U`` (s, s) eigenvectors by descending eigenvalue, ``σ = sqrt(max(λ, 0))``, both float32.
     Used directly when the Gram matrix is assembled from row shards (``Σ_k G_kᵀ G_k``).
+
+    Sign convention: each column's entry of largest magnitude is positive. ``eigh`` leaves
+    the sign free, and a 1e-8 change of ``G`` (another reduction order, another world size)
+    can flip it; GaLore keeps its moments across refreshes, so a flipped column would change
+    its trajectory. With the convention ``U`` is a continuous function of ``G`` away from
+    repeated eigenvalues.
     """
     evals, evecs = torch.linalg.eigh(gram.double())
     evals = torch.flip(evals, [0]).clamp(min=0.0)
-    return torch.flip(evecs, [1]).float(), torch.sqrt(evals).float()
+    U = torch.flip(evecs, [1])  # (s, s)
+    pivot = U.abs().argmax(dim=0)  # (s,)
+    signs = torch.sign(U[pivot, torch.arange(U.shape[1], device=U.device)])
+    signs[signs == 0] = 1.0
+    return (U * signs).float(), torch.sqrt(evals).float()

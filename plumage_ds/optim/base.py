@@ -288,7 +288,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if e.left:  # P rows follow the weight's rows; M, V columns are chunks of n
             e.p_rows, e.cols = rows, chunk_bounds(e.l, S, k)
         else:  # M, V columns are the weight's rows; P (n, r) is split by rows of n
-            e.p_rows, e.cols = dist.right_projector_rows(e), rows
+            e.p_rows, e.cols = chunk_bounds(e.s, S, k), rows
 
     def _build_entries(self) -> None:
         raise NotImplementedError

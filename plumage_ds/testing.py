@@ -63,3 +63,55 @@ def run_workers(fn, world_size: int, *args, threads: int = 1) -> list:
             rec = torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
             results.append(rec["result"])
         return results
+
+
+# ----------------------------------------------------------------------------- tiny models and data
+
+TINY_VOCAB = 64
+
+
+def tiny_llama(seed: int = 0, *, vocab: int = TINY_VOCAB, hidden: int = 32, intermediate: int = 48,
+               layers: int = 2, heads: int = 4, kv_heads: int = 2, tie: bool = False):
+    """A few-thousand-parameter ``LlamaForCausalLM`` built from a config (no download).
+
+    With the defaults its matrices cover both orientations: gate/up ``(48, 32)`` are right
+    projections, down ``(32, 48)``, q/o ``(32, 32)`` and k/v ``(16, 32)`` left ones.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        use_cache=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).float()
+
+
+def token_batch(step: int, batch: int, *, seq: int = 16, vocab: int = TINY_VOCAB, salt: int = 0,
+                learnable: bool = False) -> torch.Tensor:
+    """``(batch, seq + 1)`` token ids for ``step``, from a generator seeded by ``(step, salt)``.
+
+    ``learnable=False``: uniform tokens (full-rank gradients, loss stays near ``ln(vocab)``);
+    ``True``: arithmetic sequences a model can learn.
+    """
+    g = torch.Generator().manual_seed(1_000_003 * step + salt)
+    if not learnable:
+        return torch.randint(0, vocab, (batch, seq + 1), generator=g)
+    start = torch.randint(0, vocab, (batch, 1), generator=g)
+    stride = torch.randint(1, 4, (batch, 1), generator=g)
+    return (start + stride * torch.arange(seq + 1)) % vocab
+
+
+def lm_loss(model, x: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy of a causal LM on ``x`` ``(batch, seq + 1)`` (fp32 logits)."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=x[:, :-1]).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))

@@ -40,6 +40,11 @@ _RING_FACTOR = {
 }
 
 
+# torch 2.13 renamed the flat-tensor collectives (the old names warn); keep both working
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -112,7 +117,7 @@ class Collectives:
         """``out`` (``inp.numel() / W``) receives this rank's chunk of the sum of ``inp`` over ranks."""
         self._record(tag, "reduce_scatter", inp)
         if self.world_size > 1:
-            dist.reduce_scatter_tensor(out, inp, op=dist.ReduceOp.SUM, group=self.group)
+            _reduce_scatter(out, inp, op=dist.ReduceOp.SUM, group=self.group)
         else:
             out.copy_(inp)
         return out
@@ -121,7 +126,7 @@ class Collectives:
         """``out`` (``W · inp.numel()``) receives every rank's ``inp``, in rank order."""
         self._record(tag, "all_gather", out)
         if self.world_size > 1:
-            dist.all_gather_into_tensor(out, inp, group=self.group)
+            _all_gather(out, inp, group=self.group)
         else:
             out.copy_(inp)
         return out

@@ -43,7 +43,7 @@ def is_dtensor(t: Any) -> bool:
 
 
 def _placement_text(p: Tensor) -> str:
-    return "(" + ", ".join(str(pl) for pl in p.placements) + f") on a {p.device_mesh.ndim}-D mesh"
+    return "(" + ", ".join(repr(pl) for pl in p.placements) + f") on a {p.device_mesh.ndim}-D mesh"
 
 
 def sharding_case(p: Tensor, name: str) -> str:

@@ -38,7 +38,7 @@ from torch import nn
 
 from plumage_ds.optim import PlumageAdamW, lowrank_param_groups, merge_shards
 from plumage_ds.optim.reference import ReferencePlumageAdam
-from plumage_ds.testing import run_workers
+from plumage_ds.testing import lm_loss, run_workers, tiny_llama, token_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,36 +55,12 @@ SMALL_BATCH = 32
 # ------------------------------------------------------------------------------------- models & data
 
 
-def tiny_llama(seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,  # gate/up (48, 32) and down (32, 48): right and left projections
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # k/v (16, 32): a third shape
-        max_position_embeddings=32,
-        use_cache=False,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).float()
-
-
-def llama_groups(model: nn.Module) -> list[dict]:
-    groups, _ = lowrank_param_groups(model, target_modules=[r"self_attn|mlp"], rank=RANK)
-    return groups
-
-
 def llama_tokens(step: int, micro: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1_000_003 * step + micro)
-    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    return token_batch(step, GLOBAL_BATCH, seq=SEQ, vocab=VOCAB, salt=micro)
 
 
 def llama_loss(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
-    logits = model(input_ids=x[:, :-1]).logits
-    return F.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+    return lm_loss(model, x)
 
 
 class TwoMatrix(nn.Module):

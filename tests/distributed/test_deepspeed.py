@@ -39,14 +39,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks an accelerator (also in spawned workers)
 pytest.importorskip("deepspeed")
 
 from plumage_ds.integrations.deepspeed import PlumageSectionConfig, split_config  # noqa: E402
 from plumage_ds.optim import PlumageAdamW, lowrank_param_groups  # noqa: E402
-from plumage_ds.testing import run_workers  # noqa: E402
+from plumage_ds.testing import lm_loss, run_workers, tiny_llama, token_batch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 W = 2
@@ -57,35 +56,8 @@ CLIP = 0.05
 TARGETS = [r"self_attn|mlp"]
 
 
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        use_cache=False,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).float()
-
-
 def batch(step: int, learnable: bool = False) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1_000_003 * step + 11)
-    if not learnable:  # uniform tokens: full-rank gradients, loss stays near ln(VOCAB)
-        return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)
-    start = torch.randint(0, VOCAB, (GLOBAL_BATCH, 1), generator=g)
-    stride = torch.randint(1, 4, (GLOBAL_BATCH, 1), generator=g)
-    return (start + stride * torch.arange(SEQ + 1)) % VOCAB  # arithmetic sequences: learnable
-
-
-def lm_loss(model, x: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=x[:, :-1]).logits
-    return F.cross_entropy(logits.float().reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+    return token_batch(step, GLOBAL_BATCH, seq=SEQ, vocab=VOCAB, salt=11, learnable=learnable)
 
 
 def ds_config(

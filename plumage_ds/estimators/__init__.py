@@ -1,4 +1,4 @@
-"""Pure estimator math (no ``torch.distributed``): probabilities, samplers, projectors."""
+"""Pure estimator math (no ``torch.distributed``): probabilities, samplers, projectors, the registry."""
 
 from .gum import sample_layers
 from .probabilities import estimator_variance, inclusion_probabilities, is_deterministic, mix_uniform
@@ -12,17 +12,23 @@ from .projectors import (
     realign_moments,
     realignment,
 )
+from .registry import ESTIMATORS, EstimatorSpec, estimator_names, estimator_problem, get_estimator
 from .sampling import derive_seed, sampler_generator, systematic_sample
 from .spectral import deorient, is_left, orient, oriented_shape, short_side_basis
 
 __all__ = [
+    "ESTIMATORS",
+    "EstimatorSpec",
     "Projection",
     "build_projection",
     "deorient",
     "derive_seed",
     "estimate",
+    "estimator_names",
+    "estimator_problem",
     "estimator_variance",
     "galore_projection",
+    "get_estimator",
     "haar_projection",
     "inclusion_probabilities",
     "is_deterministic",

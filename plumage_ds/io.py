@@ -70,6 +70,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fsync_dir(target.parent)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary directory next to ``path``; on success fsync its files and move it to ``path``.
+
+    An existing ``path`` is replaced (renamed aside first, deleted after the swap), so a reader
+    finds the old directory or the new one, never a half-written one.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        for dirpath, _, files in os.walk(tmp):
+            for name in files:
+                with open(Path(dirpath, name), "rb+") as fh:
+                    os.fsync(fh.fileno())
+            fsync_dir(dirpath)
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.rmdir(old)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -120,7 +151,7 @@ def _file_sizes(ckpt: Path) -> dict[str, int]:
         for name in files:
             full = Path(dirpath, name)
             rel = full.relative_to(ckpt).as_posix()
-            if rel == MANIFEST or name.endswith(".tmp"):
+            if rel == MANIFEST or name.endswith(".tmp") or "/." in f"/{rel}":
                 continue
             sizes[rel] = full.stat().st_size
     return dict(sorted(sizes.items()))

@@ -37,7 +37,7 @@ RECORD_BUCKET_MB = 0.04  # fewer, larger real buckets for the many-seed replay (
 
 
 def tiny_model(seed: int = 0):
-    cfg = ModelConfig(
+    cfg = ModelConfig(fields=dict(
         vocab_size=256,
         hidden_size=32,
         intermediate_size=64,
@@ -45,7 +45,7 @@ def tiny_model(seed: int = 0):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
-    )
+    ))
     return build_model(cfg, seed=seed)
 
 

@@ -106,7 +106,10 @@ def prepare_deepspeed_config(job: JobConfig, world_size: int) -> dict:
             f"in {path}, but train.dtype={job.train.dtype!r}; use train.dtype=bfloat16 exactly when bf16 is enabled",
         )
     # the composite's checks (ZeRO stage, fp16, bf16 + stage) apply to every estimator: like-for-like runs
-    split_config({**ds, "plumage": {"estimator": "plumage"}})
+    try:
+        split_config({**ds, "plumage": {"estimator": "plumage"}})
+    except NotImplementedError as err:
+        raise ConfigError("train.deepspeed_config", path, str(err)) from None
     if job.optimizer.spec.family == "lowrank_adam":
         ds["plumage"] = to_dict(job.optimizer)
     else:

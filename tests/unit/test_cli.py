@@ -79,8 +79,8 @@ def test_train_subprocess_and_weights_load_in_transformers(tmp_path, tiny_config
 @pytest.mark.parametrize("estimator", estimator_names())
 def test_train_in_process_every_estimator(tmp_path, tiny_config_path, estimator):
     out = tmp_path / estimator
-    sets = [f"optimizer.estimator={estimator}"]
-    assert run_main("train", "--config", tiny_config_path, "--out", out, "--no-progress", "--set", sets[0]) == 0
+    sets = [f"optimizer.estimator={estimator}", "train.steps=3"]
+    assert run_main("train", "--config", tiny_config_path, "--out", out, "--no-progress", "--set", sets[0], "--set", sets[1]) == 0
     summary = check_completed_run(out, load_job_config(str(tiny_config_path), sets))
     modes = {r["mode"] for r in summary["matrices"]}
     assert modes == {"adamw"} if estimator == "adamw" else estimator in modes

@@ -1,5 +1,5 @@
 # make test  — install into .venv (once) and run the test suite
-# make demo  — install into .venv (once), train adamw/galore/plumage/haar/gum on configs/demo.yaml, compare
+# make demo  — install into .venv (once), train adamw/galore/plumage/haar/gum on configs/demo.yaml, compare, plot
 #
 # Works on a fresh machine with python3.11+, pip and gcc. torch is installed first and
 # pinned, so pip never resolves an unpinned torch (that would fetch CUDA wheels).
@@ -17,25 +17,34 @@ DEMO_OUT    ?= runs/demo
 DEMO_ESTIMATORS ?= adamw galore plumage haar gum
 DEMO_ARGS   ?=
 
-.PHONY: install test demo bench clean-runs
+.PHONY: install test demo plot bench clean-runs
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,hf,deepspeed]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,hf,deepspeed,data,plot]'
 	touch $@
 
 test: $(VENV)/.installed
 	$(RUN) $(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: $(VENV)/.installed
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[plot]'
 	@for est in $(DEMO_ESTIMATORS); do \
 	  $(RUN) $(PY) -m plumage_ds train --config $(DEMO_CONFIG) --out $(DEMO_OUT)/$$est --overwrite \
 	    --set optimizer.estimator=$$est $(DEMO_ARGS) || exit $$?; \
 	done
 	$(PY) -m plumage_ds compare $(addprefix $(DEMO_OUT)/,$(DEMO_ESTIMATORS))
+	$(PY) -m plumage_ds plot $(addprefix $(DEMO_OUT)/,$(DEMO_ESTIMATORS)) --out $(DEMO_OUT)/demo.png
+
+# Plot finished runs: make plot RUNS='runs/demo/adamw runs/demo/plumage' PLOT_OUT=runs/plot.png
+RUNS     ?= $(addprefix $(DEMO_OUT)/,$(DEMO_ESTIMATORS))
+PLOT_OUT ?= $(DEMO_OUT)/demo.png
+plot: $(VENV)/.installed
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[plot]'
+	$(PY) -m plumage_ds plot $(RUNS) --out $(PLOT_OUT)
 
 # The quick side-by-side benchmarks of docs/benchmarks.md (a few minutes each on 2 cores); the
 # longer knob sweep is `$(PY) benchmarks/sweep_lowrank.py --config configs/sweep.yaml`.

@@ -3,7 +3,7 @@
 torch is listed unpinned-from-below only: install ``torch==2.13.0`` (or the build you
 need) *before* this package, as the Makefile does, so pip never resolves torch itself
 (an unresolved torch pulls the newest CUDA wheels). Exact versions of everything else
-are in ``constraints.txt`` (``pip install -c constraints.txt -e '.[dev,hf,deepspeed]'``).
+are in ``constraints.txt`` (``pip install -c constraints.txt -e '.[dev,hf,deepspeed,data,plot]'``).
 """
 
 from setuptools import find_packages, setup
@@ -16,11 +16,13 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["plumage_ds", "plumage_ds.*"]),
-    install_requires=["torch>=2.4", "pyyaml", "tqdm", "transformers"],
+    install_requires=["torch>=2.4", "pyyaml", "tqdm", "transformers", "safetensors", "tokenizers"],
     extras_require={
         "deepspeed": ["deepspeed"],
         "hf": ["transformers"],
         "dev": ["pytest", "pytest-timeout", "hypothesis", "galore-torch"],
+        "data": ["datasets"],  # data.source: hf_dataset (a dataset saved with save_to_disk)
+        "plot": ["matplotlib"],  # plumage-ds plot
     },
     entry_points={"console_scripts": ["plumage-ds = plumage_ds.cli:main"]},
 )

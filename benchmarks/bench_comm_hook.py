@@ -12,7 +12,7 @@ CPU ranks; the variants train side by side in the same processes, taking turns s
   ``plumage:10`` the same with ``tau = 10``.
 
 All variants use one DDP bucket (``bucket_cap_mb`` large): the stock PowerSGD hook hangs on
-gloo with more than one bucket (ENGINE-NOTES). Bytes are *counted*: our hook through
+gloo with more than one bucket (docs/comm_hook.md). Bytes are *counted*: our hook through
 ``Collectives``; torch's hooks by wrapping ``torch.distributed.all_reduce`` during backward
 (ring model ``2(W−1)/W · payload``, the same as ``Collectives``).
 
@@ -84,20 +84,20 @@ def _worker(rank, world, args):
     from plumage_ds.train.model import build_model, causal_lm_loss
 
     dist.all_reduce = _counting_all_reduce(dist.all_reduce)
-    mcfg = ModelConfig(
+    mcfg = ModelConfig(fields=dict(
         hidden_size=args["hidden"],
         intermediate_size=args["intermediate"],
         num_hidden_layers=args["layers"],
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=args["seq_len"],
-    )
+    ))
     dcfg = DataConfig(seq_len=args["seq_len"], batch_size=args["batch"], max_corpus_bytes=2_000_000)
     stream = BatchStream(load_corpus(dcfg), dcfg, seed=0)
     eval_set = stream.eval_set(args["eval_batches"])
     runs = {}
     for variant in args["variants"]:
-        model = build_model(mcfg, seed=0)
+        model = build_model(mcfg, seq_len=args["seq_len"], seed=0)
         ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1024)
         state = None
         if variant == "allreduce":
@@ -118,7 +118,9 @@ def _worker(rank, world, args):
             estimator, _, rest = variant.partition(":")
             tau, _, mix = rest.partition(":")
             state = PlumageHookState(
-                ddp, estimator=estimator, rank=args["rank"], tau=int(tau or args["tau"]), kappa=1,
+                # Haar: a fresh P every step; PLUMAGE: a refresh every tau steps
+                ddp, estimator=estimator, rank=args["rank"],
+                update_interval=1 if estimator == "haar" else int(tau or args["tau"]),
                 start_iter=args["warmup"], seed=0, uniform_mix=float(mix or 0.0),
             )
             ddp.register_comm_hook(state, plumage_hook)

@@ -91,7 +91,7 @@ def _run_method(method: str, rank: int, world: int, args) -> dict:
 
     data_cfg = DataConfig(seq_len=SEQ, batch_size=GLOBAL_BATCH, max_corpus_bytes=400_000)
     stream = BatchStream(load_corpus(data_cfg), data_cfg, seed=0)
-    model = build_model(ModelConfig(**MODEL), seed=0)
+    model = build_model(ModelConfig(fields=MODEL), seq_len=SEQ, seed=0)
     lowrank_kw = dict(lr=LR, rank=args.rank, update_interval=args.tau, estimator="plumage", seed=0)
     counter = None
     if method == "sharded":

@@ -54,8 +54,7 @@ def _worker(rank, world, port, args):
                    "zero_optimization": {"stage": stage}, "steps_per_print": 10**6,
                    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
             if kind == "plumage":
-                cfg["plumage"] = {"rank": args.rank, "update_interval": 200, "target_modules": ["self_attn|mlp"],
-                                  "print_report": False}
+                cfg["plumage"] = {"rank": args.rank, "update_interval": 200, "target_modules": ["self_attn|mlp"]}
                 engine, *_ = pds.initialize(model=model, config=cfg)
             else:
                 cfg.pop("optimizer")

@@ -1,9 +1,9 @@
-"""Measure PLUMAGE's open knobs (DESIGN §2.1 item 6) side by side in one run.
+"""Measure PLUMAGE's open knobs (docs/design.md §2.1 item 6) side by side in one run.
 
 Trains the main job's tiny LLaMA on the embedded corpus with the same data, seed
 and steps for AdamW, GaLore and PLUMAGE variants (``dinv_placement`` ×
 ``scale``), then prints a markdown table with the final eval loss and the
-"gap closed vs GaLore" figure of DESIGN §5:
+"gap closed vs GaLore" figure of docs/design.md §5:
 ``(L_galore − L_variant) / (L_galore − L_adamw)``.
 
     python benchmarks/sweep_lowrank.py --config configs/demo.yaml --out runs/sweep [--steps N]
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/sweep")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
-    ap.add_argument("--grad-clip", type=float, default=None, help="optimizer.grad_clip for every variant")
+    ap.add_argument("--grad-clip", type=float, default=None, help="optimizer.max_grad_norm for every variant")
     ap.add_argument("--lr", type=float, default=None, help="optimizer.lr for every variant")
     args = ap.parse_args(argv)
     base = load_config(args.config)
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         if args.only and name not in args.only:
             continue
         if args.grad_clip is not None:
-            overrides = dict(overrides, grad_clip=args.grad_clip)
+            overrides = dict(overrides, max_grad_norm=args.grad_clip)
         if args.lr is not None:
             overrides = dict(overrides, lr=args.lr)
         cfg = dataclasses.replace(base, optimizer=dataclasses.replace(base.optimizer, **overrides))
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     adamw = by_name.get("adamw", {}).get("final_eval_loss")
     galore = by_name.get("galore a=1", {}).get("final_eval_loss")
     print(f"\nconfig {args.config}, steps {base.train.steps}, rank {base.optimizer.rank}, "
-          f"tau {base.optimizer.update_interval}, lr {args.lr or base.optimizer.lr}, grad_clip {args.grad_clip}\n")
+          f"tau {base.optimizer.update_interval}, lr {args.lr or base.optimizer.lr}, max_grad_norm {args.grad_clip}\n")
     print("| variant | final eval loss | gap closed vs GaLore(a=1) | optimizer state bytes |")
     print("|---|---|---|---|")
     for name, s in rows:

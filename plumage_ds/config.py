@@ -1,9 +1,18 @@
-"""Configuration dataclasses: the single source of truth for every knob.
+"""Configuration: ONE schema for every knob, loaded the same way everywhere.
 
-Every dataclass is ``kw_only``, validates itself in ``__post_init__`` and loads
-strictly: :func:`from_dict` rejects unknown keys (naming them) and nested
-sections load into their own dataclasses. YAML/JSON files in ``configs/`` load
-through :func:`load_config`.
+Every dataclass is ``kw_only`` and validates itself in ``__post_init__``: types are checked
+from the annotations (booleans reject anything but ``true``/``false``, integers reject
+booleans and floats, floats accept integers), then the values. :func:`from_dict` loads a
+mapping strictly: an unknown key is an error naming it, a renamed key names its new name,
+nested sections load into their own dataclasses, and every error names the offending key
+with its dotted path (``Invalid optimizer.rank=0: must be a positive integer``).
+
+:class:`OptimizerConfig` is the single definition of every optimizer knob. Its field names
+are the keyword arguments of :class:`~plumage_ds.optim.PlumageAdamW` (GUM's and the comm
+hook's own knobs live in the nested :class:`GumConfig` / :class:`CommHookConfig`, whose
+names are *their* constructor keywords), so one mapping turns it into an optimizer. The
+main job's YAML ``optimizer:`` section, the DeepSpeed JSON ``"plumage"`` section and the
+DDP comm hook's arguments all go through ``from_dict(OptimizerConfig, ...)``.
 """
 
 from __future__ import annotations
@@ -17,19 +26,42 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-ESTIMATORS = ("plumage", "galore", "haar")
-"""Low-rank estimators understood by :class:`~plumage_ds.optim.PlumageAdamW`."""
-
-TRAIN_ESTIMATORS = ("adamw",) + ESTIMATORS + ("gum",)
-"""Values the main job accepts for ``optimizer.estimator``."""
-
 DINV_PLACEMENTS = ("coords", "lift", "none")
-SVD_METHODS = ("svd", "gram")
+SVD_METHODS = ("gram", "svd")
+ENGINES = ("local", "ddp", "ddp_hook", "sharded", "deepspeed")
+DATA_SOURCES = ("stdlib", "text", "jsonl", "hf_dataset")
+DEFAULT_TARGET_MODULES = (r".*(attn|attention|mlp).*",)
+
+
+class ConfigError(ValueError):
+    """A bad config value: ``Invalid {key}={value!r}: {reason}``; :meth:`within` prefixes the key's section."""
+
+    def __init__(self, key: str, value: Any, reason: str) -> None:
+        self.key, self.value, self.reason = key, value, reason
+        super().__init__(f"Invalid {key}={value!r}: {reason}")
+
+    def within(self, section: str) -> "ConfigError":
+        return ConfigError(f"{section}.{self.key}" if section else self.key, self.value, self.reason)
+
+
+class ConfigKeyError(ValueError):
+    """An unknown or renamed key; :meth:`within` prefixes the key's section."""
+
+    def __init__(self, key: str, detail: str, *, renamed: bool = False) -> None:
+        self.key, self.detail, self.renamed = key, detail, renamed
+        what = "Invalid config key" if renamed else "Unknown config key"
+        super().__init__(f"{what} {key!r}{detail}")
+
+    def within(self, section: str) -> "ConfigKeyError":
+        return ConfigKeyError(f"{section}.{self.key}" if section else self.key, self.detail, renamed=self.renamed)
+
+
+# --------------------------------------------------------------------------- value checks
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"Invalid {name}={value!r}: must be one of {list(choices)}")
+        raise ConfigError(name, value, f"must be one of {list(choices)}")
 
 
 def _check_positive(name: str, value: Any, *, integer: bool = False) -> None:
@@ -37,13 +69,22 @@ def _check_positive(name: str, value: Any, *, integer: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, kind) or not value > 0 or (
         not integer and not math.isfinite(value)
     ):
-        what = "a positive integer" if integer else "a positive finite number"
-        raise ValueError(f"Invalid {name}={value!r}: must be {what}")
+        raise ConfigError(name, value, "must be a positive integer" if integer else "must be a positive finite number")
 
 
-def _check_nonneg(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
-        raise ValueError(f"Invalid {name}={value!r}: must be a finite number >= 0")
+def _check_nonneg(name: str, value: Any, *, integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not value >= 0 or (
+        not integer and not math.isfinite(value)
+    ):
+        raise ConfigError(name, value, "must be an integer >= 0" if integer else "must be a finite number >= 0")
+
+
+def _check_unit(name: str, value: Any, *, closed: bool = True) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    ok = ok and (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0)
+    if not ok:
+        raise ConfigError(name, value, "must be in [0, 1]" if closed else "must be in [0, 1)")
 
 
 def _check_betas(betas: Any) -> None:
@@ -51,7 +92,7 @@ def _check_betas(betas: Any) -> None:
         isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas
     )
     if not ok:
-        raise ValueError(f"Invalid betas={betas!r}: must be two numbers in [0, 1)")
+        raise ConfigError("betas", betas, "must be two numbers in [0, 1)")
 
 
 def validate_lowrank_options(
@@ -64,15 +105,27 @@ def validate_lowrank_options(
     svd_method: Any,
     uniform_mix: Any = 0.0,
 ) -> None:
-    """Validate the low-rank knobs shared by the config and the optimizer constructor."""
-    if isinstance(uniform_mix, bool) or not isinstance(uniform_mix, (int, float)) or not 0.0 <= uniform_mix <= 1.0:
-        raise ValueError(f"Invalid uniform_mix={uniform_mix!r}: must be in [0, 1]")
+    """The low-rank knobs of :class:`~plumage_ds.optim.PlumageAdamW` (and GUM, the reference).
+
+    ``estimator`` must be a registered ``lowrank_adam`` estimator (``plumage``, ``galore``, ``haar``).
+    """
+    _check_unit("uniform_mix", uniform_mix)
     _check_positive("rank", rank, integer=True)
     _check_positive("update_interval", update_interval, integer=True)
-    _check_choice("estimator", estimator, ESTIMATORS)
+    check_estimator(estimator, family="lowrank_adam")
     _check_positive("scale", scale)
     _check_choice("dinv_placement", dinv_placement, DINV_PLACEMENTS)
     _check_choice("svd_method", svd_method, SVD_METHODS)
+
+
+def check_estimator(name: Any, *, family: Optional[str] = None):
+    """The registry entry of ``name`` (:mod:`plumage_ds.estimators.registry`), or a :class:`ConfigError`."""
+    from .estimators.registry import ESTIMATORS, estimator_problem
+
+    problem = estimator_problem(name, family)
+    if problem is not None:
+        raise ConfigError("estimator", name, problem)
+    return ESTIMATORS[name]
 
 
 def validate_adam_options(*, lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
@@ -82,43 +135,112 @@ def validate_adam_options(*, lr: Any, betas: Any, eps: Any, weight_decay: Any) -
     _check_nonneg("weight_decay", weight_decay)
 
 
+# --------------------------------------------------------------------------- types from annotations
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """``(inner type, optional?)`` for ``Optional[X]`` / ``X | None``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against annotation ``tp`` (ints become floats for ``float``; lists tuples)."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(name, value, "must not be null")
+    origin = typing.get_origin(inner)
+    if inner is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(name, value, "must be true or false")
+        return value
+    if inner is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(name, value, "must be an integer")
+        return value
+    if inner is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(name, value, "must be a number")
+        return float(value)
+    if inner is str:
+        if not isinstance(value, str):
+            raise ConfigError(name, value, "must be a string")
+        return value
+    if origin is tuple:
+        args = typing.get_args(inner)
+        if args[-1] is Ellipsis and isinstance(value, str):
+            value = (value,)  # one regex for a list of regexes
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(name, value, "must be a list")
+        if args[-1] is Ellipsis:
+            return tuple(_coerce(name, v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(name, value, f"must be a list of {len(args)} values")
+        return tuple(_coerce(name, v, a) for v, a in zip(value, args))
+    if origin is dict or inner is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(name, value, "must be a mapping")
+        return dict(value)
+    if dataclasses.is_dataclass(inner):
+        if not isinstance(value, inner):
+            raise ConfigError(name, value, f"must be a mapping of {inner.__name__} keys")
+        return value
+    return value
+
+
+def check_types(obj: Any) -> None:
+    """Check (and normalise, e.g. ``1`` → ``1.0`` for floats) every field of dataclass ``obj``."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        setattr(obj, f.name, _coerce(f.name, getattr(obj, f.name), hints[f.name]))
+
+
 # --------------------------------------------------------------------------- strict loading
 
 
-def _unwrap_optional(tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
+def from_dict(cls: type, data: Any, *, section: str = ""):
+    """Build dataclass ``cls`` from a mapping, strictly.
 
-
-def from_dict(cls: type, data: Any, *, where: str = ""):
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys.
-
-    Nested dataclass fields are loaded recursively; lists given for tuple fields
-    become tuples. Errors name the offending key with its dotted path.
+    Unknown keys raise naming them (and the valid keys); a key in ``cls._renamed`` raises naming
+    its new name; nested dataclass fields load recursively. A class with ``_extra_field`` set
+    collects unknown keys into that ``dict`` field instead (validated by the class). Every error
+    carries the key's dotted path, prefixed by ``section``.
     """
-    label = where or cls.__name__
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
-        raise ValueError(f"Invalid {label}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(section or cls.__name__, data, f"must be a mapping of {cls.__name__} keys")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"Unknown config key(s) {unknown} in {label}; valid keys: {sorted(names)}")
-    kwargs = {}
-    for key, value in data.items():
-        tp = _unwrap_optional(hints[key])
-        if dataclasses.is_dataclass(tp) and value is not None:
-            value = from_dict(tp, value, where=f"{label}.{key}")
-        elif typing.get_origin(tp) is tuple and isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
-    return cls(**kwargs)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    renamed: dict = getattr(cls, "_renamed", {})
+    extra_field = getattr(cls, "_extra_field", None)
+    kwargs: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    try:
+        for key, value in data.items():
+            if not isinstance(key, str):
+                raise ConfigKeyError(str(key), ": keys must be strings")
+            if key in renamed:
+                raise ConfigKeyError(key, f": {renamed[key]}", renamed=True)
+            if key not in names or key == extra_field:
+                if extra_field is not None and key != extra_field:
+                    extra[key] = value
+                    continue
+                raise ConfigKeyError(key, f"; valid keys: {sorted(n for n in names if n != extra_field)}")
+            inner, _ = _unwrap_optional(hints[key])
+            if dataclasses.is_dataclass(inner) and isinstance(value, dict):
+                value = from_dict(inner, value, section=key)
+            kwargs[key] = value
+        if extra_field is not None:
+            kwargs[extra_field] = extra
+        return cls(**kwargs)
+    except (ConfigError, ConfigKeyError) as err:
+        raise err.within(section) from None
 
 
 def to_dict(obj: Any) -> dict:
@@ -126,7 +248,14 @@ def to_dict(obj: Any) -> dict:
 
     def conv(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            out = {}
+            extra_field = getattr(type(v), "_extra_field", None)
+            for f in dataclasses.fields(v):
+                if f.name == extra_field:
+                    out.update({k: conv(x) for k, x in getattr(v, f.name).items()})
+                else:
+                    out[f.name] = conv(getattr(v, f.name))
+            return out
         if isinstance(v, (tuple, list)):
             return [conv(x) for x in v]
         if isinstance(v, dict):
@@ -137,22 +266,29 @@ def to_dict(obj: Any) -> dict:
 
 
 def read_mapping(path: str | os.PathLike) -> dict:
-    """Read a YAML (``.yaml``/``.yml``) or JSON file into a dict."""
+    """Read a YAML (``.yaml``/``.yml``) or JSON file into a dict (errors name the file)."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
+    if not path.endswith((".yaml", ".yml", ".json")):
+        raise ConfigError("config path", path, "must end in .yaml, .yml or .json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as err:
+        raise ConfigError("config path", path, f"cannot read it ({err.strerror or err})") from None
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
 
-        data = yaml.safe_load(text)
-    elif path.endswith(".json"):
-        data = json.loads(text)
-    else:
-        raise ValueError(f"Invalid config path={path!r}: must end in .yaml, .yml or .json")
+            data = yaml.safe_load(text)
+    except Exception as err:  # yaml.YAMLError / json.JSONDecodeError: one line naming the file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError("config file", path, f"not valid {'JSON' if path.endswith('.json') else 'YAML'} ({first})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ValueError(f"Invalid config file {path!r}: top level must be a mapping")
+        raise ConfigError("config file", path, "top level must be a mapping")
     return data
 
 
@@ -160,12 +296,43 @@ def read_mapping(path: str | os.PathLike) -> dict:
 
 
 @dataclass(kw_only=True)
-class OptimizerConfig:
-    """Optimizer section of a job config.
+class GumConfig:
+    """GUM's own knobs (keyword arguments of :class:`~plumage_ds.optim.GUM`)."""
 
-    ``estimator`` picks the whole optimizer: ``adamw`` (torch AdamW on every
-    parameter), ``plumage``/``galore``/``haar`` (:class:`PlumageAdamW`) or
-    ``gum`` (:class:`GUM`). Low-rank knobs are ignored by ``adamw``.
+    gamma: int = 2  # γ: target matrices drawn per period for the full-rank residual branch
+    momentum: float = 0.95  # Muon momentum μ
+    nesterov: bool = True
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        _check_positive("gamma", self.gamma, integer=True)
+        _check_unit("momentum", self.momentum, closed=False)
+
+
+@dataclass(kw_only=True)
+class CommHookConfig:
+    """The DDP comm hook's own knobs (keyword arguments of ``PlumageHookState`` beyond the optimizer's)."""
+
+    start_iter: int = 10  # warm-up steps that run a plain all-reduce
+    min_compression_rate: float = 2.0  # compress a matrix only if s / min(rank, s) >= this
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        _check_nonneg("start_iter", self.start_iter, integer=True)
+        if not self.min_compression_rate >= 1.0 or not math.isfinite(self.min_compression_rate):
+            raise ConfigError("min_compression_rate", self.min_compression_rate, "must be a number >= 1")
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """Every optimizer knob, one name each (the keyword names of :class:`PlumageAdamW`).
+
+    ``estimator`` names a registered estimator (:mod:`plumage_ds.estimators.registry`):
+    ``adamw`` (``torch.optim.AdamW`` on everything), ``plumage``/``galore``/``haar``
+    (:class:`PlumageAdamW` on the matrices matched by ``target_modules``) or ``gum``
+    (:class:`GUM`). Knobs that default to ``None`` take the estimator's default; setting a knob
+    the chosen estimator does not use (``svd_method`` for ``haar``, ``uniform_mix`` for anything
+    but ``plumage``, ``realign`` for ``adamw``/``gum``) is an error, never a silent no-op.
     """
 
     estimator: str = "plumage"
@@ -174,42 +341,94 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     rank: int = 8
-    update_interval: int = 200
-    scale: float = 1.0
+    update_interval: int = 200  # τ: steps between changes of P (refresh, Haar redraw, GUM period)
+    scale: float = 1.0  # lift scale α on P N
     dinv_placement: str = "none"
-    realign: Optional[bool] = None
-    svd_method: str = "gram"
-    uniform_mix: float = 0.0
-    seed: int = 0
-    target_modules: tuple[str, ...] = (r".*(attn|attention|mlp).*",)
-    strict: bool = False
-    # GUM only
-    gum_gamma: int = 2
-    gum_momentum: float = 0.95
-    grad_clip: float = 0.0
+    realign: Optional[bool] = None  # None: the estimator's default
+    svd_method: Optional[str] = None  # None: the estimator's default ("gram"); must stay None for haar/adamw
+    uniform_mix: float = 0.0  # PLUMAGE only: floor ε on inclusion probabilities
+    seed: int = 0  # sampler seed (P draws, GUM's layer draw)
+    strict: bool = False  # raise instead of falling back to AdamW for a target that cannot go low-rank
+    max_grad_norm: float = 0.0  # global-norm clipping (0: off), on what the optimizer uses
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES  # regexes on module names (re.search)
+    gum: GumConfig = field(default_factory=GumConfig)
+    comm_hook: CommHookConfig = field(default_factory=CommHookConfig)
+
+    _renamed = {
+        "tau": "renamed to 'update_interval'",
+        "kappa": "renamed to 'update_interval' (steps between Haar redraws, as for every estimator)",
+        "grad_clip": "renamed to 'max_grad_norm'",
+        "gradient_clipping": "renamed to 'max_grad_norm'",
+        "gum_gamma": "renamed to 'gum.gamma'",
+        "gum_momentum": "renamed to 'gum.momentum'",
+        "print_report": "removed: the parameter report is logged at INFO level on rank 0",
+        "start_iter": "moved to 'comm_hook.start_iter'",
+        "min_compression_rate": "moved to 'comm_hook.min_compression_rate'",
+    }
 
     def __post_init__(self) -> None:
-        _check_choice("estimator", self.estimator, TRAIN_ESTIMATORS)
+        check_types(self)
+        spec = check_estimator(self.estimator)
         validate_adam_options(lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
-        validate_lowrank_options(
-            rank=self.rank,
-            update_interval=self.update_interval,
-            estimator="plumage" if self.estimator in ("adamw", "gum") else self.estimator,
-            scale=self.scale,
-            dinv_placement=self.dinv_placement,
-            svd_method=self.svd_method,
-            uniform_mix=self.uniform_mix,
-        )
-        if self.realign is not None and not isinstance(self.realign, bool):
-            raise ValueError(f"Invalid realign={self.realign!r}: must be true, false or null")
-        if isinstance(self.target_modules, str):
-            self.target_modules = (self.target_modules,)
-        if not all(isinstance(t, str) for t in self.target_modules):
-            raise ValueError(f"Invalid target_modules={self.target_modules!r}: must be regex strings")
-        _check_positive("gum_gamma", self.gum_gamma, integer=True)
-        if not 0.0 <= self.gum_momentum < 1.0:
-            raise ValueError(f"Invalid gum_momentum={self.gum_momentum!r}: must be in [0, 1)")
-        _check_nonneg("grad_clip", self.grad_clip)
+        _check_positive("rank", self.rank, integer=True)
+        _check_positive("update_interval", self.update_interval, integer=True)
+        _check_positive("scale", self.scale)
+        _check_choice("dinv_placement", self.dinv_placement, DINV_PLACEMENTS)
+        _check_unit("uniform_mix", self.uniform_mix)
+        _check_nonneg("max_grad_norm", self.max_grad_norm)
+        if self.svd_method is not None:
+            _check_choice("svd_method", self.svd_method, SVD_METHODS)
+            if spec.default_svd_method is None:
+                raise ConfigError("svd_method", self.svd_method, f"estimator {spec.name!r} takes no SVD; leave it null")
+        if self.uniform_mix != 0.0 and not spec.uses_uniform_mix:
+            raise ConfigError("uniform_mix", self.uniform_mix, f"applies to estimator 'plumage' only, not {spec.name!r}")
+        if self.realign is not None and spec.family != "lowrank_adam":
+            raise ConfigError("realign", self.realign, f"estimator {spec.name!r} keeps no moments in P's basis; leave it null")
+        if not self.target_modules:
+            raise ConfigError("target_modules", list(self.target_modules), "must list at least one regex")
+        import re
+
+        for t in self.target_modules:
+            try:
+                re.compile(t)
+            except re.error as err:
+                raise ConfigError("target_modules", t, f"not a valid regex ({err})") from None
+
+    # -- what the factory passes on ------------------------------------------------
+    @property
+    def spec(self):
+        """The estimator's :class:`~plumage_ds.estimators.registry.EstimatorSpec`."""
+        return check_estimator(self.estimator)
+
+    def adam_kwargs(self) -> dict:
+        """``lr, betas, eps, weight_decay``: every optimizer takes them."""
+        return {k: getattr(self, k) for k in ("lr", "betas", "eps", "weight_decay")}
+
+    def lowrank_kwargs(self) -> dict:
+        """Keyword arguments of :class:`PlumageAdamW` (all but ``params``/``distributor``), resolved."""
+        from .estimators.registry import resolve_svd_method
+
+        out = {f: getattr(self, f) for f in PLUMAGE_ADAMW_KEYS}
+        out["svd_method"] = resolve_svd_method(self.estimator, self.svd_method) or "gram"  # haar: unused
+        return out
+
+    def gum_kwargs(self) -> dict:
+        """Keyword arguments of :class:`GUM` (all but ``params``/``distributor``), resolved."""
+        from .estimators.registry import resolve_svd_method
+
+        out = {f: getattr(self, f) for f in GUM_SHARED_KEYS}
+        out["svd_method"] = resolve_svd_method(self.estimator, self.svd_method)
+        out.update(dataclasses.asdict(self.gum))
+        return out
+
+
+PLUMAGE_ADAMW_KEYS = (
+    "lr", "betas", "eps", "weight_decay", "rank", "update_interval", "estimator", "scale", "dinv_placement",
+    "realign", "svd_method", "uniform_mix", "seed", "strict", "max_grad_norm",
+)  # fmt: skip
+"""The :class:`PlumageAdamW` keywords; each is an :class:`OptimizerConfig` field of the same name."""
+
+GUM_SHARED_KEYS = ("lr", "betas", "eps", "weight_decay", "rank", "update_interval", "scale", "svd_method", "seed", "strict")
 
 
 # --------------------------------------------------------------------------- main job
@@ -217,64 +436,94 @@ class OptimizerConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """A small LLaMA built from ``transformers.LlamaConfig`` (no weight download)."""
+    """Any Hugging Face causal-LM config, built without downloading weights.
 
-    vocab_size: int = 256  # byte-level
-    hidden_size: int = 128
-    intermediate_size: int = 344
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 4
-    max_position_embeddings: int = 256
-    tie_word_embeddings: bool = False
+    ``model_type`` picks the ``transformers`` config class (default ``llama``, or the
+    ``model_type`` of the ``config`` file); ``config`` is an optional ``config.json`` (or a
+    directory holding one) to start from; every other key is a field of that config class
+    (``hidden_size``, ``n_layer``...), checked against it when the job starts. Without a
+    ``config`` file, ``llama`` starts from the small byte-level :data:`LLAMA_DEFAULTS`.
+    ``vocab_size`` defaults to the tokenizer's.
+    """
+
+    model_type: Optional[str] = None
+    config: Optional[str] = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    _extra_field = "fields"
 
     def __post_init__(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "max_position_embeddings",
-        ):
-            _check_positive(name, getattr(self, name), integer=True)
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"Invalid hidden_size={self.hidden_size}: must be divisible by "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"Invalid num_key_value_heads={self.num_key_value_heads}: must divide "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
+        check_types(self)
+        if self.model_type is not None and not self.model_type:
+            raise ConfigError("model_type", self.model_type, "must name a transformers model type")
+        for k, v in self.fields.items():
+            if isinstance(v, (dict, list)) and k not in ("rope_scaling", "rope_parameters"):
+                raise ConfigError(k, v, "model fields must be scalars")
+            if isinstance(v, int) and not isinstance(v, bool) and v < 0:
+                raise ConfigError(k, v, "must be >= 0")
+
+
+LLAMA_DEFAULTS = {
+    "hidden_size": 128,
+    "intermediate_size": 344,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+}
+"""The small LLaMA of ``model_type: llama`` when no ``config`` file is given (fields override)."""
 
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """Embedded corpus: the standard library's ``.py`` sources, byte-level.
+    """Where the tokens come from (see ``docs/main-job.md``).
 
-    Files are assigned to train/eval by a hash of their relative path, so the
-    split is fixed across runs and machines with the same Python version.
+    ``source``: ``stdlib`` (the running Python's standard-library ``.py`` sources; ``path``
+    overrides the root), ``text`` (a folder, searched recursively for ``extensions``, or a glob),
+    ``jsonl`` (a file, folder or glob of JSON-lines files; ``field`` holds the text),
+    ``hf_dataset`` (a ``datasets`` dataset saved with ``save_to_disk``; ``field`` column,
+    ``split`` of a ``DatasetDict``). ``tokenizer``: ``byte`` or a directory with a
+    ``tokenizer.json``. Documents go to the eval split by a hash (fixed across runs).
     """
 
+    source: str = "stdlib"
+    path: Optional[str] = None
+    field: str = "text"
+    split: str = "train"
+    extensions: tuple[str, ...] = (".txt", ".md", ".rst", ".py")
+    tokenizer: str = "byte"
     seq_len: int = 128
-    batch_size: int = 16
+    batch_size: int = 16  # windows per micro-batch per rank
     eval_fraction: float = 0.05
     max_corpus_bytes: int = 8_000_000
-    root: Optional[str] = None  # default: the running interpreter's stdlib directory
+
+    _renamed = {"root": "renamed to 'path'"}
 
     def __post_init__(self) -> None:
+        check_types(self)
+        _check_choice("source", self.source, DATA_SOURCES)
+        if self.source != "stdlib" and not self.path:
+            raise ConfigError("path", self.path, f"source {self.source!r} needs a path")
+        if not self.field:
+            raise ConfigError("field", self.field, "must name the text field")
+        if not self.extensions or not all(e.startswith(".") for e in self.extensions):
+            raise ConfigError("extensions", list(self.extensions), "must be a list of suffixes like '.txt'")
+        if not self.tokenizer:
+            raise ConfigError("tokenizer", self.tokenizer, "must be 'byte' or a directory with tokenizer.json")
         _check_positive("seq_len", self.seq_len, integer=True)
         _check_positive("batch_size", self.batch_size, integer=True)
         if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"Invalid eval_fraction={self.eval_fraction!r}: must be in (0, 1)")
+            raise ConfigError("eval_fraction", self.eval_fraction, "must be in (0, 1)")
         _check_positive("max_corpus_bytes", self.max_corpus_bytes, integer=True)
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
+    """The loop, the engine and checkpoints."""
+
+    engine: str = "local"
+    deepspeed_config: Optional[str] = None  # engine=deepspeed: the DeepSpeed JSON (ZeRO stage, bf16...)
     steps: int = 200
     warmup_steps: int = 10
     lr_schedule: str = "cosine"
@@ -282,22 +531,30 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 8
     log_interval: int = 10
+    save_interval: int = 0  # steps between checkpoints (0: none; the last step is saved when > 0)
+    keep_last: int = 2  # complete checkpoints kept (older ones are deleted)
     seed: int = 0
     dtype: str = "float32"
     num_threads: int = 0  # 0: leave torch's default
 
     def __post_init__(self) -> None:
+        check_types(self)
+        _check_choice("engine", self.engine, ENGINES)
+        if (self.engine == "deepspeed") != (self.deepspeed_config is not None):
+            if self.engine == "deepspeed":
+                raise ConfigError("deepspeed_config", None, "engine 'deepspeed' needs a DeepSpeed JSON (or --deepspeed)")
+            raise ConfigError("deepspeed_config", self.deepspeed_config, f"only for engine 'deepspeed', not {self.engine!r}")
         _check_positive("steps", self.steps, integer=True)
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"Invalid warmup_steps={self.warmup_steps!r}: must be an integer >= 0")
+        _check_nonneg("warmup_steps", self.warmup_steps, integer=True)
         _check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _check_positive("grad_accum", self.grad_accum, integer=True)
         _check_positive("eval_interval", self.eval_interval, integer=True)
         _check_positive("eval_batches", self.eval_batches, integer=True)
         _check_positive("log_interval", self.log_interval, integer=True)
+        _check_nonneg("save_interval", self.save_interval, integer=True)
+        _check_positive("keep_last", self.keep_last, integer=True)
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
-        if isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int) or self.num_threads < 0:
-            raise ValueError(f"Invalid num_threads={self.num_threads!r}: must be an integer >= 0")
+        _check_nonneg("num_threads", self.num_threads, integer=True)
 
 
 @dataclass(kw_only=True)
@@ -309,7 +566,10 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
+    def __post_init__(self) -> None:
+        check_types(self)
+
 
 def load_config(path: str | os.PathLike, cls: type = JobConfig):
-    """Load a YAML/JSON file strictly into ``cls`` (unknown keys raise ``ValueError``)."""
-    return from_dict(cls, read_mapping(path), where=os.path.basename(os.fspath(path)))
+    """Load a YAML/JSON file strictly into ``cls`` (errors name the key with its dotted path)."""
+    return from_dict(cls, read_mapping(path))

@@ -6,7 +6,7 @@
 ``fn(rank, world_size, *args)`` in each, and returns the list of per-rank return
 values (anything ``torch.save`` can store). A failure on any rank raises
 ``RuntimeError`` carrying that rank's traceback. Teardown follows
-ENGINE-NOTES: ``gc.collect(); barrier(); destroy_process_group()``.
+the order ``docs/design.md`` §6 gives: ``gc.collect(); barrier(); destroy_process_group()``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,15 @@
-"""Unbiased low-rank gradient-communication compression as a DDP comm hook (DESIGN §4.3).
+"""Unbiased low-rank gradient-communication compression as a DDP comm hook (``docs/design.md`` §4.3).
 
 Shape of torch's PowerSGD hook: a state object (:class:`PlumageHookState`, ``__slots__``,
 pickles without its process group) and a free hook function (:func:`plumage_hook`)::
 
-    state = PlumageHookState(ddp_model, estimator="plumage", rank=8, tau=200)
+    state = PlumageHookState(ddp_model, estimator="plumage", rank=8, update_interval=200)
     ddp_model.register_comm_hook(state, plumage_hook)
+
+The knobs are those of :class:`~plumage_ds.config.OptimizerConfig` (the same schema, loaded by
+the same strict ``from_dict`` as the main job's ``optimizer:`` section): ``estimator``, ``rank``,
+``update_interval``, ``seed``, ``svd_method``, ``uniform_mix``, plus the hook's own
+``comm_hook.start_iter`` / ``comm_hook.min_compression_rate`` (also accepted as plain keywords).
 
 Any optimizer then sees, per parameter, an **unbiased** estimate of the averaged gradient:
 ``E[Ĝ] = G = mean_k G_k`` over the estimator's randomness, with **no error feedback** and no
@@ -14,21 +19,21 @@ Estimators (one state field, ``estimator``), all in the oriented frame of
 :mod:`plumage_ds.estimators.spectral` (``G_o`` is ``(s, l)``, ``s = min(m, n)``):
 
 * ``"haar"`` — Haar–Stiefel: ``P`` uniform on the Stiefel manifold, drawn on every rank from
-  ``sampler_generator(seed, param_id, (iter − start_iter) // kappa)``; ``d = r/s``, so
+  ``sampler_generator(seed, param_id, (iter − start_iter) // update_interval)``; ``d = r/s``, so
   ``Ĝ = (s/r) P Pᵀ G``. No communication to agree on ``P``.
 * ``"plumage"`` — ``P, d`` from :func:`~plumage_ds.estimators.plumage_projection` of the
-  *averaged* gradient of a refresh step (every ``tau`` steps), computed once on the matrix's
+  *averaged* gradient of a refresh step (every ``update_interval`` steps), computed once on the matrix's
   owner and broadcast. For any later ``G``, ``E_S[P D⁻¹ Pᵀ] = Σ_i p_i u_i u_iᵀ / p_i = I``
   whenever every ``p_i > 0``, so ``E[Ĝ] = G`` holds on every step until the next refresh.
-* ``"topr"`` — GaLore-style top-``r`` (``d = 1``), refreshed like ``plumage``. **Biased**;
-  a test/baseline knob only.
+* ``"galore"`` — GaLore-style top-``r`` (``d = 1``), refreshed like ``plumage``. **Biased**;
+  a baseline knob (called ``topr`` before the config schema was unified).
 
 Collectives per bucket (all synchronous, through :class:`~plumage_ds.distributed.comm.Collectives`,
 so the hook works with many buckets on gloo and NCCL and returns an already-completed Future):
 
 * warm-up step (``iter < start_iter``), or a bucket with no compressed matrix:
   one all-reduce of the bucket buffer (tag ``dense_grad``);
-* refresh step (``plumage``/``topr``, ``(iter − start_iter) % tau == 0``): one all-reduce of
+* refresh step (estimators whose ``P`` needs the gradient, ``(iter − start_iter) % update_interval == 0``): one all-reduce of
   the whole bucket buffer (tag ``refresh_grad``; the step's output is the exact average), then
   one broadcast per owner rank of the packed ``[P, d]`` of its refreshed matrices (tag
   ``projector``);
@@ -42,6 +47,7 @@ has ``ndim >= 2`` (viewed as ``(shape[0], numel / shape[0])``) and its compressi
 requested rank go uncompressed; :meth:`PlumageHookState.param_modes` reports each decision.
 """
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -49,6 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from plumage_ds.config import CommHookConfig, OptimizerConfig, check_estimator, from_dict, to_dict
 from plumage_ds.distributed.comm import Collectives
 from plumage_ds.distributed.ownership import greedy_ownership
 from plumage_ds.estimators import (
@@ -61,12 +68,33 @@ from plumage_ds.estimators import (
     sampler_generator,
 )
 
-__all__ = ["HOOK_ESTIMATORS", "PlumageHookState", "plumage_hook"]
+from plumage_ds.estimators.registry import estimator_names, resolve_svd_method
 
-HOOK_ESTIMATORS = ("plumage", "haar", "topr")
-"""``topr`` is biased (GaLore-style top-r, ``d = 1``): a test/baseline knob."""
+__all__ = ["HOOK_ESTIMATORS", "PlumageHookState", "hook_config", "plumage_hook"]
 
-_SVD_METHODS = ("gram", "svd")
+HOOK_ESTIMATORS = estimator_names("lowrank_adam")
+"""The registry's low-rank estimators; ``galore`` is biased (top-r, ``d = 1``): a baseline knob."""
+
+_HOOK_KEYS = tuple(f.name for f in dataclasses.fields(CommHookConfig))
+
+
+def hook_config(config=None, **knobs) -> OptimizerConfig:
+    """The hook's :class:`OptimizerConfig`: ``config`` (a config, a mapping or ``None``) plus ``knobs``.
+
+    Goes through ``from_dict(OptimizerConfig, ...)``, so a bad key or value gets the same message
+    as in the main job's YAML (``Invalid rank=0: must be a positive integer``). The hook's own
+    keys (``start_iter``, ``min_compression_rate``) may be given as plain keywords; they land in
+    ``comm_hook``. The estimator must be a low-rank one (``plumage``, ``galore`` or ``haar``).
+    """
+    data = to_dict(config) if isinstance(config, OptimizerConfig) else dict(config or {})
+    for key, value in knobs.items():
+        if key in _HOOK_KEYS:
+            data["comm_hook"] = {**dict(data.get("comm_hook") or {}), key: value}
+        else:
+            data[key] = value
+    cfg = from_dict(OptimizerConfig, data)
+    check_estimator(cfg.estimator, family="lowrank_adam")
+    return cfg
 
 
 def _named_trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -84,19 +112,19 @@ class PlumageHookState:
             ``param_id`` mixed into every seed; the hook maps ``bucket.parameters()`` to that
             index through the parameter objects, so DDP's bucket rebuild after iteration 1
             changes nothing.
+        config: an :class:`~plumage_ds.config.OptimizerConfig` (or a mapping of its keys); the
+            hook reads ``estimator`` (``plumage``, ``galore`` — biased, a baseline — or ``haar``),
+            ``rank`` (capped at each matrix's short side), ``update_interval`` (steps between
+            refreshes of ``P``; for ``haar`` between redraws, 1 = a fresh ``P`` every step),
+            ``seed`` (every draw comes from ``sampler_generator(seed, param_id, draw)``),
+            ``svd_method`` and ``uniform_mix`` (PLUMAGE: mix ``ε`` of uniform probability into the
+            design so no direction has ``p = 0``; that keeps ``E[Ĝ_t] = G_t`` for the gradients
+            *between* refreshes too — 0.1 cost no loss in the measurements of ``docs/benchmarks.md``;
+            0, the default of the one schema, is the paper's design), and
+            ``comm_hook.start_iter`` (warm-up steps with a plain all-reduce) and
+            ``comm_hook.min_compression_rate`` (compress a matrix only if ``s / min(rank, s) >=`` it).
         process_group: group to communicate on (``None``: the default group).
-        estimator: ``"plumage"`` (default), ``"haar"`` or ``"topr"`` (biased, tests only).
-        rank: target rank ``r >= 1`` of every compressed matrix (capped at its short side).
-        tau: PLUMAGE/top-r refresh interval in steps.
-        kappa: Haar redraw interval in steps (1: a fresh ``P`` every step).
-        start_iter: warm-up steps that run a plain all-reduce.
-        min_compression_rate: compress a matrix only if ``s / min(rank, s) >=`` this (``>= 1``).
-        seed: shared seed; every draw comes from ``sampler_generator(seed, param_id, draw)``.
-        svd_method: ``"gram"`` (eigh of the Gram matrix, default) or ``"svd"`` for PLUMAGE/top-r.
-        uniform_mix: PLUMAGE: mix ``ε`` of uniform probability into the sampling design
-            (:func:`~plumage_ds.estimators.mix_uniform`) so no direction has ``p = 0``; this keeps
-            ``E[Ĝ_t] = G_t`` for the gradients *between* refreshes too and bounds their variance
-            (default 0.1; ``0`` is the paper's design, biased between refreshes wherever ``p = 0``).
+        **knobs: config keys given directly (``rank=4``, ``start_iter=0``...), applied over ``config``.
 
     Invariant: every rank holds the same ``iter`` and the same ``(P, d)`` for every matrix, so
     the decompressed gradient is bit-identical across ranks and DDP replicas stay in sync.
@@ -130,41 +158,22 @@ class PlumageHookState:
     def __init__(
         self,
         model: torch.nn.Module,
+        config=None,
         *,
         process_group: Optional[dist.ProcessGroup] = None,
-        estimator: str = "plumage",
-        rank: int = 8,
-        tau: int = 200,
-        kappa: int = 1,
-        start_iter: int = 10,
-        min_compression_rate: float = 2.0,
-        seed: int = 0,
-        svd_method: str = "gram",
-        uniform_mix: float = 0.1,
+        **knobs,
     ) -> None:
-        if estimator not in HOOK_ESTIMATORS:
-            raise ValueError(f"Invalid {estimator=}: must be one of {list(HOOK_ESTIMATORS)}")
-        for name, value in (("rank", rank), ("tau", tau), ("kappa", kappa)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name}={value!r}: must be an integer >= 1")
-        if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
-            raise ValueError(f"Invalid {start_iter=}: must be an integer >= 0")
-        if not (isinstance(min_compression_rate, (int, float)) and min_compression_rate >= 1):
-            raise ValueError(f"Invalid {min_compression_rate=}: must be a number >= 1")
-        if svd_method not in _SVD_METHODS:
-            raise ValueError(f"Invalid {svd_method=}: must be one of {list(_SVD_METHODS)}")
+        cfg = hook_config(config, **knobs)
         self.process_group = process_group
-        self.estimator = estimator
-        self.rank = rank
-        self.tau = tau
-        self.kappa = kappa
-        self.start_iter = start_iter
-        self.min_compression_rate = float(min_compression_rate)
-        self.seed = int(seed)
-        self.svd_method = svd_method
-        if isinstance(uniform_mix, bool) or not isinstance(uniform_mix, (int, float)) or not 0 <= uniform_mix <= 1:
-            raise ValueError(f"Invalid {uniform_mix=}: must be in [0, 1]")
-        self.uniform_mix = float(uniform_mix)
+        self.estimator = cfg.estimator
+        self.rank = cfg.rank
+        self.tau = cfg.update_interval  # refresh interval (estimators that need the gradient)
+        self.kappa = cfg.update_interval  # redraw interval (haar): the same knob
+        self.start_iter = cfg.comm_hook.start_iter
+        self.min_compression_rate = cfg.comm_hook.min_compression_rate
+        self.seed = cfg.seed
+        self.svd_method = resolve_svd_method(cfg.estimator, cfg.svd_method) or "gram"  # haar: unused
+        self.uniform_mix = cfg.uniform_mix
         self.iter = 0
         named = _named_trainable(model)
         if not named:
@@ -288,7 +297,7 @@ class PlumageHookState:
         it = self.iter if it is None else it
         if it < self.start_iter:
             return "warmup"
-        if self.estimator in ("plumage", "topr") and (it - self.start_iter) % self.tau == 0:
+        if check_estimator(self.estimator).needs_gradient and (it - self.start_iter) % self.tau == 0:
             return "refresh"
         return "lowrank"
 
@@ -394,7 +403,7 @@ def plumage_hook(state: PlumageHookState, bucket: dist.GradBucket) -> torch.futu
     Per bucket, synchronously (see the module docstring for the full list):
 
     * warm-up / nothing to compress: ``all_reduce(buffer / W)``;
-    * refresh (``plumage``/``topr``): ``all_reduce(buffer / W)`` — exact for this step — then
+    * refresh (``plumage``/``galore``): ``all_reduce(buffer / W)`` — exact for this step — then
       per owner one ``broadcast`` of the packed ``[P, d]`` it computed from that average;
     * ordinary step: ``all_reduce(pack(Pᵀ G_k) / W)`` for the compressed matrices and
       ``all_reduce(pack(rest) / W)``; then ``G_o ← P D⁻¹ R`` in the bucket buffer.

@@ -1,4 +1,4 @@
-"""Pure estimator math (no ``torch.distributed``): probabilities, samplers, projectors."""
+"""Pure estimator math (no ``torch.distributed``): probabilities, samplers, projectors, the registry."""
 
 from .gum import sample_layers
 from .probabilities import estimator_variance, inclusion_probabilities, is_deterministic, mix_uniform
@@ -15,18 +15,24 @@ from .projectors import (
     realign_moments,
     realignment,
 )
+from .registry import ESTIMATORS, EstimatorSpec, estimator_names, estimator_problem, get_estimator
 from .sampling import derive_seed, sampler_generator, systematic_sample
 from .spectral import deorient, gram_basis, is_left, orient, oriented_shape, short_side_basis
 
 __all__ = [
+    "ESTIMATORS",
+    "EstimatorSpec",
     "Projection",
     "build_projection",
     "deorient",
     "derive_seed",
     "estimate",
+    "estimator_names",
+    "estimator_problem",
     "estimator_variance",
     "galore_from_basis",
     "galore_projection",
+    "get_estimator",
     "gram_basis",
     "haar_projection",
     "inclusion_probabilities",

@@ -3,10 +3,11 @@
 See ``docs/deepspeed.md`` for the mechanism and the reasoning (read from
 DeepSpeed 0.19.8's source). In short:
 
-* :func:`initialize` pops the ``"plumage"`` section (:class:`PlumageSectionConfig`)
-  and the ``"optimizer"`` section (AdamW hyperparameters) from the DeepSpeed
-  config, selects the target matrices with
-  :func:`~plumage_ds.optim.lowrank_param_groups`, prints (rank 0) one row per
+* :func:`initialize` pops the ``"plumage"`` section, the ``"optimizer"`` section
+  (AdamW hyperparameters) and ``gradient_clipping`` from the DeepSpeed config and
+  loads them into ONE :class:`~plumage_ds.config.OptimizerConfig` (the schema of the
+  main job's ``optimizer:`` section, same strict loading), selects the target matrices with
+  :func:`~plumage_ds.optim.lowrank_param_groups`, logs (rank 0, INFO) one row per
   parameter with its mode, and hands DeepSpeed a **composite client optimizer**
   (:class:`PlumageDeepSpeedOptimizer`) whose ``param_groups`` are only the
   non-target parameters. ZeRO flattens, partitions and reduces exactly those; the
@@ -38,17 +39,20 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..config import from_dict, validate_adam_options, validate_lowrank_options
+from ..config import ConfigError, OptimizerConfig, from_dict
+from ..io import atomic_torch_save
 from ..optim.adam import adam_direction, adam_step_size, adam_update_moments, zeros_state
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_STAGES = (0, 1, 2, 3)
 VERIFIED_DEEPSPEED = "0.19.8"
@@ -58,53 +62,7 @@ _SIDE_FILE = "plumage_optim_rank{rank}_of_{world}.pt"
 
 # --------------------------------------------------------------------------- config
 
-
-@dataclass(kw_only=True)
-class PlumageSectionConfig:
-    """The ``"plumage"`` section of a DeepSpeed JSON config (strict: unknown keys raise).
-
-    Adam hyperparameters (``lr``, ``betas``, ``eps``, ``weight_decay``) come from the
-    DeepSpeed ``"optimizer"`` section (type ``AdamW`` or ``Adam``; weight decay is
-    decoupled in both, as DeepSpeed's default ``adam_w_mode=True``) and apply to
-    targets and non-targets alike.
-    """
-
-    rank: int = 8
-    update_interval: int = 200
-    estimator: str = "plumage"
-    target_modules: tuple[str, ...] = (r".*(attn|attention|mlp).*",)
-    scale: float = 1.0
-    dinv_placement: str = "none"
-    realign: Optional[bool] = None
-    svd_method: str = "gram"
-    seed: int = 0
-    strict: bool = False
-    print_report: bool = True
-
-    def __post_init__(self) -> None:
-        validate_lowrank_options(
-            rank=self.rank,
-            update_interval=self.update_interval,
-            estimator=self.estimator,
-            scale=self.scale,
-            dinv_placement=self.dinv_placement,
-            svd_method=self.svd_method,
-        )
-        if self.realign is not None and not isinstance(self.realign, bool):
-            raise ValueError(f"Invalid realign={self.realign!r}: must be true, false or null")
-        if isinstance(self.target_modules, str):
-            self.target_modules = (self.target_modules,)
-        if not self.target_modules or not all(isinstance(t, str) for t in self.target_modules):
-            raise ValueError(f"Invalid target_modules={self.target_modules!r}: must be a non-empty list of regexes")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"Invalid seed={self.seed!r}: must be an integer")
-        for key in ("strict", "print_report"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"Invalid {key}={getattr(self, key)!r}: must be true or false")
-
-
 _ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
-_ADAM_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
 
 
 def _read_config(config: Any) -> dict:
@@ -116,20 +74,26 @@ def _read_config(config: Any) -> dict:
     raise ValueError(f"Invalid config: expected a dict or a JSON path, got {type(config).__name__}")
 
 
-def split_config(config: Any) -> tuple[dict, PlumageSectionConfig, dict, float, int]:
-    """``(ds_config, plumage_section, adam_kwargs, max_grad_norm, stage)`` from a DeepSpeed config.
+def optimizer_config_from_deepspeed(ds: dict) -> OptimizerConfig:
+    """Pop the optimizer knobs out of DeepSpeed config ``ds`` (in place) into one :class:`OptimizerConfig`.
 
-    ``ds_config`` is what DeepSpeed gets: no ``"plumage"`` / ``"optimizer"`` section,
-    ``"gradient_clipping": 0`` (this DeepSpeed build clips at 1.0 when the key is
-    absent; clipping is done once, globally, by the composite) and
-    ``"zero_allow_untested_optimizer": true`` (the composite is a client optimizer
-    ZeRO does not know).
+    Sources, all loaded with the same strict ``from_dict`` as the main job's YAML (so a bad key or
+    value gets the same message, with ``plumage.``/``optimizer.params.`` in front of the key):
+    the ``"plumage"`` section (any :class:`OptimizerConfig` key), DeepSpeed's own
+    ``"optimizer"`` section (type ``AdamW``/``Adam``; ``params``: ``lr``, ``betas``, ``eps``,
+    ``weight_decay`` — decoupled decay in both, as DeepSpeed's default ``adam_w_mode``) and
+    ``gradient_clipping`` (→ ``max_grad_norm``; absent means no clipping here, not DeepSpeed's 1.0).
+    A knob given in two places with two values is an error naming both.
     """
-    ds = _read_config(config)
-    section = from_dict(PlumageSectionConfig, ds.pop("plumage", {}) or {}, where="plumage")
+    section = ds.pop("plumage", None)
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise ConfigError("plumage", section, "must be a mapping of optimizer keys")
+    data = dict(section)
     opt = ds.pop("optimizer", None) or {}
     if not isinstance(opt, dict):
-        raise ValueError("Invalid optimizer section: expected a mapping")
+        raise ConfigError("optimizer", opt, "must be a mapping with 'type' and 'params'")
     unknown = sorted(set(opt) - {"type", "params"})
     if unknown:
         raise ValueError(f"Unknown key(s) {unknown} in optimizer section; valid keys: ['params', 'type']")
@@ -140,18 +104,38 @@ def split_config(config: Any) -> tuple[dict, PlumageSectionConfig, dict, float, 
     unknown = sorted(set(params) - set(_ADAM_KEYS))
     if unknown:
         raise ValueError(f"Unknown key(s) {unknown} in optimizer.params; valid keys: {list(_ADAM_KEYS)}")
-    adam = {**_ADAM_DEFAULTS, **params}
-    adam["betas"] = tuple(adam["betas"])
-    validate_adam_options(**adam)
-    clip = ds.pop("gradient_clipping", 0.0)
-    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0 or not math.isfinite(clip):
-        raise ValueError(f"Invalid gradient_clipping={clip!r}: must be a finite number >= 0")
+    adam = from_dict(OptimizerConfig, params, section="optimizer.params").adam_kwargs() if params else {}
+    given = {k: adam[k] for k in params}
+    if "gradient_clipping" in ds:
+        clip = ds.pop("gradient_clipping")
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0 or not math.isfinite(clip):
+            raise ConfigError("gradient_clipping", clip, "must be a finite number >= 0")
+        given["max_grad_norm"] = float(clip)
+    for key, value in given.items():
+        if key in data and getattr(from_dict(OptimizerConfig, {key: data[key]}, section="plumage"), key) != value:
+            where = "gradient_clipping" if key == "max_grad_norm" else f"optimizer.params.{key}"
+            raise ValueError(f"Conflicting {key}: plumage.{key}={data[key]!r} but {where}={value!r}; give it once")
+        data[key] = list(value) if isinstance(value, tuple) else value
+    return from_dict(OptimizerConfig, data, section="plumage")
+
+
+def split_config(config: Any) -> tuple[dict, OptimizerConfig, int]:
+    """``(ds_config, optimizer_config, stage)`` from a DeepSpeed config (dict or JSON path).
+
+    ``ds_config`` is what DeepSpeed gets: no ``"plumage"`` / ``"optimizer"`` section,
+    ``"gradient_clipping": 0`` (this DeepSpeed build clips at 1.0 when the key is
+    absent; clipping is done once, globally, by the composite) and
+    ``"zero_allow_untested_optimizer": true`` (the composite is a client optimizer
+    ZeRO does not know). ``optimizer_config`` is :func:`optimizer_config_from_deepspeed`.
+    """
+    ds = _read_config(config)
+    cfg = optimizer_config_from_deepspeed(ds)
     ds["gradient_clipping"] = 0.0
     ds["zero_allow_untested_optimizer"] = True
     zero = ds.get("zero_optimization", {}) or {}
-    stage = int(zero.get("stage", 0))
+    stage = zero.get("stage", 0)
     if stage not in SUPPORTED_STAGES:
-        raise ValueError(f"Invalid zero_optimization.stage={stage!r}: must be 0, 1, 2 or 3")
+        raise ConfigError("zero_optimization.stage", stage, "must be 0, 1, 2 or 3")
     if zero.get("elastic_checkpoint"):
         raise ValueError(
             "zero_optimization.elastic_checkpoint=true drops the client optimizer's non-partition state (PLUMAGE "
@@ -167,7 +151,7 @@ def split_config(config: Any) -> tuple[dict, PlumageSectionConfig, dict, float, 
             f"bf16 with zero stage {stage} is not supported (DeepSpeed wraps the optimizer in its FP16/BF16 "
             "optimizer there, which flattens every group; only stage 2 + bf16 is verified)"
         )
-    return ds, section, adam, float(clip), stage
+    return ds, cfg, stage
 
 
 # --------------------------------------------------------------------------- ZeRO-3 target updates
@@ -244,13 +228,8 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
         dense_params: list[Tensor],
         target_groups: list[dict],
         *,
-        lr: float,
-        betas: tuple[float, float],
-        eps: float,
-        weight_decay: float,
+        config: OptimizerConfig,
         stage: int,
-        max_grad_norm: float = 0.0,
-        plumage: Optional[PlumageSectionConfig] = None,
         process_group: Optional[dist.ProcessGroup] = None,
         dense_names: Optional[list[str]] = None,
     ) -> None:
@@ -264,30 +243,16 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
             )
         if stage not in SUPPORTED_STAGES:
             raise ValueError(f"Invalid stage={stage!r}: must be 0, 1, 2 or 3")
-        section = plumage or PlumageSectionConfig()
-        super().__init__([{"params": list(dense_params)}], dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        if config.spec.family != "lowrank_adam":
+            raise ConfigError(
+                "estimator", config.estimator, "the DeepSpeed composite runs 'plumage', 'galore' or 'haar' on its targets"
+            )
+        super().__init__([{"params": list(dense_params)}], config.adam_kwargs())
         self.stage = stage
         self.dense_names = list(dense_names) if dense_names else None
-        self.plumage = cls(
-            target_groups,
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            rank=section.rank,
-            update_interval=section.update_interval,
-            estimator=section.estimator,
-            scale=section.scale,
-            dinv_placement=section.dinv_placement,
-            realign=section.realign,
-            svd_method=section.svd_method,
-            seed=section.seed,
-            strict=section.strict,
-            max_grad_norm=max_grad_norm,
-            process_group=process_group,
-        )
+        self.plumage = cls(target_groups, **config.lowrank_kwargs(), process_group=process_group)
         self.plumage.external_grad_sq_norm = self._dense_grad_sq_norm
-        self._base_lr = float(lr)
+        self._base_lr = float(config.lr)
         self._plumage_base_lr = [float(g["lr"]) for g in self.plumage.param_groups]
         self._targets = [p for g in self.plumage.param_groups for p in g["params"]]
 
@@ -458,13 +423,13 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
 # --------------------------------------------------------------------------- public entry points
 
 
-def _print_report(rows: list[dict], dense: list[tuple[str, list]]) -> None:
+def _log_report(rows: list[dict], dense: list[tuple[str, list]]) -> None:
     lines = [f"{'parameter':<48} {'shape':<14} {'mode':<8} {'owner':<5} reason"]
     for r in rows:
         lines.append(f"{r['name']:<48} {str(tuple(r['shape'])):<14} {r['mode']:<8} {r['owner']!s:<5} {r['reason']}")
     for name, shape in dense:
         lines.append(f"{name:<48} {str(tuple(shape)):<14} {'adamw':<8} {'zero':<5} DeepSpeed ZeRO partition (not a target)")
-    print("[plumage_ds] DeepSpeed adapter, parameter modes:\n" + "\n".join(lines), flush=True)
+    logger.info("DeepSpeed adapter, parameter modes:\n%s", "\n".join(lines))
 
 
 def initialize(model, config, model_parameters=None, **kwargs):
@@ -485,37 +450,32 @@ def initialize(model, config, model_parameters=None, **kwargs):
     """
     import deepspeed
 
-    from ..optim import lowrank_param_groups
+    from ..optim.factory import select_groups
 
     for bad in ("optimizer", "mpu", "config_params"):
         if kwargs.get(bad) is not None:
             raise ValueError(f"plumage_ds.integrations.deepspeed.initialize does not take {bad}=")
     if model_parameters is not None:
         raise ValueError("model_parameters must be None: PLUMAGE selects targets from model via plumage.target_modules")
-    ds_config, section, adam, clip, stage = split_config(config)
+    ds_config, cfg, stage = split_config(config)
+    if cfg.spec.family != "lowrank_adam":
+        raise ConfigError(
+            "plumage.estimator", cfg.estimator,
+            "the DeepSpeed composite runs 'plumage', 'galore' or 'haar'; for AdamW hand DeepSpeed torch.optim.AdamW",
+        )
     if not dist.is_initialized():
         backend = "gloo" if os.environ.get("DS_ACCELERATOR", "") == "cpu" or not torch.cuda.is_available() else None
         deepspeed.init_distributed(dist_backend=backend)
-    groups, _ = lowrank_param_groups(
-        model, target_modules=list(section.target_modules), rank=section.rank, strict=section.strict
-    )
+    groups, _ = select_groups(model, cfg)
     target_groups = [g for g in groups if g.get("lowrank")]
     dense_groups = [g for g in groups if not g.get("lowrank")]
     if not target_groups:
-        raise ValueError(f"plumage.target_modules={list(section.target_modules)!r} selected no matrix of the model")
+        raise ConfigError("plumage.target_modules", list(cfg.target_modules), "selected no matrix of the model")
     dense_params = [p for g in dense_groups for p in g["params"]]
     dense_names = [n for g in dense_groups for n in g["names"]]
-    composite = PlumageDeepSpeedOptimizer(
-        dense_params,
-        target_groups,
-        stage=stage,
-        max_grad_norm=clip,
-        plumage=section,
-        dense_names=dense_names,
-        **adam,
-    )
-    if section.print_report and dist.get_rank() == 0:
-        _print_report(composite.plumage.matrix_report(), [(n, list(p.shape)) for n, p in zip(dense_names, dense_params)])
+    composite = PlumageDeepSpeedOptimizer(dense_params, target_groups, config=cfg, stage=stage, dense_names=dense_names)
+    if dist.get_rank() == 0:
+        _log_report(composite.plumage.matrix_report(), [(n, list(p.shape)) for n, p in zip(dense_names, dense_params)])
     engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(
         model=model, optimizer=composite, config=ds_config, **kwargs
     )
@@ -550,8 +510,7 @@ def save_checkpoint(engine, save_dir: str, tag: Optional[str] = None, client_sta
     ok = engine.save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, **kw)
     if opt.stage == 0:
         path = os.path.join(save_dir, str(tag), _SIDE_FILE.format(rank=opt.comm.rank, world=opt.comm.world_size))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(opt.state_dict(), path)
+        atomic_torch_save(opt.state_dict(), path)
         dist.barrier()
     return ok
 
@@ -581,8 +540,8 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None, **kw):
 
 
 __all__ = [
-    "PlumageSectionConfig",
     "PlumageDeepSpeedOptimizer",
+    "optimizer_config_from_deepspeed",
     "split_config",
     "initialize",
     "plumage_optimizer",

@@ -1,4 +1,9 @@
-"""Build the optimizer a job config asks for (``OptimizerConfig.estimator``)."""
+"""The one factory: an :class:`~plumage_ds.config.OptimizerConfig` in, an optimizer out.
+
+The estimator's registry entry (:mod:`plumage_ds.estimators.registry`) picks the optimizer
+family; the config's fields go to the constructor through one mapping per family
+(:meth:`OptimizerConfig.lowrank_kwargs`, :meth:`OptimizerConfig.gum_kwargs`), never copied by hand.
+"""
 
 from __future__ import annotations
 
@@ -9,51 +14,41 @@ from ..config import OptimizerConfig
 from .param_groups import lowrank_param_groups
 
 
+def select_groups(model: nn.Module, cfg: OptimizerConfig) -> tuple[list[dict], list[dict]]:
+    """``lowrank_param_groups`` with the config's ``target_modules``, ``rank`` and ``strict``."""
+    return lowrank_param_groups(model, target_modules=cfg.target_modules, rank=cfg.rank, strict=cfg.strict)
+
+
+def adamw_rows(model: nn.Module) -> list[dict]:
+    """One report row per trainable parameter for the full-rank AdamW baseline."""
+    return [
+        {"name": n, "shape": list(p.shape), "mode": "adamw", "reason": "estimator=adamw"}
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    ]
+
+
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, **extra) -> tuple[torch.optim.Optimizer, list[dict]]:
     """Return ``(optimizer, rows)``; ``rows`` has one ``{name, shape, mode, reason}`` per parameter.
 
-    ``adamw``: ``torch.optim.AdamW`` on everything. ``plumage``/``galore``/``haar``:
-    :class:`PlumageAdamW` on the matrices matched by ``cfg.target_modules``.
-    ``gum``: :class:`GUM`. ``extra`` goes to the optimizer constructor (e.g. a
-    ``distributor``).
+    ``adamw``: ``torch.optim.AdamW`` on everything. ``max_grad_norm`` is the caller's job for
+    every optimizer without a ``max_grad_norm`` attribute (AdamW, GUM): clip before ``step()``. ``lowrank_adam`` estimators:
+    :class:`PlumageAdamW` on the matrices matched by ``cfg.target_modules``. ``gum``: :class:`GUM`.
+    ``extra`` goes to the constructor (e.g. a ``distributor``).
     """
-    if cfg.estimator == "adamw":
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(
-            [p for _, p in params], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
-        )
-        rows = [{"name": n, "shape": list(p.shape), "mode": "adamw", "reason": "estimator=adamw"} for n, p in params]
-        return opt, rows
-    groups, rows = lowrank_param_groups(
-        model, target_modules=cfg.target_modules, rank=cfg.rank, strict=cfg.strict
-    )
-    common = dict(
-        lr=cfg.lr,
-        betas=cfg.betas,
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        rank=cfg.rank,
-        update_interval=cfg.update_interval,
-        scale=cfg.scale,
-        svd_method=cfg.svd_method,
-        seed=cfg.seed,
-        strict=cfg.strict,
-        **extra,
-    )
-    if cfg.estimator == "gum":
+    family = cfg.spec.family
+    if family == "adamw":
+        if extra:
+            raise ValueError(f"Invalid arguments {sorted(extra)} for estimator='adamw' (torch.optim.AdamW)")
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, **cfg.adam_kwargs()), adamw_rows(model)
+    groups, _ = select_groups(model, cfg)
+    if family == "gum":
         from .gum import GUM
 
-        opt = GUM(groups, gamma=cfg.gum_gamma, momentum=cfg.gum_momentum, **common)
+        opt = GUM(groups, **cfg.gum_kwargs(), **extra)
     else:
         from .plumage_adamw import PlumageAdamW
 
-        opt = PlumageAdamW(
-            groups,
-            estimator=cfg.estimator,
-            dinv_placement=cfg.dinv_placement,
-            realign=cfg.realign,
-            uniform_mix=cfg.uniform_mix,
-            max_grad_norm=cfg.grad_clip,
-            **common,
-        )
+        opt = PlumageAdamW(groups, **cfg.lowrank_kwargs(), **extra)
     return opt, opt.matrix_report()

@@ -36,10 +36,12 @@ def lowrank_param_groups(
     """
     patterns = [re.compile(t) for t in target_modules]
     targets, target_names, others, other_names, report = [], [], [], [], []
+    seen: set[int] = set()  # tied weights (GPT-2's wte / lm_head): one entry, one update per step
     for module_name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
+            if not p.requires_grad or id(p) in seen:
                 continue
+            seen.add(id(p))
             full = f"{module_name}.{pname}" if module_name else pname
             matched = any(pat.search(module_name) for pat in patterns)
             if not matched:

@@ -1,7 +1,7 @@
 """Readable single-device PLUMAGE-Adam: the test oracle for the production optimizer.
 
 Clarity over speed: one loop over the parameters, one state dict per parameter,
-no fusion, no distribution. Written from the spec (DESIGN §2), independently of
+no fusion, no distribution. Written from the math of ``docs/design.md`` §2, independently of
 the production optimizer, so that the two can check each other.
 
 Math for a low-rank target ``W`` of shape ``(m, n)`` with gradient ``G``
@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from ..config import validate_adam_options, validate_lowrank_options
-from ..estimators import build_projection, deorient, is_left, orient, realign_moments, realignment, sampler_generator
+from ..estimators import deorient, is_left, orient, realign_moments, realignment, sampler_generator
+from ..estimators.registry import get_estimator, resolve_realign
 
 __all__ = ["ReferencePlumageAdam"]
 
@@ -108,10 +109,8 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
 
     @staticmethod
     def _realign_enabled(group: dict) -> bool:
-        """``realign=None`` means on for plumage and haar, off for galore (as GaLore)."""
-        if group["realign"] is None:
-            return group["estimator"] in ("plumage", "haar")
-        return bool(group["realign"])
+        """``realign=None`` means the estimator's registry default (on for plumage and haar, off for galore)."""
+        return resolve_realign(group["estimator"], group["realign"])
 
     @staticmethod
     def _adam_moments(state: dict, R: Tensor, beta1: float, beta2: float) -> None:
@@ -179,7 +178,8 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
         if state["step"] % group["update_interval"] == 0:
             k = state["step"] // group["update_interval"]  # refresh index
             gen = sampler_generator(group["seed"], matrix_id, k)
-            proj = build_projection(group["estimator"], G, group["rank"], gen, svd_method=group["svd_method"])
+            spec = get_estimator(group["estimator"], family="lowrank_adam")
+            proj = spec.build(G, group["rank"], gen, svd_method=group["svd_method"])
             P_new = proj.P.float()  # (s, r)
             d_new = proj.d.float().to(P_new.device)  # (r,)
             if "P" not in state:

@@ -1,6 +1,6 @@
 """Comparison table over main-job run directories (``plumage-ds compare DIR...``).
 
-The gap-closed column is DESIGN §5's figure generalised to every run:
+The gap-closed column is the figure of ``docs/design.md`` §5, generalised to every run:
 ``(L_galore − L_x) / (L_galore − L_adamw)`` on final eval loss — 0 for GaLore, 1 for
 AdamW, and for ``x = plumage`` exactly the figure the project is judged by. It is only
 shown when one ``adamw`` and one ``galore`` run are among the directories and their

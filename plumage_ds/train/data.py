@@ -1,21 +1,33 @@
-"""Embedded byte-level corpus: the running Python's standard-library ``.py`` sources.
+"""Corpora for the main job: where documents come from, how they split, how they become tokens.
 
-Invariants (tested in ``tests/unit/test_data.py``):
+Sources (``data.source``):
 
-* **Files.** Every ``*.py`` file under the root (default
-  ``sysconfig.get_paths()["stdlib"]``), except those under a directory named in
-  :data:`SKIP_DIRS` (third-party packages and the stdlib's own test suites, which are
-  huge and repetitive). Ordered by POSIX relative path, so the order does not depend
-  on the file system.
-* **Split.** A file belongs to the eval split iff
-  ``sha1(relative_path) / 2**64 < eval_fraction`` (first 8 bytes, big-endian). It is a
-  pure function of the path: the same on every run, machine and process, and no file is
-  in both splits. ``hash()`` is never used (it is salted per process).
-* **Bytes.** Each split is its files' bytes concatenated in path order and cut at its
-  budget: ``round(max_corpus_bytes * eval_fraction)`` bytes for eval, the rest for
-  train. Tokens are the bytes themselves (vocabulary 256).
+* ``stdlib`` (default) — the running interpreter's standard-library ``.py`` sources
+  (``data.path`` overrides the root), except directories named in :data:`SKIP_DIRS`
+  (third-party packages and the stdlib's own test suites, which are huge and repetitive);
+* ``text`` — a folder (searched recursively for files ending in ``data.extensions``) or a glob;
+* ``jsonl`` — a JSON-lines file, a folder of ``*.jsonl`` files or a glob; each line is an object
+  whose ``data.field`` is one document;
+* ``hf_dataset`` — a ``datasets`` dataset saved with ``save_to_disk`` (the ``data.split`` of a
+  ``DatasetDict``); column ``data.field`` is one document per row.
+
+Invariants (tested in ``tests/unit/test_data.py`` and ``tests/unit/test_sources.py``):
+
+* **Order.** Files are ordered by POSIX relative path (not the file system's listing order);
+  records keep their order within a file/dataset.
+* **Split.** A document belongs to the eval split iff ``sha1(key) / 2**64 < eval_fraction``
+  (first 8 bytes, big-endian), where ``key`` is the file's relative path (``stdlib``, ``text``)
+  or the record's text (``jsonl``, ``hf_dataset``; so duplicated records never straddle the
+  split). A pure function of the key: the same on every run, machine and process, and no
+  document is in both splits. ``hash()`` is never used (it is salted per process).
+* **Bytes.** Each split is its documents' UTF-8 bytes concatenated in order (records end with a
+  newline) and cut at its budget: ``round(max_corpus_bytes * eval_fraction)`` bytes for eval,
+  the rest for train.
+* **Tokens.** ``data.tokenizer: byte`` — the bytes themselves (vocabulary 256, ``uint8``);
+  otherwise a directory with a ``tokenizer.json`` (the ``tokenizers`` library) encodes each
+  split's text (``int32`` ids, vocabulary from the tokenizer).
 * **Batches.** Step ``s`` of the training stream is a *global* batch of windows of
-  ``seq_len + 1`` bytes whose start offsets are drawn with a ``torch.Generator`` seeded
+  ``seq_len + 1`` tokens whose start offsets are drawn with a ``torch.Generator`` seeded
   from ``(seed, s)`` only. The batch for step ``s`` therefore does not depend on which
   steps were drawn before, on the process, or on the world size; a data-parallel rank
   ``k`` of ``W`` takes the ``k``-th contiguous slice (:func:`rank_slice`).
@@ -26,16 +38,19 @@ Invariants (tested in ``tests/unit/test_data.py``):
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import json
 import os
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from plumage_ds.config import DataConfig
+from plumage_ds.config import ConfigError, DataConfig
 from plumage_ds.estimators.sampling import derive_seed
 
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
@@ -56,7 +71,7 @@ def list_sources(root: str | os.PathLike) -> list[str]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"Invalid data root={str(root)!r}: not a directory")
+        raise ConfigError("data.path", str(root), "not a directory")
     paths = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
@@ -64,13 +79,15 @@ def list_sources(root: str | os.PathLike) -> list[str]:
             if name.endswith(".py"):
                 paths.append(Path(dirpath, name).relative_to(root).as_posix())
     if not paths:
-        raise ValueError(f"Invalid data root={str(root)!r}: no .py files outside {sorted(SKIP_DIRS)}")
+        raise ConfigError("data.path", str(root), f"no .py files outside {sorted(SKIP_DIRS)}")
     return sorted(paths)
 
 
-def is_eval_file(rel_path: str, eval_fraction: float) -> bool:
-    """Stable split rule: ``sha1(rel_path)`` read as a fraction of 2**64, vs ``eval_fraction``."""
-    digest = hashlib.sha1(rel_path.encode("utf-8")).digest()
+def is_eval_file(key: str, eval_fraction: float) -> bool:
+    """Stable split rule: ``sha1(key)`` read as a fraction of 2**64, vs ``eval_fraction``.
+
+    ``key`` is a file's relative path or a record's text (see the module docstring)."""
+    digest = hashlib.sha1(key.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64 < eval_fraction
 
 
@@ -82,71 +99,231 @@ def split_files(paths: list[str], eval_fraction: float) -> tuple[list[str], list
     return train, evals
 
 
-def _concat(root: Path, paths: list[str], budget: int) -> tuple[bytes, list[str]]:
-    """Concatenate files in order until ``budget`` bytes; return bytes and files used."""
-    parts, used, size = [], [], 0
-    for p in paths:
-        if size >= budget:
+@dataclass(frozen=True)
+class Document:
+    """One document: its split ``key`` and a function returning its bytes (read lazily)."""
+
+    key: str
+    read: Callable[[], bytes]
+
+
+def _file_documents(root: Path, paths: list[str]) -> list[Document]:
+    return [Document(p, (lambda p=p: (root / p).read_bytes())) for p in paths]
+
+
+def list_text_files(path: str, extensions: tuple[str, ...]) -> tuple[Path, list[str]]:
+    """``(base, relative paths)`` of a ``text`` source: a folder (recursive, by extension) or a glob.
+
+    Relative paths are POSIX, sorted, relative to the folder (or to the glob's fixed prefix).
+    """
+    p = Path(path)
+    if p.is_dir():
+        base = p
+        files = [f for f in p.rglob("*") if f.is_file() and f.name.endswith(tuple(extensions))]
+        what = f"no files ending in {list(extensions)}"
+    else:
+        if not glob.has_magic(path):
+            raise ConfigError("data.path", path, "no such folder, and not a glob pattern")
+        fixed = Path(path.split("*")[0].split("?")[0].split("[")[0])
+        base = fixed if fixed.is_dir() else fixed.parent
+        files = [Path(f) for f in glob.glob(path, recursive=True) if Path(f).is_file()]
+        what = "the glob matches no file"
+    if not files:
+        raise ConfigError("data.path", path, what)
+    return base, sorted(f.relative_to(base).as_posix() for f in files)
+
+
+def _jsonl_files(path: str) -> tuple[Path, list[str]]:
+    p = Path(path)
+    if p.is_file():
+        return p.parent, [p.name]
+    if p.is_dir():
+        return list_text_files(path, (".jsonl",))
+    return list_text_files(path, ())
+
+
+def _record_text(record, field_name: str, where: str) -> str:
+    if not isinstance(record, dict) or field_name not in record:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ConfigError("data.field", field_name, f"missing in {where} (has {keys})")
+    text = record[field_name]
+    if not isinstance(text, str):
+        raise ConfigError("data.field", field_name, f"{where}: value is {type(text).__name__}, not text")
+    return text
+
+
+def _record_documents(texts: Iterator[str]) -> Iterator[Document]:
+    for text in texts:
+        data = (text + "\n").encode("utf-8")
+        yield Document(text, (lambda d=data: d))
+
+
+def _jsonl_texts(base: Path, files: list[str], field_name: str) -> Iterator[str]:
+    for rel in files:
+        with open(base / rel, encoding="utf-8") as fh:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ConfigError("data.path", str(base / rel), f"line {i} is not JSON ({err.msg})") from None
+                yield _record_text(record, field_name, f"{rel} line {i}")
+
+
+def _hf_texts(path: str, cfg: DataConfig) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(
+            "data.source", "hf_dataset", "needs the 'datasets' package (pip install 'plumage_ds[data]')"
+        ) from None
+    try:
+        ds = datasets.load_from_disk(path)
+    except FileNotFoundError as err:
+        raise ConfigError("data.path", path, f"not a dataset saved with save_to_disk ({err})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if cfg.split not in ds:
+            raise ConfigError("data.split", cfg.split, f"not in the saved DatasetDict (splits: {sorted(ds)})")
+        ds = ds[cfg.split]
+    if cfg.field not in ds.column_names:
+        raise ConfigError("data.field", cfg.field, f"not a column of {path} (columns: {ds.column_names})")
+    for start in range(0, len(ds), 1024):
+        for i, text in enumerate(ds[start : start + 1024][cfg.field]):
+            if not isinstance(text, str):
+                raise ConfigError("data.field", cfg.field, f"row {start + i}: value is {type(text).__name__}, not text")
+            yield text
+
+
+def documents(cfg: DataConfig) -> tuple[str, Iterator[Document]]:
+    """``(description of the source, documents in corpus order)`` for ``cfg.source``."""
+    if cfg.source == "stdlib":
+        root = Path(cfg.path if cfg.path is not None else default_root())
+        return str(root), iter(_file_documents(root, list_sources(root)))
+    if cfg.source == "text":
+        base, files = list_text_files(cfg.path, cfg.extensions)
+        return cfg.path, iter(_file_documents(base, files))
+    if cfg.source == "jsonl":
+        base, files = _jsonl_files(cfg.path)
+        return cfg.path, _record_documents(_jsonl_texts(base, files, cfg.field))
+    if cfg.source == "hf_dataset":
+        return cfg.path, _record_documents(_hf_texts(cfg.path, cfg))
+    raise ConfigError("data.source", cfg.source, "unknown source")
+
+
+def _fill_splits(docs: Iterator[Document], eval_fraction: float, budgets: tuple[int, int]):
+    """Concatenate documents into the (train, eval) splits until each budget is full."""
+    parts: tuple[list[bytes], list[bytes]] = ([], [])
+    used: tuple[list[str], list[str]] = ([], [])
+    size = [0, 0]
+    for doc in docs:
+        if size[0] >= budgets[0] and size[1] >= budgets[1]:
             break
-        data = (root / p).read_bytes()
-        parts.append(data[: budget - size])
-        used.append(p)
-        size += len(parts[-1])
-    return b"".join(parts), used
+        k = 1 if is_eval_file(doc.key, eval_fraction) else 0
+        if size[k] >= budgets[k]:
+            continue
+        data = doc.read()
+        parts[k].append(data[: budgets[k] - size[k]])
+        used[k].append(doc.key if len(doc.key) <= 200 else doc.key[:200])
+        size[k] += len(parts[k][-1])
+    return (b"".join(parts[0]), b"".join(parts[1])), used
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+class Tokenizer:
+    """``byte`` (ids = bytes, vocabulary 256) or a ``tokenizer.json`` directory."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self._tok = None
+        if spec == "byte":
+            self.vocab_size = 256
+            return
+        path = Path(spec)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise ConfigError("data.tokenizer", spec, "must be 'byte' or a directory with a tokenizer.json")
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            self._tok = HFTokenizer.from_file(str(file))
+        except Exception as err:  # tokenizers raises its own Exception type
+            raise ConfigError("data.tokenizer", spec, f"cannot load {file} ({err})") from None
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        self.file = file
+
+    def encode(self, data: bytes) -> Tensor:
+        """Token ids of ``data``: ``uint8`` bytes, or ``int32`` ids of its UTF-8 text."""
+        if self._tok is None:
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+        ids = self._tok.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False).ids
+        return torch.tensor(ids, dtype=torch.int32)
 
 
 @dataclass(frozen=True)
 class Corpus:
-    """The two splits as uint8 token tensors, plus provenance for ``summary.json``."""
+    """The two splits as token tensors, plus provenance for ``summary.json``."""
 
     root: str
     train_tokens: Tensor
     eval_tokens: Tensor
     train_files: tuple[str, ...]
     eval_files: tuple[str, ...]
+    source: str = "stdlib"
+    tokenizer: str = "byte"
+    vocab_size: int = 256
+    bytes_read: tuple[int, int] = field(default=(0, 0))
 
     def describe(self) -> dict:
-        """Plain-data description; ``sha1`` changes iff the token bytes change."""
+        """Plain-data description; ``sha1`` changes iff the token ids change."""
         h = hashlib.sha1()
         h.update(self.train_tokens.numpy().tobytes())
         h.update(b"\0eval\0")
         h.update(self.eval_tokens.numpy().tobytes())
         return {
+            "source": self.source,
             "root": self.root,
+            "tokenizer": self.tokenizer,
+            "vocab_size": self.vocab_size,
             "train_files": len(self.train_files),
             "eval_files": len(self.eval_files),
-            "train_bytes": int(self.train_tokens.numel()),
-            "eval_bytes": int(self.eval_tokens.numel()),
+            "train_bytes": self.bytes_read[0],
+            "eval_bytes": self.bytes_read[1],
+            "train_tokens": int(self.train_tokens.numel()),
+            "eval_tokens": int(self.eval_tokens.numel()),
             "sha1": h.hexdigest(),
         }
 
 
-def load_corpus(cfg: DataConfig) -> Corpus:
-    """Read and split the corpus described by ``cfg`` (see the module docstring)."""
-    root = Path(cfg.root if cfg.root is not None else default_root())
-    train_paths, eval_paths = split_files(list_sources(root), cfg.eval_fraction)
+def load_corpus(cfg: DataConfig, tokenizer: Optional[Tokenizer] = None) -> Corpus:
+    """Read, split and tokenize the corpus described by ``cfg`` (see the module docstring)."""
+    tokenizer = tokenizer if tokenizer is not None else Tokenizer(cfg.tokenizer)
+    where, docs = documents(cfg)
     eval_budget = max(1, round(cfg.max_corpus_bytes * cfg.eval_fraction))
     train_budget = cfg.max_corpus_bytes - eval_budget
-    train_bytes, train_used = _concat(root, train_paths, train_budget)
-    eval_bytes, eval_used = _concat(root, eval_paths, eval_budget)
+    (train_bytes, eval_bytes), (train_used, eval_used) = _fill_splits(docs, cfg.eval_fraction, (train_budget, eval_budget))
+    train_tokens, eval_tokens = tokenizer.encode(train_bytes), tokenizer.encode(eval_bytes)
     window = cfg.seq_len + 1
-    for split, data in (("train", train_bytes), ("eval", eval_bytes)):
-        if len(data) < window:
-            raise ValueError(
-                f"Invalid max_corpus_bytes={cfg.max_corpus_bytes}: the {split} split has "
-                f"{len(data)} bytes, fewer than seq_len+1={window} (root={str(root)!r}, "
-                f"eval_fraction={cfg.eval_fraction})"
+    for split, data, toks in (("train", train_bytes, train_tokens), ("eval", eval_bytes, eval_tokens)):
+        if toks.numel() < window:
+            raise ConfigError(
+                "data.max_corpus_bytes",
+                cfg.max_corpus_bytes,
+                f"the {split} split has {len(data)} bytes / {toks.numel()} tokens, fewer than "
+                f"seq_len+1={window} (source={cfg.source!r}, path={where!r}, eval_fraction={cfg.eval_fraction})",
             )
-
-    def as_tensor(data: bytes) -> Tensor:
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
     return Corpus(
-        root=str(root),
-        train_tokens=as_tensor(train_bytes),
-        eval_tokens=as_tensor(eval_bytes),
+        root=where,
+        train_tokens=train_tokens,
+        eval_tokens=eval_tokens,
         train_files=tuple(train_used),
         eval_files=tuple(eval_used),
+        source=cfg.source,
+        tokenizer=cfg.tokenizer,
+        vocab_size=tokenizer.vocab_size,
+        bytes_read=(len(train_bytes), len(eval_bytes)),
     )
 
 

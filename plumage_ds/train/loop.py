@@ -1,25 +1,33 @@
-"""The single-process main job: train a small LLaMA on the embedded corpus.
+"""The main job's one training loop, for every engine (:mod:`plumage_ds.train.engines`).
 
-Outputs in the run directory (see ``docs/main-job.md``):
+Outputs in the run directory (see ``docs/main-job.md``), written by rank 0:
 
 * ``config.yaml`` — the fully resolved config (reloads with ``load_config``);
 * ``metrics.jsonl`` — one JSON object per line, flushed as written:
   ``{"step", "loss", "lr", "tokens_per_s"}`` every ``log_interval`` steps and on the last
   step, and ``{"step", "eval_loss"}`` every ``eval_interval`` steps and on the last step;
+* ``checkpoints/step_<N>/`` every ``save_interval`` steps and at the last step
+  (:mod:`plumage_ds.train.checkpoint`);
+* ``model/`` — the final weights, ``save_pretrained`` (safetensors), loadable by ``transformers``;
 * ``summary.json`` — written at the end, and also when training stops on a non-finite
   loss (``status="diverged"``) so what was logged is never lost.
 
 Invariants: ``step`` counts optimizer steps done (1-based); ``loss`` is the mean training
-loss over the steps since the previous log line; ``tokens_per_s`` counts training tokens
-(inputs, not the shifted targets) over training time only (eval time excluded); the LR
-multiplier for optimizer step ``s`` (0-based) is :func:`lr_multiplier`.
+loss (over ranks and micro-batches) over the steps since the previous log line;
+``tokens_per_s`` counts training tokens (inputs, not the shifted targets) over training time
+only (eval and checkpoint time excluded); the LR multiplier for optimizer step ``s`` (0-based)
+is :func:`lr_multiplier`. Every rank makes the same collective calls in the same order; a
+non-finite loss is detected from the all-reduced loss, so every rank stops at the same step,
+before the optimizer step that would apply it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,14 +35,19 @@ from typing import Any, Optional
 
 import torch
 
-from plumage_ds.config import JobConfig, TrainConfig, to_dict
-from plumage_ds.train.data import BatchStream, load_corpus
-from plumage_ds.train.model import build_model, causal_lm_loss
+from plumage_ds.config import ConfigError, JobConfig, TrainConfig, to_dict
+from plumage_ds.io import atomic_write_json, atomic_write_text
+from plumage_ds.train.engines.base import MIN_LR_RATIO, lr_multiplier
 
-MIN_LR_RATIO = 0.1
-"""Cosine schedules decay to ``MIN_LR_RATIO * lr`` (GaLore's pre-training recipe)."""
+__all__ = ["MIN_LR_RATIO", "NonFiniteLossError", "StepRecorder", "check_job", "lr_multiplier", "train"]
+
+logger = logging.getLogger("plumage_ds.train")
 
 OUTPUT_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
+OUTPUT_DIRS = ("checkpoints", "model")
+KILL_ENV = "PLUMAGE_DS_KILL_AFTER_STEP"
+"""Fault injection for tests: after this step (and its checkpoint, if any) the process kills
+itself with SIGKILL — no cleanup runs, exactly as a ``kill -9`` would leave things."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -42,13 +55,10 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StepRecorder:
-    """Per-step bookkeeping shared by the single-process and the DeepSpeed loops.
-
-    ``record`` adds one finished step: the windowed train loss and tokens/s go to ``log``
-    every ``log_interval`` steps (and at the last step), and ``evaluate()`` runs every
-    ``eval_interval`` steps (and at the last); a non-finite eval loss raises
-    :class:`NonFiniteLossError`. Eval time is not counted in ``train_time``.
-    """
+    """Per-step bookkeeping: windowed train loss and tokens/s every ``log_interval`` steps (and
+    at the last), eval every ``eval_interval`` steps (and at the last); a non-finite eval loss
+    raises :class:`NonFiniteLossError`. Eval time is not counted in ``train_time``.
+    :meth:`state` / :meth:`load_state` carry the loss window across a resume, bit for bit."""
 
     def __init__(self, train_cfg: TrainConfig, *, tokens_per_step: int, log) -> None:
         self.tokens_per_step = tokens_per_step
@@ -75,7 +85,7 @@ class StepRecorder:
                     "step": self.steps_done,
                     "loss": self.final_train_loss,
                     "lr": lr,
-                    "tokens_per_s": self.tokens_per_step * len(self.window_losses) / self.window_time,
+                    "tokens_per_s": self.tokens_per_step * len(self.window_losses) / max(self.window_time, 1e-9),
                 }
             )
             self.window_time, self.window_losses = 0.0, []
@@ -84,6 +94,14 @@ class StepRecorder:
             self.log({"step": self.steps_done, "eval_loss": self.final_eval_loss})
             if not math.isfinite(self.final_eval_loss):
                 raise NonFiniteLossError(f"Non-finite eval loss={self.final_eval_loss} at step {self.steps_done}; stopped")
+
+    def state(self) -> dict:
+        keys = ("train_time", "window_time", "window_losses", "final_train_loss", "final_eval_loss", "steps_done")
+        return {k: getattr(self, k) for k in keys}
+
+    def load_state(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, list(v) if k == "window_losses" else v)
 
     def summary(self) -> dict:
         """The bookkeeping keys of ``summary.json``."""
@@ -96,78 +114,83 @@ class StepRecorder:
         }
 
 
-def lr_multiplier(step: int, *, steps: int, warmup_steps: int, schedule: str) -> float:
-    """Factor on the base LR for optimizer step ``step`` (0-based).
+# --------------------------------------------------------------------------- checks (no process group)
 
-    Linear warmup ``(step + 1) / warmup_steps`` for ``step < warmup_steps``; then 1
-    (``constant``) or a cosine from 1 at ``step = warmup_steps`` down to
-    :data:`MIN_LR_RATIO` at ``step = steps - 1`` (``cosine``).
+
+def world_size_from_env() -> int:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def rank_from_env() -> int:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def check_job(cfg: JobConfig, world_size: Optional[int] = None):
+    """Every check a config can fail, before any process group: tokenizer, model, engine.
+
+    Returns the tokenizer. Raises :class:`ValueError` (naming the key) for anything wrong.
     """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    if schedule != "cosine":
-        raise ValueError(f"Invalid lr_schedule={schedule!r}: must be 'constant' or 'cosine'")
-    span = max(1, steps - 1 - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return MIN_LR_RATIO + (1.0 - MIN_LR_RATIO) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    from plumage_ds.train.data import Tokenizer
+    from plumage_ds.train.engines import engine_class
+    from plumage_ds.train.model import hf_config
 
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, Optional[dict]]:
-    """Bytes of optimizer state, measured from tensors.
-
-    Uses ``optimizer.state_bytes()["total"]`` when the optimizer provides it (it knows
-    about buffers outside ``optimizer.state``, e.g. projectors); otherwise sums
-    ``numel * element_size`` over every tensor in ``optimizer.state``. Returns
-    ``(total, detail)`` where ``detail`` is the ``state_bytes()`` dict or ``None``.
-    """
-    if callable(getattr(optimizer, "state_bytes", None)):
-        detail = optimizer.state_bytes()
-        return int(detail["total"]), detail
-
-    def size(v: Any) -> int:
-        if torch.is_tensor(v):
-            return v.numel() * v.element_size()
-        if isinstance(v, (list, tuple)):
-            return sum(size(x) for x in v)
-        if isinstance(v, dict):
-            return sum(size(x) for x in v.values())
-        return 0
-
-    return sum(size(s) for s in optimizer.state.values()), None
-
-
-def check_job(cfg: JobConfig) -> None:
-    """Cross-section checks the per-section dataclasses cannot do alone."""
-    if cfg.model.vocab_size < 256:
-        raise ValueError(f"Invalid model.vocab_size={cfg.model.vocab_size}: byte tokens need >= 256")
-    if cfg.data.seq_len > cfg.model.max_position_embeddings:
-        raise ValueError(
-            f"Invalid data.seq_len={cfg.data.seq_len}: exceeds "
-            f"model.max_position_embeddings={cfg.model.max_position_embeddings}"
-        )
+    tokenizer = Tokenizer(cfg.data.tokenizer)
+    hf_config(cfg.model, vocab_size=tokenizer.vocab_size, seq_len=cfg.data.seq_len)
+    world = world_size if world_size is not None else world_size_from_env()
+    batch = cfg.data.batch_size * cfg.train.grad_accum * world
+    if cfg.train.eval_batches * cfg.data.batch_size < 1 or batch < 1:
+        raise ConfigError("data.batch_size", cfg.data.batch_size, "must be >= 1")
+    engine_class(cfg.train.engine).check(cfg, world)
+    return tokenizer
 
 
 def check_out_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Path:
     """Refuse a non-directory or a non-empty ``out_dir`` (unless ``overwrite``); create nothing."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"Invalid out_dir={str(out)!r}: exists and is not a directory")
+        raise ConfigError("--out", str(out), "exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"Invalid out_dir={str(out)!r}: not empty; pass --overwrite to replace its results")
+        raise FileExistsError(f"Invalid --out={str(out)!r}: not empty; pass --overwrite to replace its results or --resume")
     return out
 
 
-def prepare_out_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Create ``out_dir``; refuse a non-empty one unless ``overwrite``.
+def check_resume(out_dir: str | os.PathLike, cfg: JobConfig) -> tuple[int, Path]:
+    """``--resume``: ``out_dir`` holds this very config and a complete checkpoint; return it."""
+    from plumage_ds.config import load_config
+    from plumage_ds.train.checkpoint import find_resume_point
 
-    With ``overwrite`` only this job's own output files are removed; anything else in
-    the directory is left alone.
-    """
+    out = Path(out_dir)
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError("--resume", str(out), "no config.yaml there: not a run directory")
+    saved, mine = to_dict(load_config(saved_path)), to_dict(cfg)
+    for section in mine:
+        for key in mine[section]:
+            if mine[section][key] != saved[section].get(key):
+                raise ValueError(
+                    f"Conflicting {section}.{key}={mine[section][key]!r} with --resume: {saved_path} has "
+                    f"{saved[section].get(key)!r}; a resumed run must use the config it started with"
+                )
+    return find_resume_point(out)
+
+
+def prepare_out_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Path:
+    """Create ``out_dir``; with ``overwrite`` remove only this job's own outputs."""
+    import shutil
+
     out = check_out_dir(out_dir, overwrite=overwrite)
     for name in OUTPUT_FILES:
         (out / name).unlink(missing_ok=True)
+    for name in OUTPUT_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -180,20 +203,37 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metric lines up to ``step`` (a killed run may have logged beyond its checkpoint)."""
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    kept = [x for x in lines if x.strip() and json.loads(x)["step"] <= step]
+    atomic_write_text(path, "".join(x + "\n" for x in kept))
+
+
+# --------------------------------------------------------------------------- the loop
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[torch.Tensor]) -> float:
-    """Mean loss over ``batches`` (equal sizes, so the mean of means is the token mean)."""
-    was_training = model.training
-    model.eval()
-    total = sum(causal_lm_loss(model, b).item() for b in batches)
-    model.train(was_training)
-    return total / len(batches)
+def evaluate(engine, batches: list[torch.Tensor]) -> float:
+    """Mean loss over the (equal-sized) eval batches, the same value on every rank.
+
+    Engines whose forward is collective (ZeRO-3) evaluate every batch on every rank; the others
+    split the batches across ranks (rank ``k`` takes ``k, k+W, ...``) and all-reduce the sum.
+    """
+    from plumage_ds.train.model import causal_lm_loss
+
+    module = engine.eval_module()
+    was_training = module.training
+    module.eval()
+    if engine.collective_forward:
+        mine = batches
+    else:
+        mine = batches[engine.rank :: engine.world_size]
+    total = sum(causal_lm_loss(module, b.to(engine.device)).item() for b in mine)
+    module.train(was_training)
+    if engine.collective_forward:
+        return total / len(batches)
+    return engine.all_reduce_sum([total])[0] / len(batches)
 
 
 def train(
@@ -201,104 +241,147 @@ def train(
     out_dir: str | os.PathLike,
     *,
     overwrite: bool = False,
+    resume: bool = False,
     progress: Optional[bool] = None,
-) -> dict:
-    """Run the main job described by ``cfg`` into ``out_dir``; return the summary dict.
+) -> Optional[dict]:
+    """Run the job described by ``cfg`` into ``out_dir``; rank 0 returns the summary, others ``None``.
 
-    ``progress=None`` shows a progress bar only when stderr is a terminal. Raises
-    :class:`NonFiniteLossError` (after writing ``summary.json``) if the loss diverges.
+    Creates the process group the engine needs (or joins the launcher's / an existing one) and
+    destroys what it created before returning. Raises :class:`NonFiniteLossError` on every rank
+    (after rank 0 has written ``summary.json``) if the loss diverges; ``ValueError`` for bad input.
     """
-    check_job(cfg)
-    check_out_dir(out_dir, overwrite=overwrite)  # fail fast; create it once setup has worked
-    import yaml
+    from plumage_ds.train.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint, save_pretrained
+    from plumage_ds.train.data import BatchStream, load_corpus
+    from plumage_ds.train.engines import engine_class
+    from plumage_ds.train.model import build_model, describe_model
 
-    from plumage_ds.optim import build_optimizer
-
+    tokenizer = check_job(cfg)
+    out = Path(out_dir)
+    if rank_from_env() == 0:  # fail fast, before any process group exists
+        check_resume(out, cfg) if resume else check_out_dir(out, overwrite=overwrite)
     tc = cfg.train
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[tc.dtype]
-
     wall_start = time.perf_counter()
-    corpus = load_corpus(cfg.data)
-    stream = BatchStream(corpus, cfg.data, seed=tc.seed)
-    eval_set = stream.eval_set(tc.eval_batches)
-    model = build_model(cfg.model, seed=tc.seed, dtype=dtype)
-    model.train()
-    optimizer, matrices = build_optimizer(model, cfg.optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_multiplier(s, steps=tc.steps, warmup_steps=tc.warmup_steps, schedule=tc.lr_schedule),
-    )
-    # An optimizer with a ``max_grad_norm`` attribute clips by itself (PlumageAdamW clips
-    # on the projected gradients it actually uses); clipping here too would change that.
-    loop_clips = cfg.optimizer.grad_clip > 0 and not hasattr(optimizer, "max_grad_norm")
-    tokens_per_step = cfg.data.batch_size * tc.grad_accum * cfg.data.seq_len
-    out = prepare_out_dir(out_dir, overwrite=overwrite)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-
-    summary: dict[str, Any] = {
-        "status": "running",
-        "config": to_dict(cfg),
-        "corpus": corpus.describe(),
-        "num_params": sum(p.numel() for p in model.parameters()),
-        "num_threads": torch.get_num_threads(),
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
-        "matrices": matrices,
-    }
-    if progress is None:
-        progress = sys.stderr.isatty()
-    from tqdm import tqdm
-
-    bar = tqdm(total=tc.steps, disable=not progress, desc=cfg.optimizer.estimator, unit="step")
+    engine = engine_class(tc.engine)(cfg)
+    engine.init_process_group()
+    rank0 = engine.rank == 0
+    clean = False  # every rank reached the same point: collectives in teardown are safe
+    summary: dict[str, Any] = {"status": "running", "config": to_dict(cfg), "engine": tc.engine}
     rec: Optional[StepRecorder] = None
+    metrics = None
+    bar = None
     try:
-        with open(out / "metrics.jsonl", "w", encoding="utf-8") as metrics:
+        corpus = load_corpus(cfg.data, tokenizer)
+        stream = BatchStream(corpus, cfg.data, seed=tc.seed)
+        eval_set = stream.eval_set(tc.eval_batches)
+        model = build_model(cfg.model, vocab_size=corpus.vocab_size, seq_len=cfg.data.seq_len, seed=tc.seed, dtype=dtype)
+        model.train()
+        engine.setup(model)
+        tokens_per_step = cfg.data.batch_size * tc.grad_accum * engine.world_size * cfg.data.seq_len
+        start = 0
+        resume_from = engine.broadcast_object(str(check_resume(out, cfg)[1]) if resume and rank0 else None)
 
-            def log(row: dict) -> None:
+        def log(row: dict) -> None:
+            if metrics is not None:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
 
-            rec = StepRecorder(tc, tokens_per_step=tokens_per_step, log=log)
+        rec = StepRecorder(tc, tokens_per_step=tokens_per_step, log=log)
+        if resume_from is not None:
+            trainer = load_checkpoint(engine, Path(resume_from))
+            start = int(trainer["step"])
+            rec.load_state(trainer["recorder"])
+            logger.info("resumed from %s at step %d (saved on world_size=%d)", resume_from, start, trainer["world_size"])
+        if rank0:
+            import yaml
 
-            for s in range(tc.steps):
-                t0 = time.perf_counter()
-                lr = optimizer.param_groups[0]["lr"]
-                step_loss = 0.0
-                for micro in stream.micro_batches(s, tc.grad_accum):
-                    loss = causal_lm_loss(model, micro) / tc.grad_accum
-                    loss.backward()
-                    step_loss += loss.item()
-                if not math.isfinite(step_loss):
-                    raise NonFiniteLossError(
-                        f"Non-finite training loss={step_loss} at step {s + 1} "
-                        f"(estimator={cfg.optimizer.estimator!r}, lr={lr:.3g}); stopped"
-                    )
-                if loop_clips:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                rec.record(s, step_loss, time.perf_counter() - t0, lr, lambda: evaluate(model, eval_set))
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.3f}")
+            if resume_from is None:
+                prepare_out_dir(out, overwrite=overwrite)
+                atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            _truncate_metrics(out / "metrics.jsonl", start)
+            metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
+        summary.update(
+            {
+                "world_size": engine.world_size,
+                "corpus": corpus.describe(),
+                "model": describe_model(model),
+                "num_params": sum(p.numel() for p in model.parameters()),
+                "num_threads": torch.get_num_threads(),
+                "tokens_per_step": tokens_per_step,
+                "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
+                "matrices": engine.rows,
+                "resumed_from_step": start if resume_from is not None else None,
+            }
+        )
+        if engine.name == "deepspeed":
+            import deepspeed
+
+            summary["versions"]["deepspeed"] = deepspeed.__version__
+            summary["zero_stage"] = engine.stage
+        tok_file = getattr(tokenizer, "file", None)
+        ckpt_root = out / CHECKPOINTS
+        kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
+        if progress is None:
+            progress = sys.stderr.isatty()
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.steps, initial=start, disable=not (progress and rank0), desc=cfg.optimizer.estimator, unit="step")
+        for s in range(start, tc.steps):
+            t0 = time.perf_counter()
+            lr = engine.lr()
+            micros = stream.micro_batches(s, tc.grad_accum, rank=engine.rank, world_size=engine.world_size)
+            local = sum(engine.micro_step(mb, j, len(micros)) for j, mb in enumerate(micros)) / len(micros)
+            step_loss = engine.all_reduce_mean(local)
+            if not math.isfinite(step_loss):
+                raise NonFiniteLossError(
+                    f"Non-finite training loss={step_loss} at step {s + 1} "
+                    f"(estimator={cfg.optimizer.estimator!r}, lr={lr:.3g}, engine={tc.engine!r}); stopped"
+                )
+            engine.optimizer_step()
+            rec.record(s, step_loss, time.perf_counter() - t0, lr, lambda: evaluate(engine, eval_set))
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}")
+            if tc.save_interval and ((s + 1) % tc.save_interval == 0 or s + 1 == tc.steps):
+                path = save_checkpoint(
+                    engine, ckpt_root, s + 1, {"recorder": rec.state()}, keep_last=tc.keep_last, tokenizer_file=tok_file
+                )
+                logger.info("checkpoint %s", path)
+            if kill_after and s + 1 == kill_after:
+                if metrics is not None:
+                    metrics.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        save_pretrained(engine, out / "model", tok_file)
         summary["status"] = "completed"
+        clean = True
     except NonFiniteLossError as err:
         summary["status"] = "diverged"
         summary["error"] = str(err)
+        clean = True  # decided from all-reduced values: every rank raises at the same point
         raise
     finally:
-        bar.close()
-        state_total, state_detail = optimizer_state_bytes(optimizer)
+        if bar is not None:
+            bar.close()
+        if metrics is not None:
+            metrics.close()
+        if engine.optimizer is not None:
+            total, detail = engine.state_bytes()
+            per_rank = engine.gather_object(total) if clean else [total]
+            stats = engine.comm_stats()
+            summary.update(
+                {
+                    "optimizer_state_bytes": max(per_rank),
+                    "optimizer_state_bytes_per_rank": per_rank,
+                    "optimizer_state_detail": detail,
+                    "comm_bytes_total": stats["total"] if stats else None,
+                }
+            )
         summary.update(rec.summary() if rec is not None else {"steps_completed": 0})
-        summary.update(
-            {
-                "optimizer_state_bytes": state_total,
-                "optimizer_state_detail": state_detail,
-                "wall_time_s": time.perf_counter() - wall_start,
-            }
-        )
+        summary["wall_time_s"] = time.perf_counter() - wall_start
         if summary["status"] == "running":
             summary["status"] = "failed"
-        _write_json(out / "summary.json", summary)
-    return summary
+        if rank0 and out.is_dir() and (out / "config.yaml").is_file():
+            atomic_write_json(out / "summary.json", summary, default=_json_default)
+        engine.close(clean)
+    return summary if rank0 else None

@@ -1,44 +1,108 @@
-"""A small LLaMA built from :class:`~plumage_ds.config.ModelConfig` (no downloads).
+"""Causal language models built from a :class:`~plumage_ds.config.ModelConfig` (no downloads).
 
-Invariant: for the same ``ModelConfig`` and ``seed`` the initial weights are identical
-(the global torch RNG is seeded right before construction, and nothing else draws from
-it in between).
+Any ``transformers`` model type with a causal-LM head: the config class comes from
+``model_type`` (or the ``config`` file), every other key of the ``model:`` section must be a
+field of that class (an unknown key is an error naming it, even though ``transformers`` would
+accept it silently), ``vocab_size`` defaults to the tokenizer's and may not be smaller, and
+special-token ids the vocabulary cannot hold (GPT-2's 50256 with a byte vocabulary) are
+cleared unless given. Weights are initialised from the config only.
+
+Invariant: for the same resolved config and ``seed`` the initial weights are identical (the
+global torch RNG is seeded right before construction, and nothing else draws from it in between).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 
-from plumage_ds.config import ModelConfig
+from plumage_ds.config import LLAMA_DEFAULTS, ConfigError, ModelConfig
 
 ATTN_IMPLEMENTATION = "sdpa"
-"""``torch.nn.functional.scaled_dot_product_attention``: runs on CPU and GPU, no extra
-package, and gives the same losses as ``eager`` on CPU in fp32."""
+"""``torch.nn.functional.scaled_dot_product_attention`` where the model class supports it (runs on
+CPU and GPU, no extra package, same losses as ``eager`` on CPU in fp32); ``eager`` otherwise —
+``summary.json["model"]["attn_implementation"]`` says which."""
+
+_SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
-def build_model(cfg: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """``transformers.LlamaForCausalLM`` for ``cfg`` with a seeded init, in ``dtype``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def hf_config(cfg: ModelConfig, *, vocab_size: int, seq_len: int):
+    """The resolved ``transformers`` config; ``ConfigError`` naming the key for anything wrong."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        attn_implementation=ATTN_IMPLEMENTATION,
-        use_cache=False,
-    )
+    fields: dict[str, Any] = dict(cfg.fields)
+    if cfg.config is not None:
+        path = Path(cfg.config)
+        if not (path.is_file() or (path / "config.json").is_file()):
+            raise ConfigError("model.config", cfg.config, "no such config.json (or directory holding one)")
+        try:
+            base = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ConfigError("model.config", cfg.config, f"not a transformers config ({str(err).splitlines()[0]})") from None
+        if cfg.model_type is not None and cfg.model_type != base.model_type:
+            raise ConfigError("model.model_type", cfg.model_type, f"but {cfg.config} is a {base.model_type!r} config")
+        model_type = base.model_type
+    else:
+        model_type = cfg.model_type or "llama"
+        if model_type not in CONFIG_MAPPING:
+            raise ConfigError("model.model_type", model_type, "not a transformers model type (e.g. llama, gpt2, qwen2)")
+        base = CONFIG_MAPPING[model_type]()
+        if model_type == "llama":
+            fields = {**LLAMA_DEFAULTS, **fields}
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError("model.model_type", model_type, "has no causal-LM head in transformers")
+    for key in cfg.fields:
+        if key in ("model_type", "architectures") or not hasattr(base, key):
+            raise ConfigError(f"model.{key}", cfg.fields[key], f"not a field of the {model_type!r} config")
+    given_vocab = fields.get("vocab_size", base.vocab_size if cfg.config is not None else None)
+    if given_vocab is None:
+        fields["vocab_size"] = vocab_size
+    elif given_vocab < vocab_size:
+        raise ConfigError("model.vocab_size", given_vocab, f"smaller than the tokenizer's vocabulary ({vocab_size})")
+    final_vocab = fields.get("vocab_size", base.vocab_size)
+    for key in _SPECIAL_IDS:  # ids the vocabulary cannot hold, unless the user set them
+        value = getattr(base, key, None)
+        if key not in cfg.fields and isinstance(value, int) and value >= final_vocab:
+            fields[key] = None
+    # construct with the fields (configs derive attributes such as LLaMA's head_dim in __init__)
+    if cfg.config is not None:
+        base = AutoConfig.from_pretrained(str(Path(cfg.config)), local_files_only=True, **fields)
+    else:
+        base = CONFIG_MAPPING[model_type](**fields)
+    base.use_cache = False
+    max_pos = getattr(base, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and seq_len > max_pos:
+        raise ConfigError("data.seq_len", seq_len, f"exceeds the model's max_position_embeddings={max_pos}")
+    return base
+
+
+def build_model(cfg: ModelConfig, *, vocab_size: int = 256, seq_len: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A freshly initialised causal LM for ``cfg`` with a seeded init, in ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    conf = hf_config(cfg, vocab_size=vocab_size, seq_len=seq_len)
+    model_cls = AutoModelForCausalLM._model_mapping[type(conf)]
+    attn = ATTN_IMPLEMENTATION if getattr(model_cls, "_supports_sdpa", False) else "eager"
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(hf_cfg)
+    model = AutoModelForCausalLM.from_config(conf, attn_implementation=attn)
     return model.to(dtype=dtype)
 
 
+def describe_model(model) -> dict:
+    """``{model_type, attn_implementation, num_params}`` for ``summary.json``."""
+    conf = model.config
+    return {
+        "model_type": conf.model_type,
+        "attn_implementation": getattr(conf, "_attn_implementation", None),
+        "num_params": sum(p.numel() for p in model.parameters()),
+    }
+
+
 def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-byte cross-entropy (fp32) of ``batch`` windows ``(B, seq_len + 1)``."""
+    """Mean next-token cross-entropy (fp32) of ``batch`` windows ``(B, seq_len + 1)``."""
     logits = model(input_ids=batch[:, :-1]).logits
     return torch.nn.functional.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)

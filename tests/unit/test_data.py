@@ -104,7 +104,7 @@ def test_split_same_in_another_process_with_other_hash_seed(stdlib_sources):
 
 
 def test_corpus_budget_and_provenance(fake_root):
-    cfg = DataConfig(seq_len=4, batch_size=2, eval_fraction=0.5, max_corpus_bytes=150, root=str(fake_root))
+    cfg = DataConfig(seq_len=4, batch_size=2, eval_fraction=0.5, max_corpus_bytes=150, path=str(fake_root))
     corpus = load_corpus(cfg)
     assert corpus.train_tokens.dtype == torch.uint8
     assert corpus.eval_tokens.numel() == 75
@@ -119,7 +119,7 @@ def test_corpus_budget_and_provenance(fake_root):
 
 
 def test_corpus_too_small_for_a_window_names_the_budget(fake_root):
-    cfg = DataConfig(seq_len=64, batch_size=2, eval_fraction=0.5, max_corpus_bytes=100, root=str(fake_root))
+    cfg = DataConfig(seq_len=64, batch_size=2, eval_fraction=0.5, max_corpus_bytes=100, path=str(fake_root))
     with pytest.raises(ValueError, match=r"max_corpus_bytes=100.*seq_len\+1=65"):
         load_corpus(cfg)
 

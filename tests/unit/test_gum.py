@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from plumage_ds.config import OptimizerConfig
+from plumage_ds.config import GumConfig, OptimizerConfig
 from plumage_ds.estimators import galore_projection, orient
 from plumage_ds.optim import PlumageAdamW, build_optimizer
 from plumage_ds.optim.gum import (
@@ -479,7 +479,7 @@ def test_factory_builds_gum():
 
     torch.manual_seed(0)
     model = Block()
-    cfg = OptimizerConfig(estimator="gum", rank=4, update_interval=2, gum_gamma=1, gum_momentum=0.9, lr=0.02)
+    cfg = OptimizerConfig(estimator="gum", rank=4, update_interval=2, gum=GumConfig(gamma=1, momentum=0.9), lr=0.02)
     opt, rows = build_optimizer(model, cfg)
     assert isinstance(opt, GUM) and opt.gamma == 1
     assert [(r["name"], r["mode"]) for r in rows] == [

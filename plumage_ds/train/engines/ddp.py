@@ -1,0 +1,105 @@
+"""``train.engine: ddp`` and ``ddp_hook`` — ``DistributedDataParallel`` with a replicated optimizer.
+
+``ddp``: DDP all-reduces every gradient; each rank then runs the same optimizer from the
+factory (AdamW, PLUMAGE/GaLore/Haar as :class:`PlumageAdamW`, GUM) on identical averaged
+gradients with identical seeds, so the replicas stay equal.
+
+``ddp_hook``: the gradients are all-reduced through the low-rank comm hook
+(:mod:`plumage_ds.distributed.comm_hook`) built from the same ``optimizer:`` section
+(``estimator``, ``rank``, ``update_interval``, ``seed``, ``svd_method``, ``uniform_mix``,
+``comm_hook.*``), and ``torch.optim.AdamW`` (``lr``, ``betas``, ``eps``, ``weight_decay``,
+``max_grad_norm``) steps on the decompressed, unbiased gradient.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from plumage_ds.config import DEFAULT_TARGET_MODULES, ConfigError, JobConfig
+from plumage_ds.io import atomic_torch_save
+from plumage_ds.optim import build_optimizer
+
+from .base import Engine, unsupported
+
+
+class DDPEngine(Engine):
+    name = "ddp"
+
+    def wrap(self, model) -> None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        self.model = model.to(self.device)
+        self.module = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def setup(self, model) -> None:
+        self.wrap(model)
+        self.optimizer, self.rows = build_optimizer(self.model, self.cfg)
+        self.scheduler = self.make_scheduler(self.optimizer)
+
+    def _no_sync(self, last: bool):
+        """DDP all-reduces on the last micro-batch only (an optimizer that reduces itself: never)."""
+        import contextlib
+
+        return contextlib.nullcontext() if last or not hasattr(self.module, "no_sync") else self.module.no_sync()
+
+
+_HOOK_UNUSED = {"dinv_placement": "none", "scale": 1.0, "realign": None, "strict": False, "target_modules": DEFAULT_TARGET_MODULES}
+
+
+class DDPHookEngine(DDPEngine):
+    name = "ddp_hook"
+
+    @classmethod
+    def check(cls, job: JobConfig, world_size: int) -> None:
+        cfg = job.optimizer
+        if cfg.spec.family != "lowrank_adam":
+            raise unsupported(cls.name, cfg.estimator, "the comm hook compresses with 'plumage', 'galore' or 'haar'")
+        for key, default in _HOOK_UNUSED.items():
+            if getattr(cfg, key) != default:
+                raise ConfigError(
+                    f"optimizer.{key}", getattr(cfg, key),
+                    "does not apply to train.engine='ddp_hook' (the hook hands torch AdamW the decompressed "
+                    "gradient; it compresses every matrix that passes comm_hook.min_compression_rate)",
+                )
+
+    def setup(self, model) -> None:
+        from plumage_ds.distributed.comm_hook import PlumageHookState, plumage_hook
+
+        self.wrap(model)
+        self.hook_state = PlumageHookState(self.module, self.cfg)
+        self.module.register_comm_hook(self.hook_state, plumage_hook)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), **self.cfg.adam_kwargs())
+        self.scheduler = self.make_scheduler(self.optimizer)
+        self.rows = [
+            {"name": name, "shape": list(shape), "mode": mode, "reason": reason}
+            for (name, (mode, reason)), shape in zip(self.hook_state.param_modes().items(), self.hook_state.param_shapes)
+        ]
+
+    def comm_stats(self):
+        return self.hook_state.comm_stats()
+
+    def save(self, path: Path) -> None:
+        super().save(path)
+        if self.rank == 0:  # identical on every rank
+            st = self.hook_state
+            atomic_torch_save(
+                {
+                    "iter": st.iter,
+                    "projections": {pid: {"draw": d, "P": P, "d": dd} for pid, (d, P, dd) in st.projections.items()},
+                    "deterministic": sorted(st.deterministic),
+                    "param_names": list(st.param_names),
+                },
+                path / "comm_hook.pt",
+            )
+
+    def load(self, path: Path) -> None:
+        super().load(path)
+        saved = torch.load(path / "comm_hook.pt", map_location=self.device, weights_only=True)
+        st = self.hook_state
+        if saved["param_names"] != st.param_names:
+            raise ValueError(f"Invalid checkpoint {path}: the comm hook state is for other parameters")
+        st.iter = int(saved["iter"])
+        st.projections = {int(pid): (int(v["draw"]), v["P"], v["d"]) for pid, v in saved["projections"].items()}
+        st.deterministic = set(saved["deterministic"])

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job under the real torchrun launcher (engines ddp, ddp_hook, sharded; gloo on CPU,
-# nccl with CUDA). Every argument goes to `plumage-ds train`:
+# The main job under the real torchrun launcher (engines ddp, ddp_hook, sharded, fsdp2, hsdp; gloo
+# on CPU, nccl with CUDA). Every argument goes to `plumage-ds train`:
 #
 #   launch/torchrun.sh --config configs/tiny.yaml --engine sharded --out runs/sharded
 #   NPROC=4 launch/torchrun.sh --config configs/demo.yaml --engine ddp --out runs/ddp --set optimizer.estimator=galore
@@ -10,10 +10,12 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NPROC="${NPROC:-2}"
 NNODES="${NNODES:-1}"
+NODE_RANK_ARG=()
+[[ -n "${NODE_RANK:-}" ]] && NODE_RANK_ARG=(--node-rank="$NODE_RANK")
 RDZV_ENDPOINT="${RDZV_ENDPOINT:-localhost:0}"   # port 0: c10d picks a free port (single node)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec python -m torch.distributed.run \
-    --nnodes="$NNODES" --nproc_per_node="$NPROC" \
+    --nnodes="$NNODES" --nproc_per_node="$NPROC" "${NODE_RANK_ARG[@]}" \
     --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-plumage_ds}" \
     -m plumage_ds train "$@"

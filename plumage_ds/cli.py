@@ -137,7 +137,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="override a config value (YAML syntax), e.g. --set optimizer.estimator=galore",
     )
     tr.add_argument("--steps", type=int, help="shortcut for --set train.steps=N")
-    tr.add_argument("--engine", help="shortcut for --set train.engine=NAME (local, ddp, ddp_hook, sharded, deepspeed)")
+    tr.add_argument("--engine", help="shortcut for --set train.engine=NAME (local, ddp, ddp_hook, sharded, deepspeed, fsdp2, hsdp)")
     tr.add_argument(
         "--deepspeed",
         metavar="DS.json",

@@ -28,9 +28,11 @@ from typing import Any, Optional
 
 DINV_PLACEMENTS = ("coords", "lift", "none")
 SVD_METHODS = ("gram", "svd")
-ENGINES = ("local", "ddp", "ddp_hook", "sharded", "deepspeed")
+ENGINES = ("local", "ddp", "ddp_hook", "sharded", "deepspeed", "fsdp2", "hsdp")
 DATA_SOURCES = ("stdlib", "text", "jsonl", "hf_dataset")
 DEFAULT_TARGET_MODULES = (r".*(attn|attention|mlp).*",)
+NONFINITE_POLICIES = ("skip", "raise")
+RIGHT_PROJECTORS = ("sharded", "replicated")
 
 
 class ConfigError(ValueError):
@@ -350,6 +352,8 @@ class OptimizerConfig:
     seed: int = 0  # sampler seed (P draws, GUM's layer draw)
     strict: bool = False  # raise instead of falling back to AdamW for a target that cannot go low-rank
     max_grad_norm: float = 0.0  # global-norm clipping (0: off), on what the optimizer uses
+    nonfinite: str = "skip"  # NaN/Inf gradient on any rank: "skip" the step everywhere (counted) or "raise"
+    right_projectors: str = "sharded"  # FSDP2, matrices with m > n: P row-sharded ("sharded") or whole on every rank
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES  # regexes on module names (re.search)
     gum: GumConfig = field(default_factory=GumConfig)
     comm_hook: CommHookConfig = field(default_factory=CommHookConfig)
@@ -376,6 +380,8 @@ class OptimizerConfig:
         _check_choice("dinv_placement", self.dinv_placement, DINV_PLACEMENTS)
         _check_unit("uniform_mix", self.uniform_mix)
         _check_nonneg("max_grad_norm", self.max_grad_norm)
+        _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        _check_choice("right_projectors", self.right_projectors, RIGHT_PROJECTORS)
         if self.svd_method is not None:
             _check_choice("svd_method", self.svd_method, SVD_METHODS)
             if spec.default_svd_method is None:
@@ -424,11 +430,13 @@ class OptimizerConfig:
 
 PLUMAGE_ADAMW_KEYS = (
     "lr", "betas", "eps", "weight_decay", "rank", "update_interval", "estimator", "scale", "dinv_placement",
-    "realign", "svd_method", "uniform_mix", "seed", "strict", "max_grad_norm",
+    "realign", "svd_method", "uniform_mix", "seed", "strict", "max_grad_norm", "nonfinite", "right_projectors",
 )  # fmt: skip
 """The :class:`PlumageAdamW` keywords; each is an :class:`OptimizerConfig` field of the same name."""
 
-GUM_SHARED_KEYS = ("lr", "betas", "eps", "weight_decay", "rank", "update_interval", "scale", "svd_method", "seed", "strict")
+GUM_SHARED_KEYS = (
+    "lr", "betas", "eps", "weight_decay", "rank", "update_interval", "scale", "svd_method", "seed", "strict", "nonfinite",
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- main job
@@ -533,6 +541,7 @@ class TrainConfig:
     log_interval: int = 10
     save_interval: int = 0  # steps between checkpoints (0: none; the last step is saved when > 0)
     keep_last: int = 2  # complete checkpoints kept (older ones are deleted)
+    hsdp_shard_size: int = 0  # engine=hsdp: ranks per shard group (0: the launcher's processes per node)
     seed: int = 0
     dtype: str = "float32"
     num_threads: int = 0  # 0: leave torch's default
@@ -553,6 +562,9 @@ class TrainConfig:
         _check_positive("log_interval", self.log_interval, integer=True)
         _check_nonneg("save_interval", self.save_interval, integer=True)
         _check_positive("keep_last", self.keep_last, integer=True)
+        _check_nonneg("hsdp_shard_size", self.hsdp_shard_size, integer=True)
+        if self.hsdp_shard_size and self.engine != "hsdp":
+            raise ConfigError("hsdp_shard_size", self.hsdp_shard_size, f"only for engine 'hsdp', not {self.engine!r}")
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         _check_nonneg("num_threads", self.num_threads, integer=True)
 

@@ -1,6 +1,6 @@
 """Replicated-weights strategy (DDP-style data parallelism, basis of ZeRO-0/1/2).
 
-DESIGN §4.1. Each item (a target matrix or a dense parameter) has one owner
+docs/design.md §4.1. Each item (a target matrix or a dense parameter) has one owner
 rank (:func:`greedy_ownership`). The optimizer's phases map onto batched
 collectives, one per phase and tag, never one per matrix:
 

@@ -4,14 +4,12 @@ from .gum import sample_layers
 from .probabilities import estimator_variance, inclusion_probabilities, is_deterministic, mix_uniform
 from .projectors import (
     Projection,
-    build_projection,
     estimate,
     galore_from_basis,
     galore_projection,
     haar_projection,
     plumage_from_basis,
     plumage_projection,
-    projection_from_basis,
     realign_moments,
     realignment,
 )
@@ -23,7 +21,6 @@ __all__ = [
     "ESTIMATORS",
     "EstimatorSpec",
     "Projection",
-    "build_projection",
     "deorient",
     "derive_seed",
     "estimate",
@@ -43,7 +40,6 @@ __all__ = [
     "oriented_shape",
     "plumage_from_basis",
     "plumage_projection",
-    "projection_from_basis",
     "realign_moments",
     "realignment",
     "sample_layers",

@@ -1,4 +1,4 @@
-"""GUM's layer-wise sampling (DESIGN §2.2): pick exactly γ of N_L matrices per period."""
+"""GUM's layer-wise sampling (docs/design.md §2.2): pick exactly γ of N_L matrices per period."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Minimum-variance inclusion probabilities (DESIGN §2.1 item 2).
+"""Minimum-variance inclusion probabilities (docs/design.md §2.1 item 2).
 
 Pure tensor math: no ``torch.distributed``, no global RNG.
 """
@@ -87,7 +87,7 @@ def is_deterministic(p: Tensor) -> bool:
 
 
 def estimator_variance(sigma: Tensor, p: Tensor) -> float:
-    """``E‖Ĝ − G‖_F² = Σ σ_i² (1/p_i − 1)`` over ``σ_i > 0`` (DESIGN §2.1 item 4)."""
+    """``E‖Ĝ − G‖_F² = Σ σ_i² (1/p_i − 1)`` over ``σ_i > 0`` (docs/design.md §2.1 item 4)."""
     s64 = sigma.detach().double().cpu()
     p64 = p.detach().double().cpu()
     mask = s64 > 0

@@ -84,37 +84,6 @@ def haar_projection(short_dim: int, rank: int, generator: torch.Generator, *, de
     return Projection(P=P, d=d, deterministic=(r == short_dim))
 
 
-def build_projection(
-    estimator: str,
-    G: Tensor,
-    rank: int,
-    generator: torch.Generator,
-    *,
-    svd_method: str = "gram",
-    uniform_mix: float = 0.0,
-) -> Projection:
-    """Dispatch on ``estimator`` ∈ {plumage, galore, haar}; ``G`` in stored orientation."""
-    if estimator == "plumage":
-        return plumage_projection(G, rank, generator, svd_method=svd_method, uniform_mix=uniform_mix)
-    if estimator == "galore":
-        return galore_projection(G, rank, svd_method=svd_method)
-    if estimator == "haar":
-        return haar_projection(min(G.shape), rank, generator, device=G.device)
-    raise ValueError(f"Invalid estimator={estimator!r}: must be one of ['plumage', 'galore', 'haar']")
-
-
-def projection_from_basis(
-    estimator: str, U: Tensor, sigma: Tensor, rank: int, generator: torch.Generator, *, uniform_mix: float = 0.0
-) -> Projection:
-    """:func:`build_projection` for the SVD-based estimators when ``(U, σ)`` is already known
-    (e.g. from a Gram matrix reduced across row shards, :func:`~.spectral.gram_basis`)."""
-    if estimator == "plumage":
-        return plumage_from_basis(U, sigma, rank, generator, uniform_mix=uniform_mix)
-    if estimator == "galore":
-        return galore_from_basis(U, rank)
-    raise ValueError(f"Invalid estimator={estimator!r}: a basis-driven estimator must be 'plumage' or 'galore'")
-
-
 def estimate(G_o: Tensor, proj: Projection) -> Tensor:
     """The lifted estimate ``Ĝ_o = P D⁻¹ Pᵀ G_o`` (oriented ``(s, l)``)."""
     P, d = proj.P, proj.d
@@ -127,7 +96,7 @@ def realignment(P_new: Tensor, P_old: Tensor) -> Tensor:
 
 
 def realign_moments(M: Tensor, V: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    """``M ← B M``, ``V ← (B∘B) V`` (DESIGN §2.1 item 5). ``M, V``  # (r, l)
+    """``M ← B M``, ``V ← (B∘B) V`` (docs/design.md §2.1 item 5). ``M, V``  # (r, l)
 
     ``V`` stays non-negative because ``B∘B`` is. If ``P_new == P_old``, ``B = I``.
     """

@@ -27,7 +27,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .projectors import Projection, galore_projection, haar_projection, plumage_projection
+from .projectors import (
+    Projection,
+    galore_from_basis,
+    galore_projection,
+    haar_projection,
+    plumage_from_basis,
+    plumage_projection,
+)
 
 SVD_METHODS = ("gram", "svd")
 """``gram``: ``eigh`` of the short-side Gram matrix ``G_o G_oᵀ`` (about 3× faster on CPU);
@@ -80,6 +87,17 @@ class EstimatorSpec:
             s = short_dim if short_dim is not None else min(G.shape)
             return haar_projection(s, rank, generator, device=device if device is not None else getattr(G, "device", None))
         raise ValueError(f"Invalid estimator={self.name!r}: {self.family} estimators have no projector")
+
+    def build_from_basis(
+        self, U: Tensor, sigma: Tensor, rank: int, generator: torch.Generator, *, uniform_mix: float = 0.0
+    ) -> Projection:
+        """:meth:`build` when the short-side basis ``U``  # (s, s) and spectrum ``sigma``  # (s,) are
+        already known (e.g. from a Gram matrix summed over row shards)."""
+        if self.name == "plumage":
+            return plumage_from_basis(U, sigma, rank, generator, uniform_mix=uniform_mix)
+        if self.name in ("galore", "gum"):
+            return galore_from_basis(U, rank)
+        raise ValueError(f"Invalid estimator={self.name!r}: it does not draw P from a spectrum")
 
 
 ESTIMATORS: dict[str, EstimatorSpec] = {

@@ -21,14 +21,11 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from ..config import validate_adam_options
+from ..config import NONFINITE_POLICIES, validate_adam_options
 from ..estimators import is_left, oriented_shape
 from .adam import adam_direction, adam_moments, adam_step_size
 from .distributor import Distributor, LocalDistributor
 from .sharding import FSDP_ROWS, REPLICATED, ZERO3_FLAT, chunk_bounds, is_dtensor, local, sharding_case, wrap_like
-
-NONFINITE_POLICIES = ("skip", "raise")
-
 
 class NonFiniteGradientError(FloatingPointError):
     """Raised by ``step()`` with ``nonfinite="raise"``: some gradient holds NaN/Inf (nothing was changed)."""

@@ -1,4 +1,4 @@
-"""``GUM``: GaLore Unbiased with Muon (arXiv 2510.17802, DESIGN §2.2).
+"""``GUM``: GaLore Unbiased with Muon (arXiv 2510.17802, docs/design.md §2.2).
 
 For the ``N_L`` target matrices ``W`` (``m × n``, oriented to ``(s, l)`` with the
 short side first, see :mod:`plumage_ds.estimators.spectral`), with period
@@ -169,6 +169,8 @@ class GUM(MatrixOptimizer):
         seed: layer-draw seed.
         strict: raise instead of falling back to AdamW for a requested target
             matrix that cannot take the low-rank path.
+        nonfinite: ``"skip"`` (default) a step whose gradients hold NaN/Inf, counted in
+            ``skipped_steps``, or ``"raise"``; either way nothing changes.
         distributor: only the single-process one is supported (default).
     """
 
@@ -196,6 +198,7 @@ class GUM(MatrixOptimizer):
         svd_method: str = "gram",
         seed: int = 0,
         strict: bool = False,
+        nonfinite: str = "skip",
         distributor: Optional[Distributor] = None,
     ) -> None:
         defaults = self._adam_defaults(lr, betas, eps, weight_decay)
@@ -221,7 +224,7 @@ class GUM(MatrixOptimizer):
         self._targets: list[_GumEntry] = []
         self._step = 0  # optimizer steps taken (global: periods and draws are global)
         self._mask_cache: tuple[int, Tensor] | None = None
-        super().__init__(params, defaults, seed=seed, strict=strict, distributor=dist)
+        super().__init__(params, defaults, seed=seed, strict=strict, distributor=dist, nonfinite=nonfinite)
 
     # ------------------------------------------------------------------ setup
 

@@ -45,18 +45,9 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor
 
-from ..config import validate_lowrank_options
-from ..estimators import (
-    build_projection,
-    deorient,
-    gram_basis,
-    haar_projection,
-    orient,
-    projection_from_basis,
-    realign_moments,
-    realignment,
-    sampler_generator,
-)
+from ..config import RIGHT_PROJECTORS, validate_lowrank_options
+from ..estimators import deorient, get_estimator, gram_basis, orient, realign_moments, realignment, sampler_generator
+from ..estimators.registry import resolve_realign
 from .adam import adam_direction, adam_moments, adam_step_size
 from .base import CollectiveStepError, MatrixOptimizer, _Entry
 from .distributor import Distributor
@@ -66,11 +57,6 @@ _LOWRANK_KEYS = (
     "rank", "update_interval", "estimator", "scale", "dinv_placement", "realign", "svd_method", "uniform_mix"
 )
 _STATE_FORMAT = 1
-RIGHT_PROJECTORS = ("sharded", "replicated")
-
-
-def _default_realign(estimator: str) -> bool:
-    return estimator in ("plumage", "haar")
 
 
 # ============================================================================ replicated case
@@ -366,7 +352,7 @@ class PlumageAdamW(MatrixOptimizer):
             costs, state_bytes = [], []
             for e in category:
                 if e.lowrank:
-                    svd_cost = 0.0 if e.group["estimator"] == "haar" else float(e.s * e.s * e.l)
+                    svd_cost = float(e.s * e.s * e.l) if get_estimator(e.group["estimator"]).needs_gradient else 0.0
                     costs.append(svd_cost + 2.0 * e.r * e.l)
                     state_bytes.append(2 * e.r * e.l * 4)
                 else:
@@ -484,7 +470,7 @@ class PlumageAdamW(MatrixOptimizer):
             if dist.replica_comm is not None:
                 for e, G in zip(refresh, grads):
                     staged.setdefault(e.index, {})["G"] = G
-        svd = [i for i, e in enumerate(refresh) if e.group["estimator"] != "haar"]
+        svd = [i for i, e in enumerate(refresh) if get_estimator(e.group["estimator"]).needs_gradient]
         basis = ops["refresh_basis"](dist, [refresh[i] for i in svd], [grads[i] for i in svd])
         error: Optional[str] = None
         new_on_owner: list[Optional[tuple[Tensor, Tensor]]] = []
@@ -507,14 +493,15 @@ class PlumageAdamW(MatrixOptimizer):
             raise CollectiveStepError(f"{self._display_name} step failed ({error}); parameters and optimizer state are unchanged")
         new_P: dict[int, tuple[Tensor, Tensor]] = {refresh[i].index: pd for i, pd in zip(svd, shared)}
         for e in refresh:
-            if e.index not in new_P:  # haar: every rank draws the same P
-                proj = haar_projection(e.s, e.r, self._generator(e), device=grads[0].device)
+            if e.index not in new_P:  # no gradient needed (haar): every rank draws the same P
+                spec = get_estimator(e.group["estimator"])
+                proj = spec.build(None, e.r, self._generator(e), short_dim=e.s, device=grads[0].device)
                 a, b = e.p_rows if e.case == FSDP_ROWS else (0, e.s)
                 new_P[e.index] = (proj.P[a:b].contiguous(), proj.d)
 
         # moments: fresh zeros, or realigned to the new basis (B = P_newᵀ P_old)
         old = [e for e in refresh if "P" in self.state.get(e.param, {})]
-        realign = [e for e in old if (e.group["realign"] if e.group["realign"] is not None else _default_realign(e.group["estimator"]))]
+        realign = [e for e in old if resolve_realign(e.group["estimator"], e.group["realign"])]
         B = ops["realignment"](dist, realign, [new_P[e.index][0] for e in realign], [self.state[e.param]["P"] for e in realign])
         B_of = {e.index: b for e, b in zip(realign, B)}
         for e in refresh:
@@ -534,13 +521,12 @@ class PlumageAdamW(MatrixOptimizer):
     def _projection(self, e: _Entry, basis: tuple):
         """The owner's draw of ``P, d`` from the gradient (``("grad", G)``) or its Gram (``("gram", S)``)."""
         g = e.group
+        spec = get_estimator(g["estimator"])
         kind, X = basis
         if kind == "gram":
             U, sigma = gram_basis(X)
-            return projection_from_basis(g["estimator"], U, sigma, e.r, self._generator(e), uniform_mix=g["uniform_mix"])
-        return build_projection(
-            g["estimator"], X, e.r, self._generator(e), svd_method=g["svd_method"], uniform_mix=g["uniform_mix"]
-        )
+            return spec.build_from_basis(U, sigma, e.r, self._generator(e), uniform_mix=g["uniform_mix"])
+        return spec.build(X, e.r, self._generator(e), svd_method=g["svd_method"], uniform_mix=g["uniform_mix"])
 
     def _generator(self, e: _Entry) -> torch.Generator:
         return sampler_generator(self.seed, e.index, self._step_of(e) // e.group["update_interval"])

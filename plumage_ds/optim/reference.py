@@ -9,7 +9,7 @@ Math for a low-rank target ``W`` of shape ``(m, n)`` with gradient ``G``
 
     G_o = orient(G)                       # (s, l); Gᵀ when m > n (right projection)
     every τ steps (refresh k = step // τ):
-        P, d = build_projection(G)        # P (s, r) orthonormal, d (r,) inclusion probs
+        P, d = spec.build(G)              # P (s, r) orthonormal, d (r,) inclusion probs
         M, V = B M, (B∘B) V  with B = P_newᵀ P_old   (realignment, if enabled)
     R = Pᵀ G_o                            # (r, l)      [÷ d[:, None] if dinv == "coords"]
     M = β1 M + (1 − β1) R                 # (r, l)

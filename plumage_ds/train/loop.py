@@ -375,6 +375,8 @@ def train(
                     "optimizer_state_bytes_per_rank": per_rank,
                     "optimizer_state_detail": detail,
                     "comm_bytes_total": stats["total"] if stats else None,
+                    # HSDP: the replicate group (inter-node links) is counted on its own
+                    "comm_bytes_replicate_total": (stats.get("replicate") or {}).get("total") if stats else None,
                 }
             )
         summary.update(rec.summary() if rec is not None else {"steps_completed": 0})

@@ -50,6 +50,11 @@ SMALL_BATCH = 32
 # ------------------------------------------------------------------------------------- models & data
 
 
+def llama_groups(model: nn.Module) -> list[dict]:
+    groups, _ = lowrank_param_groups(model, target_modules=[r"self_attn|mlp"], rank=RANK)
+    return groups
+
+
 def llama_tokens(step: int, micro: int) -> torch.Tensor:
     return token_batch(step, GLOBAL_BATCH, seq=SEQ, vocab=VOCAB, salt=micro)
 

@@ -11,7 +11,10 @@ uninterrupted reference of the resume test. Checked:
 * the sharded engine under the real ``torchrun`` launcher, killed with SIGKILL after step 3
   (checkpoint at step 2) and resumed with ``--resume``, ends bitwise equal to the uninterrupted run;
 * the deepspeed engine under the real ``deepspeed`` launcher trains, checkpoints and saves weights
-  ``transformers`` loads.
+  ``transformers`` loads;
+* the hsdp engine as 2 "nodes" x 2 processes: two ``torchrun --nnodes 2`` invocations sharing one
+  rendezvous endpoint (``launch/torchrun_fsdp.sh``); FSDP shards inside each node and the optimizer
+  syncs the nodes with compressed projections.
 """
 
 from __future__ import annotations
@@ -41,8 +44,12 @@ MATRIX = {
     "ddp_hook": ["plumage", "galore", "haar"],
     "sharded": ["adamw", "plumage", "galore", "haar"],
     "deepspeed": ["adamw", "plumage", "galore", "haar"],
+    "fsdp2": ["adamw", "plumage", "galore", "haar"],
+    "hsdp": ["adamw", "plumage"],  # 2 replicas x 1 shard: the optimizer's compressed cross-replica sync
 }
-REFUSED = {("ddp_hook", "adamw"), ("ddp_hook", "gum"), ("sharded", "gum"), ("deepspeed", "gum")}
+REFUSED = {("ddp_hook", "adamw"), ("ddp_hook", "gum"), ("sharded", "gum"), ("deepspeed", "gum"), ("fsdp2", "gum"),
+           ("hsdp", "gum")}  # fmt: skip
+EXTRA = {"hsdp": ["train.hsdp_shard_size=1"]}
 COMMON = [f"train.steps={STEPS}", "data.batch_size=2", "train.eval_batches=2", "train.log_interval=1",
           "train.eval_interval=3", "optimizer.rank=4", "optimizer.update_interval=2", "optimizer.comm_hook.start_iter=1",
           "train.warmup_steps=1"]  # fmt: skip
@@ -50,7 +57,7 @@ RESUME = ["train.steps=6", "train.save_interval=2", "optimizer.estimator=plumage
 
 
 def job(engine: str, estimator: str, ds_json: str, extra=()):
-    sets = COMMON + [f"train.engine={engine}", f"optimizer.estimator={estimator}", *extra]
+    sets = COMMON + [f"train.engine={engine}", f"optimizer.estimator={estimator}", *EXTRA.get(engine, []), *extra]
     if engine == "deepspeed":
         sets.append(f"train.deepspeed_config={ds_json}")
     return load_job_config(str(TINY), sets)
@@ -106,6 +113,14 @@ def test_matrix_trains_through_the_one_loop(runs, engine, estimator):
         assert estimator in modes
     if engine == "sharded" and estimator != "adamw":  # moments sharded by owner: ranks differ
         assert s["comm_bytes_total"]["lowrank_grad/reduce_scatter"]["bytes"] > 0
+    if engine in ("fsdp2", "hsdp") and estimator != "adamw":
+        assert {r["sharding"] for r in s["matrices"]} == {"fsdp_rows"}
+        # state sharded like the weights: each rank holds about half
+        per_rank = s["optimizer_state_bytes_per_rank"]
+        assert max(per_rank) < 0.75 * sum(per_rank)
+    if engine == "hsdp" and estimator != "adamw":
+        rows = {r["name"]: r for r in s["matrices"]}
+        assert rows["model.layers.0.mlp.up_proj.weight"]["mode"] == estimator
 
 
 @pytest.mark.parametrize("engine, estimator", sorted(REFUSED))
@@ -152,7 +167,7 @@ def test_adamw_equals_torch_adamw_on_every_engine(runs, tmp_path):
     # local: one process with the whole global batch (batch_size * W windows per step)
     local = load_job_config(str(TINY), COMMON + ["optimizer.estimator=adamw", f"data.batch_size={2 * W}"])
     train(local, tmp_path / "local", progress=False)
-    outs = {"local": tmp_path / "local", **{e: root / f"{e}-adamw" for e in ("ddp", "sharded", "deepspeed")}}
+    outs = {"local": tmp_path / "local", **{e: root / f"{e}-adamw" for e in ("ddp", "sharded", "deepspeed", "fsdp2", "hsdp")}}
     for engine, out in outs.items():
         got = _weights(out)
         worst = max(float((got[k].float() - ref[k].float()).abs().max()) for k in got)
@@ -219,6 +234,33 @@ def test_deepspeed_launcher_trains_checkpoints_and_saves_weights(tmp_path):
 
     assert newest_complete(out / "checkpoints")[0] == 3
     assert (out / "checkpoints" / "step_00000002" / "engine" / "deepspeed").is_dir()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "model")
+
+
+@pytest.mark.distributed
+def test_hsdp_two_nodes_of_two_processes_under_torchrun(tmp_path):
+    out = tmp_path / "run"
+    port = _free_port()
+    args = [str(REPO_ROOT / "launch" / "torchrun_fsdp.sh"), "hsdp", "--config", str(TINY), "--out", str(out),
+            "--no-progress", *[x for s in COMMON + ["optimizer.estimator=plumage", "train.save_interval=2"]
+                               for x in ("--set", s)]]  # fmt: skip
+    env = dict(_env(), NNODES="2", NPROC="2", RDZV_ENDPOINT=f"localhost:{port}",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # fmt: skip
+    nodes = [subprocess.Popen(args, env=dict(env, NODE_RANK=str(k)), cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for k in (0, 1)]  # fmt: skip
+    logs = [p.communicate(timeout=400)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["engine"] == "hsdp" and summary["world_size"] == 4
+    assert {r["sharding"] for r in summary["matrices"] if r["mode"] == "plumage"} == {"fsdp_rows"}
+    # the inter-node (replicate) link carried compressed projections, and the intra-node one its reduce-scatter
+    assert summary["comm_bytes_replicate_total"]["lowrank_grad/all_reduce"]["bytes"] > 0
+    assert summary["comm_bytes_total"]["lowrank_grad/reduce_scatter"]["bytes"] > 0
+    from plumage_ds.io import newest_complete
+
+    assert newest_complete(out / "checkpoints")[0] == STEPS
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "model")

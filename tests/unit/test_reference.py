@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from plumage_ds.estimators import build_projection, estimate, sampler_generator
+from plumage_ds.estimators import estimate, get_estimator, sampler_generator
 from plumage_ds.optim.reference import ReferencePlumageAdam
 
 
@@ -159,7 +159,7 @@ def test_projection_uses_seed_matrix_id_and_refresh_index():
         if step % 2 == 0:
             k = step // 2
             for mid, W in ((1, W1), (2, W2)):
-                proj = build_projection("plumage", grads[id(W)], 2, sampler_generator(11, mid, k), svd_method="gram")
+                proj = get_estimator("plumage").build(grads[id(W)], 2, sampler_generator(11, mid, k), svd_method="gram")
                 torch.testing.assert_close(opt.state[W]["P"], proj.P)
                 torch.testing.assert_close(opt.state[W]["d"], proj.d)
     assert opt.state[W2]["P"].shape == (6, 2) and opt.state[W2]["exp_avg"].shape == (2, 9)
@@ -196,11 +196,11 @@ def test_coords_input_is_unbiased_over_seeds():
         st = opt.state[W]
         acc += st["P"] @ st["exp_avg"] / (1 - beta1)
         if seed == 0:
-            proj_est = estimate(G, build_projection("plumage", G, 2, sampler_generator(0, 0, 0)))
+            proj_est = estimate(G, get_estimator("plumage").build(G, 2, sampler_generator(0, 0, 0)))
             torch.testing.assert_close(st["P"] @ st["exp_avg"] / (1 - beta1), proj_est, rtol=1e-5, atol=1e-5)
     mean = acc / n_seeds
     # the biased top-2 GaLore estimate is far from G; the sample mean must be much closer
-    galore = estimate(G, build_projection("galore", G, 2, sampler_generator(0, 0, 0)))
+    galore = estimate(G, get_estimator("galore").build(G, 2, sampler_generator(0, 0, 0)))
     assert (mean - G).norm() < 0.25 * (galore - G).norm()
 
 

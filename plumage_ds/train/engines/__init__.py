@@ -1,8 +1,8 @@
 """Engines of the main job: one small class per way of running data parallelism.
 
 ``train.engine`` names one of :data:`ENGINES`; each maps to a module in this package whose
-class subclasses :class:`~plumage_ds.train.engines.base.Engine`. Adding an engine (``fsdp2``,
-``hsdp``) is one module here plus one line in :data:`ENGINES` and in ``config.ENGINES``.
+class subclasses :class:`~plumage_ds.train.engines.base.Engine`. Adding an engine is one module
+here plus one line in :data:`ENGINES` and in ``config.ENGINES``.
 Modules are imported lazily, so ``deepspeed`` is only imported by the engine that needs it.
 """
 
@@ -18,6 +18,8 @@ ENGINES = {
     "ddp_hook": "plumage_ds.train.engines.ddp:DDPHookEngine",
     "sharded": "plumage_ds.train.engines.sharded:ShardedEngine",
     "deepspeed": "plumage_ds.train.engines.deepspeed:DeepSpeedEngine",
+    "fsdp2": "plumage_ds.train.engines.fsdp:FSDP2Engine",
+    "hsdp": "plumage_ds.train.engines.fsdp:HSDPEngine",
 }
 """``train.engine`` → ``module:class``."""
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """FSDP2 / HSDP benchmark at W = 4: AdamW vs PLUMAGE, per-rank state, bytes per mesh dimension, step time.
 
-    PYTHONPATH=. python benchmarks/bench_fsdp.py               # ~3 min on 2 cores
+    PYTHONPATH=. python benchmarks/bench_fsdp.py               # ~4 min on 2 cores
 
 Four setups, one spawned 4-rank gloo job each (1 thread per rank), the same LLaMA-shaped model
 (hidden 256, intermediate 688, 4 layers, 8 heads, vocabulary 4096, fp32; ``fully_shard`` per
@@ -20,8 +20,9 @@ Measured on every rank (the table shows the maximum over ranks):
 * **bytes/step per mesh dimension**: every collective of the step — FSDP's own all-gathers and
   reduce-scatters and the optimizer's — counted where it is issued (the ``torch.distributed``
   functions are wrapped before anything imports them), in the ring model of
-  :mod:`plumage_ds.distributed.comm`, attributed to the shard or the replicate group, averaged
-  over all steps (refreshes amortised);
+  :mod:`plumage_ds.distributed.comm`, attributed to the shard or the replicate group; reported
+  for ordinary steps and amortised over ``--tau`` (default 200) from the measured ordinary and
+  refresh steps;
 * **step time**: forward + backward + ``step()``, maximum over ranks, median over steps 1–11.
 
 On a 2-core machine 4 ranks oversubscribe the cores, so times measure contention as much as the
@@ -117,48 +118,72 @@ def worker(rank: int, world: int, setup: str) -> dict:
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=LR)
     per = BATCH // world
-    times = []
-    _COUNTS.clear()
+    times, steps = [], []
     for step in range(STEPS):
         x = token_batch(step, BATCH, seq=SEQ, vocab=MODEL["vocab"])[rank * per : (rank + 1) * per]
+        _COUNTS.clear()
         t0 = time.perf_counter()
         opt.zero_grad()
         lm_loss(model, x).backward()
         opt.step()
         times.append(time.perf_counter() - t0)
-    by_dim: dict = defaultdict(float)
-    for (gid, w), b in _COUNTS.items():
-        if w > 1:
-            by_dim[groups_of.get(gid, "shard" if w == world else "other")] += b / STEPS
-    return {"state": _state_bytes(opt), "bytes": dict(by_dim), "times": times,
-            "params": sum(p.numel() for p in model.parameters())}
+        by_dim: dict = defaultdict(float)
+        for (gid, w), b in _COUNTS.items():
+            if w > 1:
+                by_dim[groups_of.get(gid, "shard" if w == world else "other")] += b
+        steps.append(dict(by_dim))
+    tags = None
+    if plumage and kw:  # the optimizer's own accounting of the replicate group, per tag, last ordinary step
+        tags = {k: v["bytes"] for k, v in opt.comm_stats()["replicate"]["last_step"].items()}
+    targets = [p for g in opt.param_groups if g.get("lowrank") for p in g["params"]] if plumage else []
+    return {"state": _state_bytes(opt), "steps": steps, "times": times, "tags": tags,
+            "params": sum(p.numel() for p in model.parameters()),
+            "target_local_numel": sum(p.to_local().numel() for p in targets)}
+
+
+def _per_step(res: list[dict], dim: str, refresh: bool) -> float:
+    """Max over ranks of the mean bytes per step on ``dim``, over refresh or ordinary steps."""
+    picked = [s for s in range(STEPS) if (s % TAU == 0) == refresh]
+    return max(statistics.mean(r["steps"][s].get(dim, 0.0) for s in picked) for r in res)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", type=int, default=4)
+    ap.add_argument("--tau", type=int, default=200, help="refresh interval to amortise the measured refresh steps over")
     args = ap.parse_args()
-    rows = {}
+    rows, raw = {}, {}
     for setup in SETUPS:
-        res = run_workers(worker, args.world, setup)
+        res = raw[setup] = run_workers(worker, args.world, setup)
         step_max = [max(r["times"][s] for r in res) for s in range(1, STEPS)]
-        rows[setup] = {
-            "state": max(r["state"] for r in res),
-            "shard": max(r["bytes"].get("shard", 0.0) for r in res),
-            "replicate": max(r["bytes"].get("replicate", 0.0) for r in res),
-            "time": statistics.median(step_max),
-            "params": res[0]["params"],
-        }
-    print(f"W = {args.world}, {rows['fsdp2_adamw']['params'] / 1e6:.2f}M parameters, r = {RANK}, tau = {TAU}, {STEPS} steps\n")
-    base = rows["fsdp2_adamw"]
-    print(f"{'setup':<15} {'opt state/rank':>15} {'x AdamW':>8} {'shard B/step':>13} {'replicate B/step':>17} "
-          f"{'step s':>7} {'x AdamW':>8}")
+        row = {"state": max(r["state"] for r in res), "time": statistics.median(step_max), "params": res[0]["params"]}
+        for dim in ("shard", "replicate"):
+            ordinary, refresh = _per_step(res, dim, False), _per_step(res, dim, True)
+            row[dim] = ordinary
+            row[dim + "_amortised"] = ((args.tau - 1) * ordinary + refresh) / args.tau
+        rows[setup] = row
+    print(f"W = {args.world}, {rows['fsdp2_adamw']['params'] / 1e6:.2f}M parameters, r = {RANK}, "
+          f"refresh every {TAU} of {STEPS} measured steps\n")
+    print("bytes/step: every collective of the step (FSDP's and the optimizer's), ring model, max over ranks;")
+    print(f"'ord.' = ordinary steps, 'tau={args.tau}' = measured ordinary and refresh steps amortised over tau\n")
+    head = (f"{'setup':<14} {'state/rank':>11} {'x':>6} {'shard ord.':>12} {'shard tau':>12} {'repl. ord.':>12} "
+            f"{'repl. tau':>12} {'step s':>7} {'x':>6}")
+    print(head)
     for name, r in rows.items():
-        ref = base if name.startswith("fsdp2") else rows["hsdp_adamw"]
-        print(f"{name:<15} {r['state']:>15,d} {r['state'] / ref['state']:>8.3f} {r['shard']:>13,.0f} "
-              f"{r['replicate']:>17,.0f} {r['time']:>7.3f} {r['time'] / ref['time']:>8.3f}")
+        ref = rows["fsdp2_adamw" if name.startswith("fsdp2") else "hsdp_adamw"]
+        print(f"{name:<14} {r['state']:>11,d} {r['state'] / ref['state']:>6.3f} {r['shard']:>12,.0f} "
+              f"{r['shard_amortised']:>12,.0f} {r['replicate']:>12,.0f} {r['replicate_amortised']:>12,.0f} "
+              f"{r['time']:>7.3f} {r['time'] / ref['time']:>6.3f}")
     hr, ha = rows["hsdp_plumage"], rows["hsdp_adamw"]
-    print(f"\nreplicate-group bytes, compressed HSDP / plain HSDP: {hr['replicate'] / ha['replicate']:.3f}")
+    print(f"\nreplicate-group bytes, compressed / plain HSDP: ordinary {hr['replicate'] / ha['replicate']:.3f}, "
+          f"tau={args.tau} {hr['replicate_amortised'] / ha['replicate_amortised']:.3f}")
+    R = 2
+    for r in raw["hsdp_plumage"][:1]:
+        tags = r["tags"]
+        plain_targets = 2 * (R - 1) / R * 4 * r["target_local_numel"]
+        print(f"target matrices on the replicate group, ordinary step (rank 0): compressed {tags['lowrank_grad/all_reduce']:,.0f} B "
+              f"vs {plain_targets:,.0f} B uncompressed = {tags['lowrank_grad/all_reduce'] / plain_targets:.3f} (r/s = {RANK / MODEL['hidden']:.3f}); "
+              f"non-targets {tags.get('dense_grad/all_reduce', 0):,.0f} B")
 
 
 if __name__ == "__main__":

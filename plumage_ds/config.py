@@ -354,6 +354,7 @@ class OptimizerConfig:
     max_grad_norm: float = 0.0  # global-norm clipping (0: off), on what the optimizer uses
     nonfinite: str = "skip"  # NaN/Inf gradient on any rank: "skip" the step everywhere (counted) or "raise"
     right_projectors: str = "sharded"  # FSDP2, matrices with m > n: P row-sharded ("sharded") or whole on every rank
+    backward_projection: Optional[bool] = None  # keep Pᵀ G (r×l), not G (m×n), from backward to step; None: on for ZeRO-3 only
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES  # regexes on module names (re.search)
     gum: GumConfig = field(default_factory=GumConfig)
     comm_hook: CommHookConfig = field(default_factory=CommHookConfig)
@@ -416,6 +417,7 @@ class OptimizerConfig:
 
         out = {f: getattr(self, f) for f in PLUMAGE_ADAMW_KEYS}
         out["svd_method"] = resolve_svd_method(self.estimator, self.svd_method) or "gram"  # haar: unused
+        out["backward_projection"] = bool(self.backward_projection)  # None: off (the ZeRO-3 composite turns it on)
         return out
 
     def gum_kwargs(self) -> dict:
@@ -431,6 +433,7 @@ class OptimizerConfig:
 PLUMAGE_ADAMW_KEYS = (
     "lr", "betas", "eps", "weight_decay", "rank", "update_interval", "estimator", "scale", "dinv_placement",
     "realign", "svd_method", "uniform_mix", "seed", "strict", "max_grad_norm", "nonfinite", "right_projectors",
+    "backward_projection",
 )  # fmt: skip
 """The :class:`PlumageAdamW` keywords; each is an :class:`OptimizerConfig` field of the same name."""
 

@@ -250,7 +250,10 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
         super().__init__([{"params": list(dense_params)}], config.adam_kwargs())
         self.stage = stage
         self.dense_names = list(dense_names) if dense_names else None
-        self.plumage = cls(target_groups, **config.lowrank_kwargs(), process_group=process_group)
+        kwargs = config.lowrank_kwargs()
+        if config.backward_projection is None:  # ZeRO-3: target gradients would stay full-size on every rank
+            kwargs["backward_projection"] = stage == 3
+        self.plumage = cls(target_groups, **kwargs, process_group=process_group)
         self.plumage.external_grad_sq_norm = self._dense_grad_sq_norm
         self._base_lr = float(config.lr)
         self._plumage_base_lr = [float(g["lr"]) for g in self.plumage.param_groups]
@@ -334,9 +337,8 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
                     p.mul_(1.0 - group["lr"] * group["weight_decay"]).sub_(N, alpha=size)
                 else:
                     p.copy_(p.float().mul_(1.0 - group["lr"] * group["weight_decay"]).sub_(N, alpha=size))
-        # DeepSpeed's zero_grad only covers its own groups: the targets' are ours.
-        for p in self._targets:
-            p.grad = None
+        # DeepSpeed's zero_grad only covers its own groups: the targets' (and their projections) are ours.
+        self.plumage.zero_grad(set_to_none=True)
         return loss
 
     # -- reports ----------------------------------------------------------------

@@ -108,6 +108,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self.last_nonfinite: list[str] = []  # parameters that made the last skipped step non-finite
         self._entries: list[_Entry] = []
         self._distributor: Optional[Distributor] = None
+        # entry index -> Pᵀ G_o accumulated during backward (targets whose gradient was projected
+        # as it arrived, see PlumageAdamW's backward_projection); cleared by zero_grad and step
+        self._projected: dict[int, Tensor] = {}
         super().__init__(params, defaults)
         self._distributor = self._resolve_distributor(distributor, replicate_group)
         self._build_entries()
@@ -386,9 +389,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
         n = len(self._entries)
         has, bad = [], []
         for e in self._entries:
-            g = local(e.param.grad)
-            has.append(e.param.grad is not None)
-            bad.append(g is not None and g.numel() > 0 and not bool(torch.isfinite(g).all()))
+            pending = [t for t in (local(e.param.grad), self._projected.get(e.index)) if t is not None]
+            has.append(bool(pending))
+            bad.append(any(t.numel() > 0 and not bool(torch.isfinite(t).all()) for t in pending))
         agreed = self._distributor.any_true(has + bad)
         has_grad, nonfinite = agreed[:n], agreed[n:]
         if not any(has_grad):
@@ -409,6 +412,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
             return None
         active = [e for e, h in zip(self._entries, has_grad) if h]
         return [e for e in active if e.lowrank], [e for e in active if not e.lowrank]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``, and the gradients projected during backward."""
+        super().zero_grad(set_to_none=set_to_none)
+        self._projected.clear()
 
     def _grad32(self, e: _Entry) -> Tensor:
         """``e``'s gradient on this rank (its local shard under FSDP2) in fp32 (zeros where none)."""

@@ -68,9 +68,11 @@ def _projectors_replicated(dist, entries: list[_Entry], P_local: list[Tensor]) -
     return P_local
 
 
-def _compress_replicated(dist, entries, grads, P_use, averaged) -> list[Optional[Tensor]]:
-    """``R̄ = mean_k Pᵀ G_k``  # (r, l), on the owner (one reduce-scatter over owner segments)."""
-    R = [P.mT @ orient(G, e.left) for e, G, P in zip(entries, grads, P_use)]
+def _compress_replicated(dist, entries, grads, P_use, averaged, projected) -> list[Optional[Tensor]]:
+    """``R̄ = mean_k Pᵀ G_k``  # (r, l), on the owner (one reduce-scatter over owner segments).
+
+    ``projected[i]``: ``Pᵀ G_k`` already formed during backward (``backward_projection``)."""
+    R = [R_k if R_k is not None else P.mT @ orient(G, e.left) for e, G, P, R_k in zip(entries, grads, P_use, projected)]
     return dist.reduce_to_owners(R, [e.owner for e in entries], "lowrank_grad")
 
 
@@ -120,7 +122,7 @@ def _projectors_fsdp(dist, entries, P_local) -> list[Tensor]:
     return out
 
 
-def _compress_fsdp(dist, entries, grads, P_use, averaged) -> list[Tensor]:
+def _compress_fsdp(dist, entries, grads, P_use, averaged, projected) -> list[Tensor]:
     """This rank's columns of ``R̄ = Pᵀ G_o`` (averaged across replicas under compressed HSDP).
 
     Left: ``Σ_k P_kᵀ G_k`` reduce-scattered by columns ``(r, n/S)``. Right: ``(G_k P)ᵀ``
@@ -256,6 +258,12 @@ class PlumageAdamW(MatrixOptimizer):
             (averaged) projected gradient and ``ḡ`` the averaged dense gradient.
         nonfinite: ``"skip"`` (default: a step whose gradients hold NaN/Inf on any rank is
             skipped on every rank and counted in ``skipped_steps``) or ``"raise"``.
+        backward_projection: replicated/ZeRO-3 weights: project each target's gradient to
+            ``Pᵀ G_o`` (``r × l``) as soon as backward accumulates it and drop the full gradient
+            (``p.grad`` is then ``None``), except before a refresh, which needs the full
+            gradient. Target-gradient memory between backward and ``step()`` falls from
+            ``m·n`` to ``r·l`` per matrix on ordinary steps; the trajectory is unchanged (the
+            projection is linear). Call ``zero_grad()`` (as usual) before each backward.
         right_projectors: FSDP2 only, right-projected matrices (``m > n``): ``"sharded"``
             (default: ``P`` ``(n, r)`` row-sharded, state per rank ~1/S, one all-gather of ``P``
             per step) or ``"replicated"`` (whole ``P`` on every rank, no optimizer
@@ -294,6 +302,7 @@ class PlumageAdamW(MatrixOptimizer):
         max_grad_norm: float = 0.0,
         nonfinite: str = "skip",
         right_projectors: str = "sharded",
+        backward_projection: bool = False,
         replicate_group=None,
         distributor: Optional[Distributor] = None,
     ) -> None:
@@ -314,6 +323,9 @@ class PlumageAdamW(MatrixOptimizer):
             raise ValueError(f"Invalid {max_grad_norm=}: must be a finite number >= 0 (0 disables clipping)")
         if right_projectors not in RIGHT_PROJECTORS:
             raise ValueError(f"Invalid {right_projectors=}: must be one of {list(RIGHT_PROJECTORS)}")
+        self._check_bool("backward_projection", backward_projection)
+        self.backward_projection = backward_projection
+        self._hooks: list = []
         self.max_grad_norm = float(max_grad_norm)
         self.right_projectors = right_projectors
         # Optional callable: this rank's share of the squared norm of gradients that
@@ -346,6 +358,7 @@ class PlumageAdamW(MatrixOptimizer):
 
     def _build_entries(self) -> None:
         entries = self._plan_entries()
+        self._register_projection_hooks(entries)
         # Matrices and dense parameters travel in separate collectives (each padded
         # to its longest owner segment), so each category is balanced on its own.
         for category in ([e for e in entries if e.lowrank], [e for e in entries if not e.lowrank]):
@@ -362,6 +375,36 @@ class PlumageAdamW(MatrixOptimizer):
             for e, o in zip(category, self._distributor.assign_owners(costs, state_bytes)):
                 e.owner = o
         self._entries = entries
+
+    def _register_projection_hooks(self, entries: list[_Entry]) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if not self.backward_projection:
+            return
+        for e in entries:
+            if e.lowrank and e.case == FSDP_ROWS:
+                raise ValueError(
+                    f"Invalid backward_projection=True for {e.name!r}: FSDP2 already hands each rank 1/W of the "
+                    "gradient (reduce-scattered rows); the option is for replicated and ZeRO-3 weights"
+                )
+            if e.lowrank:
+                self._hooks.append(e.param.register_post_accumulate_grad_hook(self._projection_hook(e)))
+
+    def _projection_hook(self, e: _Entry):
+        """After backward accumulates ``e``'s gradient: add ``Pᵀ G_o`` (r, l) to its accumulator, drop ``G``."""
+
+        def hook(p: Tensor) -> None:
+            st = self.state.get(p, {})
+            if p.grad is None or "P" not in st or st["step"] % e.group["update_interval"] == 0:
+                return  # the refresh at the start of the next step needs the whole gradient
+            with torch.no_grad():
+                R = st["P"].mT @ orient(p.grad.float(), e.left)  # (r, l)
+                acc = self._projected.get(e.index)
+                self._projected[e.index] = R if acc is None else acc.add_(R)
+            p.grad = None
+
+        return hook
 
     def _report_row(self, e: _Entry) -> dict:
         row = super()._report_row(e)
@@ -382,7 +425,8 @@ class PlumageAdamW(MatrixOptimizer):
         lowrank, dense = plan
         ops = self._case_ops()
         staged: dict[int, dict] = {}
-        grads = [self._grad32(e) for e in lowrank]
+        projected = [self._projected.get(e.index) for e in lowrank]
+        grads = [None if R is not None else self._grad32(e) for e, R in zip(lowrank, projected)]
         averaged = [False] * len(lowrank)  # this step's gradient already averaged across replicas
 
         # -- phase 1: refresh projectors (staged) ------------------------------------
@@ -399,7 +443,7 @@ class PlumageAdamW(MatrixOptimizer):
 
         # -- phase 2: compressed gradients (and dense ones) to their owners -----------
         P_use = ops["projectors"](dist, lowrank, [current(e, "P") for e in lowrank])
-        R_owned = ops["compress"](dist, lowrank, grads, P_use, averaged)
+        R_owned = ops["compress"](dist, lowrank, grads, P_use, averaged, projected)
         R_owned = [
             R / current(e, "d")[:, None] if R is not None and e.group["dinv_placement"] == "coords" else R
             for e, R in zip(lowrank, R_owned)
@@ -443,6 +487,7 @@ class PlumageAdamW(MatrixOptimizer):
 
         # -- commit ------------------------------------------------------------------
         self._commit(lowrank + dense, staged)
+        self._projected.clear()
         for e, delta in zip(lowrank, deltas):
             self._apply_matrix_update(e.param, delta, e.group["lr"] * e.group["weight_decay"])
         for e, W in zip(dense, W_all):

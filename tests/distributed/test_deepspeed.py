@@ -105,12 +105,27 @@ def _train(engine, model, rank, gas, steps, start=0, learnable=False, probe=None
             k = rank * gas + j
             loss = lm_loss(engine, x[k * mb : (k + 1) * mb])
             engine.backward(loss)
-            if probe is not None and j == 0:  # a target's grad right after backward: local or reduced?
-                probes.append(float(probe.grad.double().norm()))
+            if probe is not None and j == 0:
+                probes.append(_probe(probe))
             engine.step()
             total += float(loss.detach()) / gas
         losses.append(total)
     return losses, lrs, probes
+
+
+def _probe(comp) -> dict:
+    """Right after backward: target 0's gradient on this rank (full, or projected to Pᵀ G_o during
+    backward) — local or reduced? — and the bytes every target holds until step()."""
+    opt = comp.plumage
+    first = opt._entries[0]
+    g = first.param.grad if first.param.grad is not None else opt._projected[first.index]
+    return {
+        "norm": float(g.double().norm()),
+        "grad_bytes": sum(e.param.grad.numel() * 4 for e in opt._entries if e.param.grad is not None),
+        "projected_bytes": sum(t.numel() * 4 for t in opt._projected.values()),
+        "full_bytes": sum(e.shape[0] * e.shape[1] * 4 for e in opt._entries),
+        "compressed_bytes": sum(e.r * e.l * 4 for e in opt._entries),
+    }
 
 
 def _params(model):
@@ -146,7 +161,7 @@ def _worker(rank, world, port, ckpt_root):
             engine, _, _, _ = pds.initialize(model=model, config=cfg)
             comp = pds.plumage_optimizer(engine)
             res = {}
-            probe = comp._targets[0]
+            probe = comp
             if ckpt:
                 losses, lrs, probes = _train(engine, model, rank, gas, SAVE_AT, probe=probe)
                 pds.save_checkpoint(engine, ckpt_root, tag=f"s{stage}")
@@ -302,7 +317,15 @@ def test_matches_single_device(ds_runs, stage):
     assert run["target_grads_none"]
     # DeepSpeed did not reduce the target gradients (they differ per rank after backward): PLUMAGE did
     p0, p1 = ds_runs[0][f"stage{stage}"]["probe"], ds_runs[1][f"stage{stage}"]["probe"]
-    assert len(p0) == STEPS and all(a != b for a, b in zip(p0, p1)), (p0, p1)
+    assert len(p0) == STEPS and all(a["norm"] != b["norm"] for a, b in zip(p0, p1)), (p0, p1)
+    # ZeRO-3 projects target gradients during backward: r·l per matrix (not m·n) until step(), but
+    # before a refresh, which needs the whole gradient; the other stages keep the full gradient
+    for step, pr in enumerate(p0):
+        if stage == 3 and step % TAU:
+            assert (pr["grad_bytes"], pr["projected_bytes"]) == (0, pr["compressed_bytes"]), (step, pr)
+        else:
+            assert (pr["grad_bytes"], pr["projected_bytes"]) == (pr["full_bytes"], 0), (step, pr)
+    assert p0[0]["compressed_bytes"] < p0[0]["full_bytes"] / 2
     assert max_diff(run["params"], ref) <= 1e-5
     assert mean_losses(ds_runs, f"stage{stage}") == pytest.approx(ref_losses, abs=1e-5)
     modes = {row["mode"] for row in run["report"]}

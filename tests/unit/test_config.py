@@ -91,7 +91,8 @@ def test_config_knob_names_are_the_constructor_keywords():
     gum_ctor = set(inspect.signature(GUM.__init__).parameters) - {"self", "params", "distributor"}
     assert gum_ctor == set(OptimizerConfig(estimator="gum").gum_kwargs())
     cfg = OptimizerConfig(estimator="plumage", rank=3, uniform_mix=0.1, max_grad_norm=2.0)
-    assert cfg.lowrank_kwargs() == {k: getattr(cfg, k) for k in PLUMAGE_ADAMW_KEYS} | {"svd_method": "gram"}
+    resolved = {"svd_method": "gram", "backward_projection": False}  # None: the estimator's / engine's default
+    assert cfg.lowrank_kwargs() == {k: getattr(cfg, k) for k in PLUMAGE_ADAMW_KEYS} | resolved
 
 
 def test_roundtrip_and_types():

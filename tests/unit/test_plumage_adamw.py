@@ -326,3 +326,44 @@ def test_factory_and_config() -> None:
         assert any(r["name"].endswith("q_proj.weight") and r["mode"] == (est if est != "adamw" else "adamw") for r in rows)
     with pytest.raises(ValueError, match=r"^Unknown config key 'ranks'; valid keys: \["):
         from_dict(OptimizerConfig, {"ranks": 4})
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_backward_projection_keeps_the_trajectory_and_drops_full_gradients(micro_batches: int) -> None:
+    """Pᵀ G_o formed as backward accumulates: same parameters, and only r·l per target until step()."""
+    models = [_mlp(), _mlp()]
+    opts = [PlumageAdamW(m.parameters(), backward_projection=flag, **HPARAMS) for m, flag in zip(models, (False, True))]
+    held = []  # target-gradient bytes between backward and step, with backward projection
+    for step in range(10):
+        x, y = _data(step)
+        for m, o in zip(models, opts):
+            o.zero_grad()
+            for k in range(micro_batches):
+                sl = slice(k * 32 // micro_batches, (k + 1) * 32 // micro_batches)
+                (((m(x[sl]) - y[sl]) ** 2).mean() / micro_batches).backward()
+        targets = [e for e in opts[1]._entries if e.lowrank]
+        grad_bytes = sum(e.param.grad.numel() * 4 for e in targets if e.param.grad is not None)
+        proj_bytes = sum(t.numel() * 4 for t in opts[1]._projected.values())
+        held.append((step, grad_bytes, proj_bytes))
+        for o in opts:
+            o.step()
+    assert _max_diff(*models) < 1e-6
+    full = sum(e.shape[0] * e.shape[1] * 4 for e in targets)
+    compressed = sum(e.r * e.l * 4 for e in targets)
+    for step, grad_bytes, proj_bytes in held:
+        if step % HPARAMS["update_interval"] == 0:  # a refresh needs the whole gradient
+            assert (grad_bytes, proj_bytes) == (full, 0)
+        else:
+            assert (grad_bytes, proj_bytes) == (0, compressed)
+    assert compressed < full / 2
+
+
+def test_zero_grad_drops_projected_gradients() -> None:
+    model = _mlp()
+    opt = PlumageAdamW(model.parameters(), backward_projection=True, **HPARAMS)
+    _train(model, opt, range(1))
+    x, y = _data(1)
+    ((model(x) - y) ** 2).mean().backward()
+    assert opt._projected
+    opt.zero_grad()
+    assert not opt._projected

@@ -115,3 +115,66 @@ def lm_loss(model, x: torch.Tensor) -> torch.Tensor:
 
     logits = model(input_ids=x[:, :-1]).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+
+def _seeded(seed: int, build):
+    torch.manual_seed(seed)
+    return build().float()
+
+
+def tiny_gpt2(seed: int = 0, *, vocab: int = TINY_VOCAB, hidden: int = 32, layers: int = 2, heads: int = 2,
+              tie: bool = True):
+    """A tiny ``GPT2LMHeadModel`` (``Conv1D`` layers, ``wte`` tied to ``lm_head`` by default; no dropout)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=vocab, n_positions=64, n_embd=hidden, n_layer=layers, n_head=heads, tie_word_embeddings=tie,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, use_cache=False,
+    )
+    return _seeded(seed, lambda: GPT2LMHeadModel(cfg))
+
+
+def _bert_like_config(cls, vocab: int, hidden: int, layers: int):
+    return cls(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=48, max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2,
+    )
+
+
+def tiny_bert(seed: int = 0, *, vocab: int = TINY_VOCAB, hidden: int = 32, layers: int = 2):
+    """A tiny ``BertForMaskedLM`` (word embeddings tied to the MLM decoder)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    return _seeded(seed, lambda: BertForMaskedLM(_bert_like_config(BertConfig, vocab, hidden, layers)))
+
+
+def tiny_roberta(seed: int = 0, *, vocab: int = TINY_VOCAB, hidden: int = 32, layers: int = 2):
+    """A tiny ``RobertaForMaskedLM`` (BERT naming under ``roberta.``; ``lm_head`` holds the MLM decoder)."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    return _seeded(seed, lambda: RobertaForMaskedLM(_bert_like_config(RobertaConfig, vocab, hidden, layers)))
+
+
+def tiny_t5(seed: int = 0, *, vocab: int = TINY_VOCAB, hidden: int = 32, layers: int = 2):
+    """A tiny ``T5ForConditionalGeneration`` (``shared`` tied to both embeddings and ``lm_head``)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=vocab, d_model=hidden, d_kv=8, d_ff=48, num_layers=layers, num_heads=2, dropout_rate=0.0)
+    return _seeded(seed, lambda: T5ForConditionalGeneration(cfg))
+
+
+def tiny_vit(seed: int = 0, *, hidden: int = 32, layers: int = 2, labels: int = 3):
+    """A tiny ``ViTForImageClassification`` on 16x16 images (4 patches of 8x8)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(
+        image_size=16, patch_size=8, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=48, num_labels=labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return _seeded(seed, lambda: ViTForImageClassification(cfg))
+
+
+TINY_MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert, "roberta": tiny_roberta, "t5": tiny_t5,
+               "vit": tiny_vit}
+"""Builders of the tiny models by family name (all from configs, no download)."""

@@ -178,3 +178,19 @@ def tiny_vit(seed: int = 0, *, hidden: int = 32, layers: int = 2, labels: int = 
 TINY_MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert, "roberta": tiny_roberta, "t5": tiny_t5,
                "vit": tiny_vit}
 """Builders of the tiny models by family name (all from configs, no download)."""
+
+
+def groups_listed_once(model, rank: int, target_modules=None) -> list[dict]:
+    """Param groups with every tensor listed ONCE, straight from ``named_parameters()`` (which skips
+    repeats): the reference that tied-weight runs through :func:`~plumage_ds.optim.lowrank_param_groups`
+    must equal. Targets as :func:`~plumage_ds.optim.select_targets` chooses them, in the same order."""
+    from plumage_ds.optim import select_targets
+
+    targets = {id(p) for _, p, _ in select_targets(model, target_modules, rank=rank)}
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for _, p in named if id(p) in targets], "names": [n for n, p in named if id(p) in targets],
+         "lowrank": True},
+        {"params": [p for _, p in named if id(p) not in targets], "names": [n for n, p in named if id(p) not in targets],
+         "lowrank": False},
+    ]

@@ -290,6 +290,7 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
         self._base_lr = float(lr)
         self._plumage_base_lr = [float(g["lr"]) for g in self.plumage.param_groups]
         self._targets = [p for g in self.plumage.param_groups for p in g["params"]]
+        self.engine_attached = False  # stage 0: set by attach_engine (the engine must not all-reduce)
 
     # -- helpers ----------------------------------------------------------------
     @property
@@ -341,6 +342,13 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
                 f"PlumageDeepSpeedOptimizer expects exactly one non-target param group, got {len(self.param_groups)}"
             )
         if self.stage == 0:
+            if not self.engine_attached:
+                raise RuntimeError(
+                    "PlumageDeepSpeedOptimizer on ZeRO stage 0 was not attached to its engine: DeepSpeed would "
+                    "all-reduce every gradient uncompressed (targets included). Call "
+                    "plumage_ds.integrations.deepspeed.attach_engine(engine) after deepspeed.initialize "
+                    "(initialize() and the plumage_ds.integrations.hf helpers do it)"
+                )
             self._allreduce_dense_grads()
         # LR schedule: DeepSpeed's scheduler writes lr into our (single) group;
         # the PLUMAGE groups follow with the same multiplier.
@@ -467,6 +475,54 @@ def _print_report(rows: list[dict], dense: list[tuple[str, list]]) -> None:
     print("[plumage_ds] DeepSpeed adapter, parameter modes:\n" + "\n".join(lines), flush=True)
 
 
+def build_composite(
+    model, *, section: PlumageSectionConfig, adam: dict, stage: int, max_grad_norm: float = 0.0, target_modules: Any
+) -> PlumageDeepSpeedOptimizer:
+    """The composite client optimizer for ``model``: targets chosen by ``target_modules``
+    (:func:`~plumage_ds.optim.select_targets` rules; ``None`` = the default selection), each
+    distinct tensor once (tied weights), every other trainable tensor in DeepSpeed's group.
+
+    Hand it to DeepSpeed as ``optimizer=`` with ``"gradient_clipping": 0`` (clipping is the
+    composite's, global) and ``"zero_allow_untested_optimizer": true``; on stage 0 call
+    :func:`attach_engine` on the engine. Prints the mode table on rank 0 if ``section.print_report``.
+    """
+    from ..optim import lowrank_param_groups
+
+    groups, _ = lowrank_param_groups(model, target_modules=target_modules, rank=section.rank, strict=section.strict)
+    target_groups = [g for g in groups if g.get("lowrank")]
+    dense_groups = [g for g in groups if not g.get("lowrank")]
+    dense_params = [p for g in dense_groups for p in g["params"]]
+    dense_names = [n for g in dense_groups for n in g["names"]]
+    composite = PlumageDeepSpeedOptimizer(
+        dense_params,
+        target_groups,
+        stage=stage,
+        max_grad_norm=max_grad_norm,
+        plumage=section,
+        dense_names=dense_names,
+        **adam,
+    )
+    if section.print_report and (not dist.is_initialized() or dist.get_rank() == 0):
+        shapes = [list(getattr(p, "ds_shape", p.shape)) for p in dense_params]
+        _print_report(composite.plumage.matrix_report(), list(zip(dense_names, shapes)))
+    return composite
+
+
+def attach_engine(engine) -> PlumageDeepSpeedOptimizer:
+    """Tie the composite to the engine that wraps it; returns the composite.
+
+    Stage 0: DeepSpeed's fallback all-reduces EVERY module gradient (targets uncompressed);
+    this turns that off (``engine.enable_backward_allreduce = False``, the public switch 1-bit
+    Adam uses): the composite reduces non-targets itself, PLUMAGE the targets, compressed.
+    Other stages: ZeRO reduces only its own partitions; nothing to change.
+    """
+    composite = plumage_optimizer(engine)
+    if composite.stage == 0:
+        engine.enable_backward_allreduce = False
+    composite.engine_attached = True
+    return composite
+
+
 def initialize(model, config, model_parameters=None, **kwargs):
     """Drop-in for ``deepspeed.initialize`` with PLUMAGE owning the target matrices.
 
@@ -485,8 +541,6 @@ def initialize(model, config, model_parameters=None, **kwargs):
     """
     import deepspeed
 
-    from ..optim import lowrank_param_groups
-
     for bad in ("optimizer", "mpu", "config_params"):
         if kwargs.get(bad) is not None:
             raise ValueError(f"plumage_ds.integrations.deepspeed.initialize does not take {bad}=")
@@ -496,35 +550,15 @@ def initialize(model, config, model_parameters=None, **kwargs):
     if not dist.is_initialized():
         backend = "gloo" if os.environ.get("DS_ACCELERATOR", "") == "cpu" or not torch.cuda.is_available() else None
         deepspeed.init_distributed(dist_backend=backend)
-    groups, _ = lowrank_param_groups(
-        model, target_modules=list(section.target_modules), rank=section.rank, strict=section.strict
+    composite = build_composite(
+        model, section=section, adam=adam, stage=stage, max_grad_norm=clip, target_modules=section.target_modules
     )
-    target_groups = [g for g in groups if g.get("lowrank")]
-    dense_groups = [g for g in groups if not g.get("lowrank")]
-    if not target_groups:
-        raise ValueError(f"plumage.target_modules={list(section.target_modules)!r} selected no matrix of the model")
-    dense_params = [p for g in dense_groups for p in g["params"]]
-    dense_names = [n for g in dense_groups for n in g["names"]]
-    composite = PlumageDeepSpeedOptimizer(
-        dense_params,
-        target_groups,
-        stage=stage,
-        max_grad_norm=clip,
-        plumage=section,
-        dense_names=dense_names,
-        **adam,
-    )
-    if section.print_report and dist.get_rank() == 0:
-        _print_report(composite.plumage.matrix_report(), [(n, list(p.shape)) for n, p in zip(dense_names, dense_params)])
     engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(
         model=model, optimizer=composite, config=ds_config, **kwargs
     )
     if engine.client_optimizer is not composite:  # public attribute of DeepSpeedEngine
         raise RuntimeError("DeepSpeed did not keep the PLUMAGE composite as its client optimizer")
-    if stage == 0:
-        # DeepSpeed's stage-0 fallback all-reduces EVERY module gradient (targets
-        # uncompressed); the composite reduces non-targets itself, PLUMAGE the targets.
-        engine.enable_backward_allreduce = False
+    attach_engine(engine)
     return engine, optimizer, dataloader, lr_scheduler
 
 
@@ -584,6 +618,8 @@ __all__ = [
     "PlumageSectionConfig",
     "PlumageDeepSpeedOptimizer",
     "split_config",
+    "attach_engine",
+    "build_composite",
     "initialize",
     "plumage_optimizer",
     "save_checkpoint",

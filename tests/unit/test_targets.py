@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from plumage_ds.optim import GUM, PlumageAdamW, build_optimizer, lowrank_param_groups, select_targets
-from plumage_ds.testing import TINY_MODELS, lm_loss, token_batch
+from plumage_ds.testing import TINY_MODELS, groups_listed_once, lm_loss, token_batch
 
 LAYERS = 2
 # leaf modules (per block) that the default selection must pick, by family
@@ -128,13 +128,7 @@ def test_tied_tensor_one_entry_one_state_one_update(optimizer):
     def build(once: bool):
         model = tiny_gpt2()
         if once:
-            named = list(model.named_parameters())
-            targets = {n for n, _, _ in select_targets(model, None, rank=4)}
-            groups = [
-                {"params": [p for n, p in named if n in targets], "names": [n for n, _ in named if n in targets],
-                 "lowrank": True},
-                {"params": [p for n, p in named if n not in targets], "lowrank": False},
-            ]
+            groups = groups_listed_once(model, rank=4)
         else:
             groups, _ = lowrank_param_groups(model, target_modules=None, rank=4)
         cls = PlumageAdamW if optimizer == "plumage" else GUM

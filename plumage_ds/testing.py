@@ -131,7 +131,11 @@ def tiny_gpt2(seed: int = 0, *, vocab: int = TINY_VOCAB, hidden: int = 32, layer
         vocab_size=vocab, n_positions=64, n_embd=hidden, n_layer=layers, n_head=heads, tie_word_embeddings=tie,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, use_cache=False,
     )
-    return _seeded(seed, lambda: GPT2LMHeadModel(cfg))
+    model = _seeded(seed, lambda: GPT2LMHeadModel(cfg))
+    # the class name does not say "ForCausalLM": without this, transformers.Trainer would count the
+    # unshifted labels as the loss's denominator (loss scaled by (seq-1)/seq) and warn
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 def _bert_like_config(cls, vocab: int, hidden: int, layers: int):
@@ -194,3 +198,37 @@ def groups_listed_once(model, rank: int, target_modules=None) -> list[dict]:
         {"params": [p for _, p in named if id(p) not in targets], "names": [n for n, p in named if id(p) not in targets],
          "lowrank": False},
     ]
+
+
+def lm_examples(n: int, *, seq: int = 16, vocab: int = TINY_VOCAB, salt: int = 0) -> list[dict]:
+    """``n`` causal-LM examples ``{"input_ids", "labels"}`` (labels = inputs: the model shifts them), a
+    dataset for ``transformers.Trainer`` / Accelerate loops; example ``i`` is fixed by ``(i, salt)``."""
+    rows = []
+    for i in range(n):
+        x = token_batch(i, 1, seq=seq - 1, vocab=vocab, salt=salt)[0]
+        rows.append({"input_ids": x, "labels": x.clone()})
+    return rows
+
+
+def hf_lm_loss(model, rows: list[dict]) -> torch.Tensor:
+    """The HF models' own causal-LM loss on a batch of :func:`lm_examples` rows, computed as
+    ``transformers.Trainer`` does it (summed token losses over ``num_items_in_batch`` targets)."""
+    x = torch.stack([r["input_ids"] for r in rows])
+    y = torch.stack([r["labels"] for r in rows])
+    return model(input_ids=x, labels=y, num_items_in_batch=y[:, 1:].ne(-100).sum()).loss
+
+
+def hf_training_args(out_dir: str, *, steps: int, batch: int, lr: float = 3e-3, **overrides):
+    """``TrainingArguments`` for deterministic tiny Trainer runs: CPU, constant lr, no clipping,
+    sequential sampling (step ``s`` on ``W`` ranks reads examples ``[s·W·batch, (s+1)·W·batch)``),
+    no logging integrations, no checkpoints unless ``overrides`` ask for them."""
+    from transformers import TrainingArguments
+
+    kw = dict(
+        output_dir=out_dir, per_device_train_batch_size=batch, max_steps=steps, learning_rate=lr,
+        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0, weight_decay=0.0,
+        train_sampling_strategy="sequential", report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+        disable_tqdm=True, dataloader_num_workers=0, seed=0,
+    )  # fmt: skip
+    kw.update(overrides)
+    return TrainingArguments(**kw)

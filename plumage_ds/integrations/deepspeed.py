@@ -103,6 +103,12 @@ class PlumageSectionConfig:
                 raise ValueError(f"Invalid {key}={getattr(self, key)!r}: must be true or false")
 
 
+def optimizer_kwargs(section: PlumageSectionConfig) -> dict:
+    """The section's low-rank options as :class:`~plumage_ds.optim.PlumageAdamW` keyword arguments."""
+    keys = ("rank", "update_interval", "estimator", "scale", "dinv_placement", "realign", "svd_method", "seed", "strict")
+    return {k: getattr(section, k) for k in keys}
+
+
 _ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
 _ADAM_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
 
@@ -274,15 +280,7 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
             betas=tuple(betas),
             eps=eps,
             weight_decay=weight_decay,
-            rank=section.rank,
-            update_interval=section.update_interval,
-            estimator=section.estimator,
-            scale=section.scale,
-            dinv_placement=section.dinv_placement,
-            realign=section.realign,
-            svd_method=section.svd_method,
-            seed=section.seed,
-            strict=section.strict,
+            **optimizer_kwargs(section),
             max_grad_norm=max_grad_norm,
             process_group=process_group,
         )
@@ -466,13 +464,13 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
 # --------------------------------------------------------------------------- public entry points
 
 
-def _print_report(rows: list[dict], dense: list[tuple[str, list]]) -> None:
+def _print_report(rows: list[dict], dense: list[tuple[str, list]], title: str = "DeepSpeed adapter") -> None:
     lines = [f"{'parameter':<48} {'shape':<14} {'mode':<8} {'owner':<5} reason"]
     for r in rows:
         lines.append(f"{r['name']:<48} {str(tuple(r['shape'])):<14} {r['mode']:<8} {r['owner']!s:<5} {r['reason']}")
     for name, shape in dense:
         lines.append(f"{name:<48} {str(tuple(shape)):<14} {'adamw':<8} {'zero':<5} DeepSpeed ZeRO partition (not a target)")
-    print("[plumage_ds] DeepSpeed adapter, parameter modes:\n" + "\n".join(lines), flush=True)
+    print(f"[plumage_ds] {title}, parameter modes:\n" + "\n".join(lines), flush=True)
 
 
 def build_composite(

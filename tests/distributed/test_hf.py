@@ -47,7 +47,7 @@ MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
 RANK, TAU, SEED, LR = 4, 2, 1, 3e-3
 # Adam's eps: 1e-6 keeps round-off in (nearly) zero gradients (GPT-2's key biases have exactly zero
 # true gradient) from being normalised into +-lr steps, so engines can be compared at 1e-5
-EPS = 1e-6
+EPS = 1e-8
 PLUMAGE = {"rank": RANK, "update_interval": TAU, "seed": SEED, "print_report": False}
 W = 2
 

@@ -19,7 +19,7 @@ setup(
     install_requires=["torch>=2.4", "pyyaml", "tqdm", "transformers"],
     extras_require={
         "deepspeed": ["deepspeed"],
-        "hf": ["transformers"],
+        "hf": ["transformers", "accelerate"],  # accelerate: required by transformers.Trainer
         "dev": ["pytest", "pytest-timeout", "hypothesis", "galore-torch"],
     },
     entry_points={"console_scripts": ["plumage-ds = plumage_ds.cli:main"]},

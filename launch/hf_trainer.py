@@ -39,7 +39,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="per-device batch")
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--update-interval", type=int, default=2)
-    parser.add_argument("--eps", type=float, default=1e-8, help="Adam's eps")
     parser.add_argument("--out", required=True)
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
@@ -49,8 +48,7 @@ def main() -> None:
     for spec in args.job:
         name, _, hook = spec.partition(":")
         model = MODELS[name]()
-        targs = hf_training_args(os.path.join(args.out, spec.replace(":", "_")), steps=args.steps, batch=args.batch,
-                                 adam_epsilon=args.eps)
+        targs = hf_training_args(os.path.join(args.out, spec.replace(":", "_")), steps=args.steps, batch=args.batch)
         hook_kw = {"rank": 2, "tau": 2, "start_iter": 1} if hook == "hook" else None
         trainer = PlumageTrainer(
             model=model, args=targs, train_dataset=lm_examples(args.steps * args.batch * world),

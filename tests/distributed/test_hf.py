@@ -45,9 +45,6 @@ from plumage_ds.testing import (  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
 RANK, TAU, SEED, LR = 4, 2, 1, 3e-3
-# Adam's eps: 1e-6 keeps round-off in (nearly) zero gradients (GPT-2's key biases have exactly zero
-# true gradient) from being normalised into +-lr steps, so engines can be compared at 1e-5
-EPS = 1e-8
 PLUMAGE = {"rank": RANK, "update_interval": TAU, "seed": SEED, "print_report": False}
 W = 2
 
@@ -56,7 +53,7 @@ def reference(family: str, steps: int, batch: int) -> dict:
     """Single-process PlumageAdamW, global batch ``batch``, examples read in order."""
     model = MODELS[family]()
     groups, _ = lowrank_param_groups(model, target_modules=None, rank=RANK)
-    opt = PlumageAdamW(groups, lr=LR, eps=EPS, rank=RANK, update_interval=TAU, seed=SEED)
+    opt = PlumageAdamW(groups, lr=LR, rank=RANK, update_interval=TAU, seed=SEED)
     data = lm_examples(steps * batch)
     for s in range(steps):
         opt.zero_grad(set_to_none=True)
@@ -79,7 +76,7 @@ def _trainer(family, out, steps, batch, model=None, **args):
 
     model = model if model is not None else MODELS[family]()
     return PlumageTrainer(
-        model=model, args=hf_training_args(str(out), steps=steps, batch=batch, lr=LR, adam_epsilon=EPS, **args),
+        model=model, args=hf_training_args(str(out), steps=steps, batch=batch, lr=LR, **args),
         train_dataset=lm_examples(steps * batch * int(os.environ.get("WORLD_SIZE", "1"))), plumage=PLUMAGE,
     )  # fmt: skip
 
@@ -159,7 +156,7 @@ def test_trainer_under_torchrun(tmp_path):
     result = tmp_path / "result.json"
     cmd = [
         str(exe), "--nproc_per_node", str(W), "--master_port", str(_free_port()), str(REPO_ROOT / "launch" / "hf_trainer.py"),
-        "--job", "llama", "--job", "gpt2:hook", "--steps", "4", "--batch", "2", "--eps", str(EPS), "--out", str(tmp_path), "--result", str(result),
+        "--job", "llama", "--job", "gpt2:hook", "--steps", "4", "--batch", "2", "--out", str(tmp_path), "--result", str(result),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=_launcher_env(), cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -231,7 +228,7 @@ def _worker(rank, world, port, out_dir):
             else:
                 acc = Accelerator(cpu=True)
             model = tiny_gpt2()
-            engine, opt, dl = hf.prepare(acc, model, loader(), lr=LR, eps=EPS, plumage=PLUMAGE)
+            engine, opt, dl = hf.prepare(acc, model, loader(), lr=LR, plumage=PLUMAGE)
             for rows in dl:
                 loss = hf_lm_loss(engine, rows)
                 acc.backward(loss)

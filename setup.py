@@ -19,7 +19,7 @@ setup(
     install_requires=["torch>=2.4", "pyyaml", "tqdm", "transformers", "safetensors", "tokenizers"],
     extras_require={
         "deepspeed": ["deepspeed"],
-        "hf": ["transformers"],
+        "hf": ["transformers", "accelerate"],  # accelerate: required by transformers.Trainer
         "dev": ["pytest", "pytest-timeout", "hypothesis", "galore-torch"],
         "data": ["datasets"],  # data.source: hf_dataset (a dataset saved with save_to_disk)
         "plot": ["matplotlib"],  # plumage-ds plot

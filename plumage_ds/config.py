@@ -30,7 +30,6 @@ DINV_PLACEMENTS = ("coords", "lift", "none")
 SVD_METHODS = ("gram", "svd")
 ENGINES = ("local", "ddp", "ddp_hook", "sharded", "deepspeed", "fsdp2", "hsdp")
 DATA_SOURCES = ("stdlib", "text", "jsonl", "hf_dataset")
-DEFAULT_TARGET_MODULES = (r".*(attn|attention|mlp).*",)
 NONFINITE_POLICIES = ("skip", "raise")
 RIGHT_PROJECTORS = ("sharded", "replicated")
 
@@ -355,7 +354,9 @@ class OptimizerConfig:
     nonfinite: str = "skip"  # NaN/Inf gradient on any rank: "skip" the step everywhere (counted) or "raise"
     right_projectors: str = "sharded"  # FSDP2, matrices with m > n: P row-sharded ("sharded") or whole on every rank
     backward_projection: Optional[bool] = None  # keep Pᵀ G (r×l), not G (m×n), from backward to step; None: on for ZeRO-3 only
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES  # regexes on module names (re.search)
+    # regexes on module names (re.search) and/or "all-linear"; None: the default selection (attention and
+    # MLP matrices of LLaMA/Mistral/Qwen, GPT-2, BERT/RoBERTa, T5, ViT naming; see optim/param_groups.py)
+    target_modules: Optional[tuple[str, ...]] = None
     gum: GumConfig = field(default_factory=GumConfig)
     comm_hook: CommHookConfig = field(default_factory=CommHookConfig)
 
@@ -391,11 +392,11 @@ class OptimizerConfig:
             raise ConfigError("uniform_mix", self.uniform_mix, f"applies to estimator 'plumage' only, not {spec.name!r}")
         if self.realign is not None and spec.family != "lowrank_adam":
             raise ConfigError("realign", self.realign, f"estimator {spec.name!r} keeps no moments in P's basis; leave it null")
-        if not self.target_modules:
-            raise ConfigError("target_modules", list(self.target_modules), "must list at least one regex")
+        if self.target_modules is not None and not self.target_modules:
+            raise ConfigError("target_modules", [], "must list at least one regex (or be null for the default selection)")
         import re
 
-        for t in self.target_modules:
+        for t in self.target_modules or ():
             try:
                 re.compile(t)
             except re.error as err:

@@ -115,3 +115,120 @@ def lm_loss(model, x: torch.Tensor) -> torch.Tensor:
 
     logits = model(input_ids=x[:, :-1]).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+
+def _seeded(seed: int, build):
+    torch.manual_seed(seed)
+    return build().float()
+
+
+def tiny_gpt2(seed: int = 0, *, vocab: int = TINY_VOCAB, hidden: int = 32, layers: int = 2, heads: int = 2,
+              tie: bool = True):
+    """A tiny ``GPT2LMHeadModel`` (``Conv1D`` layers, ``wte`` tied to ``lm_head`` by default; no dropout)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=vocab, n_positions=64, n_embd=hidden, n_layer=layers, n_head=heads, tie_word_embeddings=tie,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, use_cache=False,
+    )
+    model = _seeded(seed, lambda: GPT2LMHeadModel(cfg))
+    # the class name does not say "ForCausalLM": without this, transformers.Trainer would count the
+    # unshifted labels as the loss's denominator (loss scaled by (seq-1)/seq) and warn
+    model.loss_type = "ForCausalLM"
+    return model
+
+
+def _bert_like_config(cls, vocab: int, hidden: int, layers: int):
+    return cls(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=48, max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2,
+    )
+
+
+def tiny_bert(seed: int = 0, *, vocab: int = TINY_VOCAB, hidden: int = 32, layers: int = 2):
+    """A tiny ``BertForMaskedLM`` (word embeddings tied to the MLM decoder)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    return _seeded(seed, lambda: BertForMaskedLM(_bert_like_config(BertConfig, vocab, hidden, layers)))
+
+
+def tiny_roberta(seed: int = 0, *, vocab: int = TINY_VOCAB, hidden: int = 32, layers: int = 2):
+    """A tiny ``RobertaForMaskedLM`` (BERT naming under ``roberta.``; ``lm_head`` holds the MLM decoder)."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    return _seeded(seed, lambda: RobertaForMaskedLM(_bert_like_config(RobertaConfig, vocab, hidden, layers)))
+
+
+def tiny_t5(seed: int = 0, *, vocab: int = TINY_VOCAB, hidden: int = 32, layers: int = 2):
+    """A tiny ``T5ForConditionalGeneration`` (``shared`` tied to both embeddings and ``lm_head``)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=vocab, d_model=hidden, d_kv=8, d_ff=48, num_layers=layers, num_heads=2, dropout_rate=0.0)
+    return _seeded(seed, lambda: T5ForConditionalGeneration(cfg))
+
+
+def tiny_vit(seed: int = 0, *, hidden: int = 32, layers: int = 2, labels: int = 3):
+    """A tiny ``ViTForImageClassification`` on 16x16 images (4 patches of 8x8)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(
+        image_size=16, patch_size=8, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=48, num_labels=labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return _seeded(seed, lambda: ViTForImageClassification(cfg))
+
+
+TINY_MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert, "roberta": tiny_roberta, "t5": tiny_t5,
+               "vit": tiny_vit}
+"""Builders of the tiny models by family name (all from configs, no download)."""
+
+
+def groups_listed_once(model, rank: int, target_modules=None) -> list[dict]:
+    """Param groups with every tensor listed ONCE, straight from ``named_parameters()`` (which skips
+    repeats): the reference that tied-weight runs through :func:`~plumage_ds.optim.lowrank_param_groups`
+    must equal. Targets as :func:`~plumage_ds.optim.select_targets` chooses them, in the same order."""
+    from plumage_ds.optim import select_targets
+
+    targets = {id(p) for _, p, _ in select_targets(model, target_modules, rank=rank)}
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for _, p in named if id(p) in targets], "names": [n for n, p in named if id(p) in targets],
+         "lowrank": True},
+        {"params": [p for _, p in named if id(p) not in targets], "names": [n for n, p in named if id(p) not in targets],
+         "lowrank": False},
+    ]
+
+
+def lm_examples(n: int, *, seq: int = 16, vocab: int = TINY_VOCAB, salt: int = 0) -> list[dict]:
+    """``n`` causal-LM examples ``{"input_ids", "labels"}`` (labels = inputs: the model shifts them), a
+    dataset for ``transformers.Trainer`` / Accelerate loops; example ``i`` is fixed by ``(i, salt)``."""
+    rows = []
+    for i in range(n):
+        x = token_batch(i, 1, seq=seq - 1, vocab=vocab, salt=salt)[0]
+        rows.append({"input_ids": x, "labels": x.clone()})
+    return rows
+
+
+def hf_lm_loss(model, rows: list[dict]) -> torch.Tensor:
+    """The HF models' own causal-LM loss on a batch of :func:`lm_examples` rows, computed as
+    ``transformers.Trainer`` does it (summed token losses over ``num_items_in_batch`` targets)."""
+    x = torch.stack([r["input_ids"] for r in rows])
+    y = torch.stack([r["labels"] for r in rows])
+    return model(input_ids=x, labels=y, num_items_in_batch=y[:, 1:].ne(-100).sum()).loss
+
+
+def hf_training_args(out_dir: str, *, steps: int, batch: int, lr: float = 3e-3, **overrides):
+    """``TrainingArguments`` for deterministic tiny Trainer runs: CPU, constant lr, no clipping,
+    sequential sampling (step ``s`` on ``W`` ranks reads examples ``[s·W·batch, (s+1)·W·batch)``),
+    no logging integrations, no checkpoints unless ``overrides`` ask for them."""
+    from transformers import TrainingArguments
+
+    kw = dict(
+        output_dir=out_dir, per_device_train_batch_size=batch, max_steps=steps, learning_rate=lr,
+        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0, weight_decay=0.0,
+        train_sampling_strategy="sequential", report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+        disable_tqdm=True, dataloader_num_workers=0, seed=0,
+    )  # fmt: skip
+    kw.update(overrides)
+    return TrainingArguments(**kw)

@@ -258,6 +258,7 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
         self._base_lr = float(config.lr)
         self._plumage_base_lr = [float(g["lr"]) for g in self.plumage.param_groups]
         self._targets = [p for g in self.plumage.param_groups for p in g["params"]]
+        self.engine_attached = False  # stage 0: set by attach_engine (the engine must not all-reduce)
 
     # -- helpers ----------------------------------------------------------------
     @property
@@ -309,6 +310,13 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
                 f"PlumageDeepSpeedOptimizer expects exactly one non-target param group, got {len(self.param_groups)}"
             )
         if self.stage == 0:
+            if not self.engine_attached:
+                raise RuntimeError(
+                    "PlumageDeepSpeedOptimizer on ZeRO stage 0 was not attached to its engine: DeepSpeed would "
+                    "all-reduce every gradient uncompressed (targets included). Call "
+                    "plumage_ds.integrations.deepspeed.attach_engine(engine) after deepspeed.initialize "
+                    "(initialize() and the plumage_ds.integrations.hf helpers do it)"
+                )
             self._allreduce_dense_grads()
         # LR schedule: DeepSpeed's scheduler writes lr into our (single) group;
         # the PLUMAGE groups follow with the same multiplier.
@@ -425,13 +433,51 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
 # --------------------------------------------------------------------------- public entry points
 
 
-def _log_report(rows: list[dict], dense: list[tuple[str, list]]) -> None:
+def _log_report(rows: list[dict], dense: list[tuple[str, list]], title: str = "DeepSpeed adapter") -> None:
     lines = [f"{'parameter':<48} {'shape':<14} {'mode':<8} {'owner':<5} reason"]
     for r in rows:
         lines.append(f"{r['name']:<48} {str(tuple(r['shape'])):<14} {r['mode']:<8} {r['owner']!s:<5} {r['reason']}")
     for name, shape in dense:
         lines.append(f"{name:<48} {str(tuple(shape)):<14} {'adamw':<8} {'zero':<5} DeepSpeed ZeRO partition (not a target)")
-    logger.info("DeepSpeed adapter, parameter modes:\n%s", "\n".join(lines))
+    logger.info("%s, parameter modes:\n%s", title, "\n".join(lines))
+
+
+def build_composite(model, *, config: OptimizerConfig, stage: int, title: str = "DeepSpeed adapter") -> PlumageDeepSpeedOptimizer:
+    """The composite client optimizer for ``model``: targets chosen by ``config.target_modules``
+    (:func:`~plumage_ds.optim.select_targets` rules), each distinct tensor once (tied weights),
+    every other trainable tensor in DeepSpeed's group.
+
+    Hand it to DeepSpeed as ``optimizer=`` with ``"gradient_clipping": 0`` (clipping is the
+    composite's, global) and ``"zero_allow_untested_optimizer": true``; then call
+    :func:`attach_engine` on the engine. Logs the mode table on rank 0.
+    """
+    from ..optim.factory import select_groups
+
+    groups, _ = select_groups(model, config)
+    target_groups = [g for g in groups if g.get("lowrank")]
+    dense_groups = [g for g in groups if not g.get("lowrank")]
+    dense_params = [p for g in dense_groups for p in g["params"]]
+    dense_names = [n for g in dense_groups for n in g["names"]]
+    composite = PlumageDeepSpeedOptimizer(dense_params, target_groups, config=config, stage=stage, dense_names=dense_names)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shapes = [list(getattr(p, "ds_shape", p.shape)) for p in dense_params]
+        _log_report(composite.plumage.matrix_report(), list(zip(dense_names, shapes)), title)
+    return composite
+
+
+def attach_engine(engine) -> PlumageDeepSpeedOptimizer:
+    """Tie the composite to the engine that wraps it; returns the composite.
+
+    Stage 0: DeepSpeed's fallback all-reduces EVERY module gradient (targets uncompressed);
+    this turns that off (``engine.enable_backward_allreduce = False``, the public switch 1-bit
+    Adam uses): the composite reduces non-targets itself, PLUMAGE the targets, compressed.
+    Other stages: ZeRO reduces only its own partitions; nothing to change.
+    """
+    composite = plumage_optimizer(engine)
+    if composite.stage == 0:
+        engine.enable_backward_allreduce = False
+    composite.engine_attached = True
+    return composite
 
 
 def initialize(model, config, model_parameters=None, **kwargs):
@@ -452,8 +498,6 @@ def initialize(model, config, model_parameters=None, **kwargs):
     """
     import deepspeed
 
-    from ..optim.factory import select_groups
-
     for bad in ("optimizer", "mpu", "config_params"):
         if kwargs.get(bad) is not None:
             raise ValueError(f"plumage_ds.integrations.deepspeed.initialize does not take {bad}=")
@@ -468,25 +512,13 @@ def initialize(model, config, model_parameters=None, **kwargs):
     if not dist.is_initialized():
         backend = "gloo" if os.environ.get("DS_ACCELERATOR", "") == "cpu" or not torch.cuda.is_available() else None
         deepspeed.init_distributed(dist_backend=backend)
-    groups, _ = select_groups(model, cfg)
-    target_groups = [g for g in groups if g.get("lowrank")]
-    dense_groups = [g for g in groups if not g.get("lowrank")]
-    if not target_groups:
-        raise ConfigError("plumage.target_modules", list(cfg.target_modules), "selected no matrix of the model")
-    dense_params = [p for g in dense_groups for p in g["params"]]
-    dense_names = [n for g in dense_groups for n in g["names"]]
-    composite = PlumageDeepSpeedOptimizer(dense_params, target_groups, config=cfg, stage=stage, dense_names=dense_names)
-    if dist.get_rank() == 0:
-        _log_report(composite.plumage.matrix_report(), [(n, list(p.shape)) for n, p in zip(dense_names, dense_params)])
+    composite = build_composite(model, config=cfg, stage=stage)
     engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(
         model=model, optimizer=composite, config=ds_config, **kwargs
     )
     if engine.client_optimizer is not composite:  # public attribute of DeepSpeedEngine
         raise RuntimeError("DeepSpeed did not keep the PLUMAGE composite as its client optimizer")
-    if stage == 0:
-        # DeepSpeed's stage-0 fallback all-reduces EVERY module gradient (targets
-        # uncompressed); the composite reduces non-targets itself, PLUMAGE the targets.
-        engine.enable_backward_allreduce = False
+    attach_engine(engine)
     return engine, optimizer, dataloader, lr_scheduler
 
 
@@ -545,6 +577,8 @@ __all__ = [
     "PlumageDeepSpeedOptimizer",
     "optimizer_config_from_deepspeed",
     "split_config",
+    "attach_engine",
+    "build_composite",
     "initialize",
     "plumage_optimizer",
     "save_checkpoint",

@@ -1,75 +1,263 @@
-"""Select target matrices by regex on module names and report every parameter's mode.
+"""Which matrices are low-rank targets: one selection rule for every optimizer, engine and hook.
 
-Like transformers' ``optim_target_modules``: a parameter is a target when the
-name of the module that holds it matches one of ``target_modules``
-(``re.search``) and it is a 2-D weight whose short side exceeds the rank.
+``target_modules`` names the modules whose 2-D weights become targets:
+
+* ``None`` — :data:`DEFAULT_TARGET_MODULES`: the attention and MLP matrices of LLaMA / Mistral /
+  Qwen, GPT-2, BERT / RoBERTa, T5 and ViT naming; never embeddings, norms or output heads;
+* ``"all-linear"`` — every ``nn.Linear`` and GPT-2 ``Conv1D`` inside the model's repeated blocks
+  (the elements of an ``nn.ModuleList``), never the input/output embeddings or the output head;
+* one regex string, or a list of them — a module is selected when ``re.search`` finds a pattern
+  in its qualified name (a list may also hold ``"all-linear"``: the union).
+
+A parameter reachable under several names (tied weights: GPT-2's ``wte`` and ``lm_head``, BERT's
+word embeddings and MLM decoder, T5's ``shared`` and ``lm_head``) is ONE tensor: it is listed
+once, under its names joined with ``|``, and it is selected when any of its modules is. A
+selection that matches no module raises ``ValueError`` listing the model's module names.
+
+Orientation: the optimizers project a matrix's short side, decided by the stored shape. GPT-2's
+``Conv1D`` stores ``Wᵀ`` (``(in, out)``); for a non-square weight the short side is the same
+dimension of ``W`` either way, so the update is the transpose of the one an ``nn.Linear`` holding
+``W`` would get. For a square ``Conv1D`` weight the projected side is ``W``'s input side (for
+``nn.Linear``: its output side); both are unbiased.
+
+Pure module inspection: no collectives.
 """
 
 from __future__ import annotations
 
 import re
-import warnings
-from typing import Iterable
+from typing import Any, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..estimators import oriented_shape
+
+ALL_LINEAR = "all-linear"
+_ALL_LINEAR_SPELLINGS = ("all-linear", "all_linear")
+
+DEFAULT_TARGET_MODULES: tuple[str, ...] = (
+    # LLaMA / Mistral / Qwen / Gemma, and ViT in transformers >= 5: attention and MLP projections
+    r"(^|\.)(self_attn|attention|attn)\.(q_proj|k_proj|v_proj|o_proj|qkv_proj)$",
+    r"(^|\.)mlp\.(gate_proj|up_proj|down_proj|gate_up_proj|fc1|fc2)$",
+    # GPT-2 (Conv1D modules)
+    r"(^|\.)attn\.(c_attn|q_attn|c_proj)$",
+    r"(^|\.)mlp\.(c_fc|c_proj)$",
+    # BERT / RoBERTa, and ViT before transformers 5
+    r"(^|\.)attention\.(self|attention)\.(query|key|value)$",
+    r"(^|\.)attention\.output\.dense$",
+    r"(^|\.)layer\.\d+\.(intermediate|output)\.dense$",
+    # T5
+    r"(^|\.)(SelfAttention|EncDecAttention)\.(q|k|v|o)$",
+    r"(^|\.)DenseReluDense\.(wi|wi_0|wi_1|wo)$",
+)
+"""Regexes of the default selection (module names, ``re.search``)."""
+
+_LISTED_MODULES = 40  # module names shown in a "selected nothing" error
+
+
+def _shape(p: Tensor) -> tuple:
+    """Logical shape (``ds_shape`` when a ZeRO-3 placeholder)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+class _Selection:
+    """A parsed ``target_modules``: compiled regexes, the all-linear flag and its text for messages."""
+
+    def __init__(self, target_modules: Any) -> None:
+        if target_modules is None:
+            entries: list = list(DEFAULT_TARGET_MODULES)
+            self.text = "None (the default selection)"
+        elif isinstance(target_modules, str):
+            entries = [target_modules]
+            self.text = repr(target_modules)
+        elif isinstance(target_modules, (list, tuple)):
+            entries = list(target_modules)
+            self.text = repr(entries)
+            if not entries:
+                raise ValueError("Invalid target_modules=[]: give regexes, 'all-linear', or None for the default")
+        else:
+            raise ValueError(
+                f"Invalid target_modules={target_modules!r}: must be a regex string, a list of regexes, "
+                "'all-linear', or None for the default"
+            )
+        self.all_linear = False
+        self.patterns: list[re.Pattern] = []
+        for t in entries:
+            if not isinstance(t, str):
+                raise ValueError(f"Invalid target_modules entry {t!r}: must be a regex string")
+            if t in _ALL_LINEAR_SPELLINGS:
+                self.all_linear = True
+                continue
+            try:
+                self.patterns.append(re.compile(t))
+            except re.error as err:
+                raise ValueError(f"Invalid target_modules entry {t!r}: not a regex ({err})") from None
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or transformers' ``Conv1D`` (GPT-2; weight stored as ``(in, out)``)."""
+    if isinstance(module, nn.Linear):
+        return True
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def _block_prefixes(model: nn.Module) -> list[str]:
+    """``"<list>.<i>."`` for every element of every ``nn.ModuleList`` (the repeated blocks)."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            out.extend(f"{name}.{i}." if name else f"{i}." for i in range(len(module)))
+    return out
+
+
+def _embedding_tensors(model: nn.Module) -> set[int]:
+    """``id`` of the input/output embedding tensors (``get_input_embeddings``/``get_output_embeddings``)."""
+    out: set[int] = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        if not callable(fn):
+            continue
+        try:
+            module = fn()
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(module, nn.Module):
+            out.update(id(p) for p in module.parameters())
+    return out
+
+
+class _Tensor:
+    """One distinct trainable tensor: its names (first = ``named_parameters()``'s) and module names."""
+
+    def __init__(self, param: Tensor) -> None:
+        self.param = param
+        self.names: list[str] = []
+        self.modules: list[str] = []
+
+    @property
+    def name(self) -> str:
+        return "|".join(self.names)
+
+
+def _distinct_tensors(model: nn.Module) -> list[_Tensor]:
+    """Trainable tensors in ``named_parameters()`` order, each once with all its names."""
+    seen: dict[int, _Tensor] = {}
+    for full, p in model.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            continue
+        t = seen.setdefault(id(p), _Tensor(p))
+        t.names.append(full)
+        t.modules.append(full.rpartition(".")[0])
+    return list(seen.values())
+
+
+def _match(model: nn.Module, tensors: list[_Tensor], sel: _Selection) -> dict[int, str]:
+    """``id(param) -> why it is selected`` for the tensors the selection matches (any of their names)."""
+    linear_modules: set[str] = set()
+    excluded: set[int] = set()
+    if sel.all_linear:
+        blocks = _block_prefixes(model)
+        if not blocks:
+            raise ValueError(
+                "target_modules='all-linear' needs the model's repeated blocks in an nn.ModuleList (as transformers "
+                f"models have); {type(model).__name__} has none: give regexes instead"
+            )
+        excluded = _embedding_tensors(model)
+        for name, module in model.named_modules(remove_duplicate=False):
+            if _is_linear(module) and any(name.startswith(b) for b in blocks):
+                linear_modules.add(name)
+    matched: dict[int, str] = {}
+    for t in tensors:
+        for module in t.modules:
+            hit = next((pat.pattern for pat in sel.patterns if pat.search(module)), None)
+            if hit is not None:
+                matched[id(t.param)] = f"module {module!r} matched {hit!r}"
+                break
+            if module in linear_modules and id(t.param) not in excluded:
+                matched[id(t.param)] = f"module {module!r}: all-linear"
+                break
+    return matched
+
+
+def _nothing_matched(model: nn.Module, sel: _Selection) -> ValueError:
+    names = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+    shown = ", ".join(names[:_LISTED_MODULES]) + (f", ... ({len(names) - _LISTED_MODULES} more)" if len(names) > _LISTED_MODULES else "")
+    return ValueError(
+        f"target_modules={sel.text} selected no matrix of the model: it matches none of its modules. "
+        f"Modules holding parameters: {shown}"
+    )
+
+
+def _rows(model: nn.Module, target_modules: Any, rank: Optional[int], strict: bool) -> list[dict]:
+    """One row per distinct trainable tensor: ``name``, ``param``, ``shape``, ``mode``, ``reason``, ``matched``."""
+    sel = _Selection(target_modules)
+    tensors = _distinct_tensors(model)
+    matched = _match(model, tensors, sel)
+    if not matched:
+        raise _nothing_matched(model, sel)
+    rows = []
+    for t in tensors:
+        shape = _shape(t.param)
+        why = matched.get(id(t.param))
+        if why is None:
+            mode, reason = "adamw", "module not matched by target_modules"
+        elif len(shape) != 2:
+            mode, reason = "adamw", f"{len(shape)}-D parameter in a target module"
+        elif rank is not None and rank >= oriented_shape(shape)[0]:
+            reason = f"{rank=} >= short side {min(shape)} of shape {shape}"
+            if strict:
+                raise ValueError(f"Matrix {t.name!r} cannot take the low-rank path (strict=True): {reason}")
+            mode = "adamw"
+        else:
+            mode = "lowrank"
+            reason = why if rank is None else f"{why}; rank {rank} of short side {min(shape)}"
+        rows.append({"name": t.name, "param": t.param, "shape": list(shape), "mode": mode, "reason": reason,
+                     "matched": why is not None})
+    if not any(r["mode"] == "lowrank" for r in rows):
+        reasons = "; ".join(f"{r['name']}: {r['reason']}" for r in rows if r["matched"])
+        raise ValueError(f"target_modules={sel.text} selected no matrix that can take the low-rank path ({reasons})")
+    return rows
+
+
+def select_targets(
+    model: nn.Module, target_modules: Any = None, *, rank: Optional[int] = None
+) -> list[tuple[str, Tensor, str]]:
+    """The target matrices of ``model``: ``[(name, param, reason)]`` in ``named_parameters()`` order.
+
+    Every matched trainable 2-D tensor, once (tied names joined with ``|``); with ``rank``, only
+    those whose short side exceeds it. Raises ``ValueError`` when ``target_modules`` matches no
+    module (the message lists the model's modules) or no matched matrix qualifies. The
+    optimizers' :func:`lowrank_param_groups` and the DDP comm hook share this rule.
+    """
+    return [(r["name"], r["param"], r["reason"]) for r in _rows(model, target_modules, rank, False) if r["mode"] == "lowrank"]
 
 
 def lowrank_param_groups(
     model: nn.Module,
     *,
-    target_modules: Iterable[str],
+    target_modules: Any = None,
     rank: int,
     strict: bool = False,
     **lowrank_overrides,
 ) -> tuple[list[dict], list[dict]]:
-    """Split ``model``'s trainable parameters into a low-rank and a dense group.
+    """Split ``model``'s trainable tensors into a low-rank and a dense group (each tensor once).
 
-    Returns ``(groups, report)``: ``groups`` for :class:`PlumageAdamW` (or
-    :class:`GUM`), each with ``names``; ``report`` one row per parameter
-    ``{"name", "shape", "mode", "reason"}`` (mode ``"lowrank"`` or ``"adamw"``;
-    the optimizer's :meth:`matrix_report` later names the estimator).
+    Returns ``(groups, report)``: ``groups`` for :class:`PlumageAdamW` (or :class:`GUM`), each
+    with ``names``; ``report`` one row per distinct tensor ``{"name", "shape", "mode", "reason"}``
+    (mode ``"lowrank"`` or ``"adamw"``; the optimizer's :meth:`matrix_report` later names the
+    estimator). ``target_modules``: see the module docstring.
 
-    ``strict=True`` raises ``ValueError`` for a matched matrix that cannot take
-    the low-rank path (``rank >= short side``) and when no parameter matches.
+    Raises ``ValueError`` when the selection matches no module, or when no matched matrix can
+    take the low-rank path; ``strict=True`` also raises for any matched matrix that cannot
+    (``rank >= short side``).
     """
-    patterns = [re.compile(t) for t in target_modules]
-    targets, target_names, others, other_names, report = [], [], [], [], []
-    seen: set[int] = set()  # tied weights (GPT-2's wte / lm_head): one entry, one update per step
-    for module_name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            full = f"{module_name}.{pname}" if module_name else pname
-            matched = any(pat.search(module_name) for pat in patterns)
-            if not matched:
-                mode, reason = "adamw", "module not matched by target_modules"
-            elif p.dim() != 2:
-                mode, reason = "adamw", f"{p.dim()}-D parameter in a target module"
-            elif rank >= oriented_shape(p.shape)[0]:
-                reason = f"{rank=} >= short side {min(p.shape)} of shape {tuple(p.shape)}"
-                if strict:
-                    raise ValueError(f"Matrix {full!r} cannot take the low-rank path (strict=True): {reason}")
-                mode = "adamw"
-            else:
-                mode, reason = "lowrank", f"matched target_modules; rank {rank} of short side {min(p.shape)}"
-            if mode == "lowrank":
-                targets.append(p)
-                target_names.append(full)
-            else:
-                others.append(p)
-                other_names.append(full)
-            report.append({"name": full, "shape": list(p.shape), "mode": mode, "reason": reason})
-    if not targets:
-        msg = f"target_modules={list(target_modules)!r} selected no matrix of the model"
-        if strict:
-            raise ValueError(msg)
-        warnings.warn(msg, stacklevel=2)
+    rows = _rows(model, target_modules, rank, strict)
     groups = []
-    if targets:
-        groups.append({"params": targets, "names": target_names, "lowrank": True, "rank": rank, **lowrank_overrides})
-    if others:
-        groups.append({"params": others, "names": other_names, "lowrank": False})
+    for lowrank in (True, False):
+        part = [r for r in rows if (r["mode"] == "lowrank") == lowrank]
+        if part:
+            extra = {"lowrank": True, "rank": rank, **lowrank_overrides} if lowrank else {"lowrank": False}
+            groups.append({"params": [r["param"] for r in part], "names": [r["name"] for r in part], **extra})
+    report = [{k: r[k] for k in ("name", "shape", "mode", "reason")} for r in rows]
     return groups, report

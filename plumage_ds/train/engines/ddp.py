@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from plumage_ds.config import DEFAULT_TARGET_MODULES, ConfigError, JobConfig
+from plumage_ds.config import ConfigError, JobConfig
 from plumage_ds.io import atomic_torch_save
 from plumage_ds.optim import build_optimizer
 
@@ -45,7 +45,7 @@ class DDPEngine(Engine):
         return contextlib.nullcontext() if last or not hasattr(self.module, "no_sync") else self.module.no_sync()
 
 
-_HOOK_UNUSED = {"dinv_placement": "none", "scale": 1.0, "realign": None, "strict": False, "target_modules": DEFAULT_TARGET_MODULES}
+_HOOK_UNUSED = {"dinv_placement": "none", "scale": 1.0, "realign": None, "strict": False, "target_modules": None}
 
 
 class DDPHookEngine(DDPEngine):

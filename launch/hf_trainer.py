@@ -49,10 +49,10 @@ def main() -> None:
         name, _, hook = spec.partition(":")
         model = MODELS[name]()
         targs = hf_training_args(os.path.join(args.out, spec.replace(":", "_")), steps=args.steps, batch=args.batch)
-        hook_kw = {"rank": 2, "tau": 2, "start_iter": 1} if hook == "hook" else None
+        hook_kw = {"rank": 2, "update_interval": 2, "start_iter": 1} if hook == "hook" else None
         trainer = PlumageTrainer(
             model=model, args=targs, train_dataset=lm_examples(args.steps * args.batch * world),
-            plumage={"rank": args.rank, "update_interval": args.update_interval, "seed": 1, "print_report": False},
+            plumage={"rank": args.rank, "update_interval": args.update_interval, "seed": 1},
             comm_hook=hook_kw,
         )
         trainer.train()

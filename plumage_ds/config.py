@@ -353,6 +353,7 @@ class OptimizerConfig:
     max_grad_norm: float = 0.0  # global-norm clipping (0: off), on what the optimizer uses
     nonfinite: str = "skip"  # NaN/Inf gradient on any rank: "skip" the step everywhere (counted) or "raise"
     right_projectors: str = "sharded"  # FSDP2, matrices with m > n: P row-sharded ("sharded") or whole on every rank
+    collective_timeout: float = 0.0  # seconds a collective of the step may wait (0: the process group's timeout)
     backward_projection: Optional[bool] = None  # keep Pᵀ G (r×l), not G (m×n), from backward to step; None: on for ZeRO-3 only
     # regexes on module names (re.search) and/or "all-linear"; None: the default selection (attention and
     # MLP matrices of LLaMA/Mistral/Qwen, GPT-2, BERT/RoBERTa, T5, ViT naming; see optim/param_groups.py)
@@ -383,6 +384,7 @@ class OptimizerConfig:
         _check_unit("uniform_mix", self.uniform_mix)
         _check_nonneg("max_grad_norm", self.max_grad_norm)
         _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        _check_nonneg("collective_timeout", self.collective_timeout)
         _check_choice("right_projectors", self.right_projectors, RIGHT_PROJECTORS)
         if self.svd_method is not None:
             _check_choice("svd_method", self.svd_method, SVD_METHODS)
@@ -434,7 +436,7 @@ class OptimizerConfig:
 PLUMAGE_ADAMW_KEYS = (
     "lr", "betas", "eps", "weight_decay", "rank", "update_interval", "estimator", "scale", "dinv_placement",
     "realign", "svd_method", "uniform_mix", "seed", "strict", "max_grad_norm", "nonfinite", "right_projectors",
-    "backward_projection",
+    "backward_projection", "collective_timeout",
 )  # fmt: skip
 """The :class:`PlumageAdamW` keywords; each is an :class:`OptimizerConfig` field of the same name."""
 

@@ -24,7 +24,9 @@ just finished) and in total.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -89,16 +91,27 @@ def summed_bytes(table: dict, prefix: Optional[str] = None) -> float:
     return sum(v["bytes"] for k, v in table.items() if prefix is None or k.startswith(prefix))
 
 
-class Collectives:
-    """Synchronous collectives on ``group`` (``None``: the default group) with accounting."""
+class CollectiveTimeoutError(RuntimeError):
+    """A collective did not complete in time (a peer died, hung, or took another code path)."""
 
-    def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
+
+class Collectives:
+    """Synchronous collectives on ``group`` (``None``: the default group) with accounting.
+
+    ``timeout`` (seconds, ``None``: the process group's own timeout) bounds every wait; a
+    collective that does not complete raises :class:`CollectiveTimeoutError` naming its kind and
+    tag. With NCCL the process group's watchdog timeout (``init_process_group(timeout=...)``)
+    applies as well, since waits there only enqueue on the stream.
+    """
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, timeout: Optional[float] = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: call init_process_group first")
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.stats = CommStats()
+        self.timeout = timeout
 
     def global_rank(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
@@ -107,17 +120,32 @@ class Collectives:
         size = _nbytes(t)
         self.stats.record(tag, kind, size, _RING_FACTOR[kind](self.world_size) * size)
 
+    def _wait(self, work, kind: str, tag: str) -> None:
+        """Wait for ``work`` (``timeout`` bounds it); a failure names the collective."""
+        try:
+            if self.timeout:
+                work.wait(timeout=timedelta(seconds=self.timeout))
+            else:
+                work.wait()
+        except RuntimeError as err:
+            limit = f"{self.timeout:g} s" if self.timeout else "the process group's timeout"
+            raise CollectiveTimeoutError(
+                f"Collective {kind} {tag!r} did not complete on rank {self.rank} of {self.world_size} within {limit} "
+                f"(a peer died, hung or left the step): {err}"
+            ) from err
+
     def all_reduce(self, t: Tensor, tag: str, op=dist.ReduceOp.SUM) -> Tensor:
         self._record(tag, "all_reduce", t)
         if self.world_size > 1:
-            dist.all_reduce(t, op=op, group=self.group)
+            self._wait(dist.all_reduce(t, op=op, group=self.group, async_op=True), "all_reduce", tag)
         return t
 
     def reduce_scatter(self, out: Tensor, inp: Tensor, tag: str) -> Tensor:
         """``out`` (``inp.numel() / W``) receives this rank's chunk of the sum of ``inp`` over ranks."""
         self._record(tag, "reduce_scatter", inp)
         if self.world_size > 1:
-            _reduce_scatter(out, inp, op=dist.ReduceOp.SUM, group=self.group)
+            work = _reduce_scatter(out, inp, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+            self._wait(work, "reduce_scatter", tag)
         else:
             out.copy_(inp)
         return out
@@ -126,7 +154,7 @@ class Collectives:
         """``out`` (``W · inp.numel()``) receives every rank's ``inp``, in rank order."""
         self._record(tag, "all_gather", out)
         if self.world_size > 1:
-            _all_gather(out, inp, group=self.group)
+            self._wait(_all_gather(out, inp, group=self.group, async_op=True), "all_gather", tag)
         else:
             out.copy_(inp)
         return out
@@ -135,7 +163,8 @@ class Collectives:
         """``src`` is a rank of ``group``."""
         self._record(tag, "broadcast", t)
         if self.world_size > 1:
-            dist.broadcast(t, src=self.global_rank(src), group=self.group)
+            work = dist.broadcast(t, src=self.global_rank(src), group=self.group, async_op=True)
+            self._wait(work, "broadcast", tag)
         return t
 
     def all_to_all(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int], tag: str) -> Tensor:
@@ -144,16 +173,52 @@ class Collectives:
         own = in_splits[self.rank] * inp.element_size()
         self.stats.record(tag, "all_to_all", _nbytes(inp), float(_nbytes(inp) - own))
         if self.world_size > 1:
-            dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+            work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
+            self._wait(work, "all_to_all", tag)
         else:
             out.copy_(inp)
         return out
+
+    def agree_on(self, lines: list[str], what: str) -> None:
+        """Raise on every rank unless every rank of the group passes the same ``lines``.
+
+        One all-gather of a 32-byte digest (fixed size, so ranks that disagree even on the number of
+        parameters reach it safely); only on a mismatch are the descriptions gathered, to name the
+        first difference. Setup traffic: not part of the per-step byte records.
+        """
+        if self.world_size == 1:
+            return
+        digest = hashlib.sha256("\n".join(lines).encode()).digest()
+        mine = torch.tensor(list(digest), dtype=torch.uint8, device=_device_of(self.group)).view(1, -1)
+        every = torch.empty(self.world_size, mine.numel(), dtype=torch.uint8, device=mine.device)
+        # setup, not a step: kept out of the per-step byte records
+        self._wait(_all_gather(every.view(-1), mine.view(-1), group=self.group, async_op=True), "all_gather", "fingerprint")
+        if bool((every == every[0]).all()):
+            return
+        got: list = [None] * self.world_size
+        dist.all_gather_object(got, lines, group=self.group)
+        for k in range(1, self.world_size):
+            if got[k] == got[0]:
+                continue
+            i = next((i for i, (a, b) in enumerate(zip(got[0], got[k])) if a != b), min(len(got[0]), len(got[k])))
+            a = got[0][i] if i < len(got[0]) else "<nothing>"
+            b = got[k][i] if i < len(got[k]) else "<nothing>"
+            raise ValueError(
+                f"Invalid {what}: ranks disagree (every rank must build the same model and optimizer); first "
+                f"difference at item {i}: rank {self.global_rank(0)} has {a!r}, rank {self.global_rank(k)} has {b!r}"
+            )
 
     def end_step(self) -> None:
         self.stats.end_step()
 
     def comm_stats(self) -> dict:
         return self.stats.as_dict(self.world_size)
+
+
+def _device_of(group: Optional[dist.ProcessGroup]) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def first_error(message: Optional[str], group: Optional[dist.ProcessGroup]) -> Optional[str]:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..optim.plumage_adamw import PlumageAdamW
-from .comm import Collectives, first_error
+from .comm import Collectives, _device_of, first_error
 from .ownership import greedy_ownership
 
 
@@ -115,11 +115,15 @@ class DataParallelDistributor:
     def comm_stats(self) -> dict:
         return self.comm.comm_stats()
 
+    def agree_on(self, lines: list[str], what: str) -> None:
+        self.comm.agree_on(lines, what)
+
+    def set_timeout(self, seconds: Optional[float]) -> None:
+        """Bound every collective wait (``None``/0: the process group's timeout)."""
+        self.comm.timeout = seconds or None
+
     def _device(self) -> torch.device:
-        backend = dist.get_backend(self.comm.group)
-        if backend == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        return _device_of(self.comm.group)
 
 
 class ShardedPlumageAdamW(PlumageAdamW):

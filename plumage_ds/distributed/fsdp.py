@@ -72,6 +72,16 @@ class FSDPDistributor(DataParallelDistributor):
             text = first_error(text, self.replica_comm.group)
         return text
 
+    def agree_on(self, lines: list[str], what: str) -> None:
+        self.comm.agree_on(lines, what)
+        if self.replica_comm is not None:
+            self.replica_comm.agree_on(lines, what)
+
+    def set_timeout(self, seconds: Optional[float]) -> None:
+        super().set_timeout(seconds)
+        if self.replica_comm is not None:
+            self.replica_comm.timeout = seconds or None
+
     # -- columns and rows ----------------------------------------------------------------
     def _chunks(self, n: int) -> tuple[int, list[tuple[int, int]]]:
         return chunk_size(n, self.world_size), [chunk_bounds(n, self.world_size, k) for k in range(self.world_size)]

@@ -51,6 +51,7 @@ from torch import Tensor
 from ..config import ConfigError, OptimizerConfig, from_dict
 from ..io import atomic_torch_save
 from ..optim.adam import adam_direction, adam_step_size, adam_update_moments, zeros_state
+from ..optim.base import NonFiniteGradientError
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +260,7 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
         self._plumage_base_lr = [float(g["lr"]) for g in self.plumage.param_groups]
         self._targets = [p for g in self.plumage.param_groups for p in g["params"]]
         self.engine_attached = False  # stage 0: set by attach_engine (the engine must not all-reduce)
+        self.skipped_steps = 0  # whole steps skipped on every rank for non-finite gradients
 
     # -- helpers ----------------------------------------------------------------
     @property
@@ -278,6 +280,11 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
         if self.stage == 0 and self.comm.rank != 0:
             return 0.0
         return float(sum(float(g.double().pow(2).sum()) for g in self._dense_grads()))
+
+    def _dense_nonfinite(self) -> bool:
+        """Does any rank's non-target gradient (its ZeRO partition; stage 0: the averaged ones) hold NaN/Inf?"""
+        local = any(g.numel() and not bool(torch.isfinite(g).all()) for g in self._dense_grads())
+        return self.plumage.distributor.any_true([local], "dense_flags")[0]
 
     def _allreduce_dense_grads(self) -> None:
         """Stage 0: mean over ranks of the non-target gradients (one accounted all-reduce)."""
@@ -323,7 +330,23 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
         lr = float(self.param_groups[0]["lr"])
         for g, base in zip(self.plumage.param_groups, self._plumage_base_lr):
             g["lr"] = base * (lr / self._base_lr) if self._base_lr > 0 else lr
+        # Atomic across both halves: non-finite values in DeepSpeed's partitions (checked and agreed
+        # here) or in the targets (checked and agreed by PLUMAGE) skip the whole step on every rank.
+        if self._dense_nonfinite():
+            if self.plumage.nonfinite == "raise":
+                raise NonFiniteGradientError(
+                    "Non-finite gradient in DeepSpeed's non-target partition; step not applied (nonfinite='raise'); "
+                    "parameters and optimizer state are unchanged"
+                )
+            self.skipped_steps += 1
+            self.plumage.zero_grad(set_to_none=True)
+            return loss
+        skipped = self.plumage.skipped_steps
         self.plumage.step()
+        if self.plumage.skipped_steps != skipped:  # the targets held NaN/Inf: leave the partition alone too
+            self.skipped_steps += 1
+            self.plumage.zero_grad(set_to_none=True)
+            return loss
         coef = self.plumage.last_clip_coef
         for group in self.param_groups:
             beta1, beta2 = group["betas"]

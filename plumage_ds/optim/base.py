@@ -96,6 +96,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         distributor: Optional[Distributor],
         nonfinite: str = "skip",
         replicate_group=None,
+        collective_timeout: float = 0.0,
     ) -> None:
         self._check_seed(seed)
         self._check_bool("strict", strict)
@@ -111,10 +112,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
         # entry index -> Pᵀ G_o accumulated during backward (targets whose gradient was projected
         # as it arrived, see PlumageAdamW's backward_projection); cleared by zero_grad and step
         self._projected: dict[int, Tensor] = {}
+        timeout = _nonneg_float("collective_timeout", collective_timeout)
         super().__init__(params, defaults)
         self._distributor = self._resolve_distributor(distributor, replicate_group)
+        self._distributor.set_timeout(timeout or None)
         self._build_entries()
         self._planned_params = [e.param for e in self._entries]
+        self._check_ranks_agree()
 
     @staticmethod
     def _adam_defaults(lr: float, betas: Any, eps: float, weight_decay: float) -> dict:
@@ -177,9 +181,27 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if self._entries:
             self._build_entries()
             self._planned_params = [e.param for e in self._entries]
+            self._check_ranks_agree()
 
     def _validate_group(self, g: dict) -> None:
         """Validate the optimizer-specific hyperparameters of a group (before it is added)."""
+
+    def _options(self) -> dict:
+        """Optimizer-wide options every rank must share (subclasses add theirs)."""
+        return {"seed": self.seed, "strict": self.strict, "nonfinite": self.nonfinite}
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank holds the same parameters (names, logical shapes, modes), groups and options.
+
+        Collective (one all-gather of a digest): ranks built from different models would otherwise
+        exchange mismatched buffers silently, or abort inside the backend when sizes differ.
+        """
+        lines = [f"{e.name}: shape {tuple(e.shape)}, {e.mode}" for e in self._entries]
+        for i, g in enumerate(self.param_groups):
+            hp = sorted((k, repr(v)) for k, v in g.items() if k not in ("params", "names"))
+            lines.append(f"group {i}: {len(g['params'])} params, " + ", ".join(f"{k}={v}" for k, v in hp))
+        lines.append(", ".join(f"{k}={v!r}" for k, v in sorted(self._options().items())))
+        self._distributor.agree_on(lines, f"{self._display_name} setup")
 
     def _target_mode(self, group: dict) -> str:
         """The ``mode`` of a target matrix of ``group`` (see :meth:`matrix_report`)."""

@@ -47,6 +47,12 @@ class Distributor(Protocol):
     def agree_error(self, message: Optional[str], tag: str) -> Optional[str]:
         """``None`` if no rank failed, else the first failing rank's message (same on every rank)."""
 
+    def agree_on(self, lines: list[str], what: str) -> None:
+        """Raise ``ValueError`` on every rank unless all ranks pass the same ``lines`` (names the first difference)."""
+
+    def set_timeout(self, seconds: Optional[float]) -> None:
+        """Bound every collective wait (``None``: the process group's own timeout)."""
+
     def end_step(self) -> None:
         """Marks the end of an optimizer step (``comm_stats()["last_step"]`` is then that step)."""
 
@@ -81,6 +87,12 @@ class LocalDistributor:
 
     def agree_error(self, message: Optional[str], tag: str) -> Optional[str]:
         return message
+
+    def agree_on(self, lines: list[str], what: str) -> None:
+        pass
+
+    def set_timeout(self, seconds: Optional[float]) -> None:
+        pass
 
     def end_step(self) -> None:
         pass

@@ -268,6 +268,8 @@ class PlumageAdamW(MatrixOptimizer):
             (default: ``P`` ``(n, r)`` row-sharded, state per rank ~1/S, one all-gather of ``P``
             per step) or ``"replicated"`` (whole ``P`` on every rank, no optimizer
             communication on ordinary steps).
+        collective_timeout: seconds any collective of the step may wait (0: the process
+            group's timeout); a timeout raises ``CollectiveTimeoutError`` naming the collective.
         replicate_group: FSDP2 only: compressed HSDP. ``fully_shard`` ran on the shard
             sub-mesh; the optimizer averages across this group itself, target matrices as
             their ``r × l`` projections.
@@ -303,6 +305,7 @@ class PlumageAdamW(MatrixOptimizer):
         nonfinite: str = "skip",
         right_projectors: str = "sharded",
         backward_projection: bool = False,
+        collective_timeout: float = 0.0,
         replicate_group=None,
         distributor: Optional[Distributor] = None,
     ) -> None:
@@ -336,7 +339,7 @@ class PlumageAdamW(MatrixOptimizer):
         self.last_grad_norm: Optional[float] = None
         super().__init__(
             params, defaults, seed=seed, strict=strict, distributor=distributor, nonfinite=nonfinite,
-            replicate_group=replicate_group,
+            replicate_group=replicate_group, collective_timeout=collective_timeout,
         )
 
     # ------------------------------------------------------------------ setup
@@ -350,6 +353,12 @@ class PlumageAdamW(MatrixOptimizer):
 
     def _target_mode(self, group: dict) -> str:
         return group["estimator"]
+
+    def _options(self) -> dict:
+        return {
+            **super()._options(), "max_grad_norm": self.max_grad_norm, "right_projectors": self.right_projectors,
+            "backward_projection": self.backward_projection,
+        }
 
     def _plan_fsdp_layout(self, e: _Entry, dist) -> None:
         super()._plan_fsdp_layout(e, dist)

@@ -20,7 +20,9 @@ the step index.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -38,6 +40,9 @@ from plumage_ds.io import (
 )
 
 CHECKPOINTS = "checkpoints"
+KILL_DURING_SAVE_ENV = "PLUMAGE_DS_KILL_DURING_SAVE"
+"""Fault injection for tests: SIGKILL in the middle of saving the checkpoint of this step (after
+its files, before its manifest), as a ``kill -9`` at that instant would."""
 MODEL_DIR = "model"
 FORMAT = 1
 
@@ -78,6 +83,8 @@ def save_checkpoint(
     save_pretrained(engine, path / MODEL_DIR, tokenizer_file)
     engine.save(path / "engine")
     atomic_torch_save(_rng_state(), path / "rng" / f"rank{engine.rank}.pt")
+    if int(os.environ.get(KILL_DURING_SAVE_ENV, "0") or 0) == step:
+        os.kill(os.getpid(), signal.SIGKILL)  # test fault injection: every file but the manifest is written
     engine.barrier()
     if engine.rank == 0:
         state = {"format": FORMAT, "step": step, "world_size": engine.world_size, "engine": engine.name, **trainer}

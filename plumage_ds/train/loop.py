@@ -47,7 +47,23 @@ OUTPUT_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
 OUTPUT_DIRS = ("checkpoints", "model")
 KILL_ENV = "PLUMAGE_DS_KILL_AFTER_STEP"
 """Fault injection for tests: after this step (and its checkpoint, if any) the process kills
-itself with SIGKILL — no cleanup runs, exactly as a ``kill -9`` would leave things."""
+itself with SIGKILL — no cleanup runs, exactly as a ``kill -9`` would leave things. Only in the
+first attempt of an elastic job, and only on rank ``$PLUMAGE_DS_KILL_RANK`` when that is set."""
+KILL_RANK_ENV = "PLUMAGE_DS_KILL_RANK"
+RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"
+"""Set by ``torchrun`` (0 in the first attempt): a restarted attempt continues the run in ``--out``."""
+
+
+def elastic_restart() -> int:
+    """How many times ``torchrun --max-restarts`` restarted this job (0: first attempt or no torchrun)."""
+    return int(os.environ.get(RESTART_ENV, "0") or 0)
+
+
+def _kill_point(step: int, rank: int) -> bool:
+    """Whether the test fault injection (:data:`KILL_ENV`) fires after ``step`` on ``rank``."""
+    after = int(os.environ.get(KILL_ENV, "0") or 0)
+    victim = os.environ.get(KILL_RANK_ENV)
+    return bool(after) and step == after and elastic_restart() == 0 and (victim is None or int(victim) == rank)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -257,6 +273,15 @@ def train(
 
     tokenizer = check_job(cfg)
     out = Path(out_dir)
+    if elastic_restart() and not resume:
+        # torchrun restarted the job after a failure: continue from the newest complete checkpoint
+        # of this run, or start it over when it saved none (every rank decides alike)
+        from plumage_ds.io import newest_complete
+        from plumage_ds.train.checkpoint import CHECKPOINTS
+
+        resume = newest_complete(out / CHECKPOINTS) is not None
+        overwrite = overwrite or not resume
+        logger.info("elastic restart %d: %s", elastic_restart(), "resuming" if resume else "starting over")
     if rank_from_env() == 0:  # fail fast, before any process group exists
         check_resume(out, cfg) if resume else check_out_dir(out, overwrite=overwrite)
     tc = cfg.train
@@ -322,7 +347,6 @@ def train(
             summary["zero_stage"] = engine.stage
         tok_file = getattr(tokenizer, "file", None)
         ckpt_root = out / CHECKPOINTS
-        kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
         if progress is None:
             progress = sys.stderr.isatty()
         from tqdm import tqdm
@@ -348,7 +372,7 @@ def train(
                     engine, ckpt_root, s + 1, {"recorder": rec.state()}, keep_last=tc.keep_last, tokenizer_file=tok_file
                 )
                 logger.info("checkpoint %s", path)
-            if kill_after and s + 1 == kill_after:
+            if _kill_point(s + 1, engine.rank):
                 if metrics is not None:
                     metrics.flush()
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -47,7 +47,7 @@ def _ds_config(stage, plumage=False):
     if plumage:
         cfg["optimizer"] = {"type": "AdamW", "params": {"lr": KW["lr"], "weight_decay": KW["weight_decay"]}}
         cfg["plumage"] = {"rank": KW["rank"], "update_interval": KW["update_interval"], "seed": KW["seed"],
-                          "target_modules": "all-linear", "print_report": False}
+                          "target_modules": "all-linear"}
     else:
         cfg["zero_allow_untested_optimizer"] = True
     return cfg

@@ -479,7 +479,8 @@ def test_factory_builds_gum():
 
     torch.manual_seed(0)
     model = Block()
-    cfg = OptimizerConfig(estimator="gum", rank=4, update_interval=2, gum=GumConfig(gamma=1, momentum=0.9), lr=0.02)
+    cfg = OptimizerConfig(estimator="gum", rank=4, update_interval=2, gum=GumConfig(gamma=1, momentum=0.9), lr=0.02,
+                          target_modules=("mlp",))
     opt, rows = build_optimizer(model, cfg)
     assert isinstance(opt, GUM) and opt.gamma == 1
     assert [(r["name"], r["mode"]) for r in rows] == [

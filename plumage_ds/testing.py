@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _entry(rank: int, world_size: int, init_file: str, out_dir: str, fn, args, threads: int) -> None:
+def _entry(rank: int, world_size: int, init_file: str, out_dir: str, fn, args, threads: int, clean: bool) -> None:
     os.environ.update(
         {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size)}
     )
@@ -31,6 +31,8 @@ def _entry(rank: int, world_size: int, init_file: str, out_dir: str, fn, args, t
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "result": result}, result_path)
+        if not clean:  # collectives were left unmatched on purpose: no teardown collective can be trusted
+            os._exit(0)
     except BaseException:  # noqa: BLE001 - reported to the parent
         torch.save({"ok": False, "error": traceback.format_exc()}, result_path)
         raise
@@ -43,12 +45,16 @@ def _entry(rank: int, world_size: int, init_file: str, out_dir: str, fn, args, t
                 dist.destroy_process_group()
 
 
-def run_workers(fn, world_size: int, *args, threads: int = 1) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return per-rank results."""
+def run_workers(fn, world_size: int, *args, threads: int = 1, clean_teardown: bool = True) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return per-rank results.
+
+    ``clean_teardown=False``: for jobs that leave collectives unmatched on purpose (timeouts), each
+    worker exits right after saving its result, without the teardown barrier.
+    """
     with tempfile.TemporaryDirectory(prefix="plumage_ds_") as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         try:
-            mp.spawn(_entry, args=(world_size, init_file, tmp, fn, args, threads), nprocs=world_size, join=True)
+            mp.spawn(_entry, args=(world_size, init_file, tmp, fn, args, threads, clean_teardown), nprocs=world_size, join=True)
         except Exception as exc:  # surface the worker's own traceback
             errors = []
             for r in range(world_size):

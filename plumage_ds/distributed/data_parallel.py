@@ -134,6 +134,8 @@ class ShardedPlumageAdamW(PlumageAdamW):
     micro-batch and then ``step()``; all ranks must call ``step()`` together.
     """
 
+    _display_name = "ShardedPlumageAdamW"
+
     def __init__(self, params, *args, process_group: Optional[dist.ProcessGroup] = None, **kwargs) -> None:
         if "distributor" in kwargs:
             raise ValueError("Invalid distributor: ShardedPlumageAdamW builds its own from process_group")

@@ -281,6 +281,11 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
             return 0.0
         return float(sum(float(g.double().pow(2).sum()) for g in self._dense_grads()))
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """DeepSpeed's group and the targets' gradients (and their backward projections)."""
+        super().zero_grad(set_to_none=set_to_none)
+        self.plumage.zero_grad(set_to_none=True)
+
     def _dense_nonfinite(self) -> bool:
         """Does any rank's non-target gradient (its ZeRO partition; stage 0: the averaged ones) hold NaN/Inf?"""
         local = any(g.numel() and not bool(torch.isfinite(g).all()) for g in self._dense_grads())
@@ -499,8 +504,25 @@ def attach_engine(engine) -> PlumageDeepSpeedOptimizer:
     composite = plumage_optimizer(engine)
     if composite.stage == 0:
         engine.enable_backward_allreduce = False
+    elif engine.optimizer is not composite:
+        _drop_targets_on_skip(engine.optimizer, composite)
     composite.engine_attached = True
     return composite
+
+
+def _drop_targets_on_skip(zero_optimizer, composite: PlumageDeepSpeedOptimizer) -> None:
+    """ZeRO wraps the composite and may skip a step itself (``overflow``: a NaN/Inf in its
+    partitions) without calling the composite; the targets' gradients of that step must then be
+    dropped too, or they would leak into the next step."""
+    inner = zero_optimizer.step
+
+    def step(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        if getattr(zero_optimizer, "overflow", False):
+            composite.plumage.zero_grad(set_to_none=True)
+        return out
+
+    zero_optimizer.step = step
 
 
 def initialize(model, config, model_parameters=None, **kwargs):

@@ -196,7 +196,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         Collective (one all-gather of a digest): ranks built from different models would otherwise
         exchange mismatched buffers silently, or abort inside the backend when sizes differ.
         """
-        lines = [f"{e.name}: shape {tuple(e.shape)}, {e.mode}" for e in self._entries]
+        lines = [f"{len(self._entries)} parameters in {len(self.param_groups)} groups"]
+        lines += [f"{e.name}: shape {tuple(e.shape)}, {e.mode}" for e in self._entries]
         for i, g in enumerate(self.param_groups):
             hp = sorted((k, repr(v)) for k, v in g.items() if k not in ("params", "names"))
             lines.append(f"group {i}: {len(g['params'])} params, " + ", ".join(f"{k}={v}" for k, v in hp))

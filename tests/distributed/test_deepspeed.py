@@ -28,6 +28,7 @@ Plus pure config tests (no spawn); the main job through the real ``deepspeed`` l
 from __future__ import annotations
 
 import gc
+import io
 import json
 import os
 import shutil
@@ -126,6 +127,15 @@ def _probe(comp) -> dict:
         "full_bytes": sum(e.shape[0] * e.shape[1] * 4 for e in opt._entries),
         "compressed_bytes": sum(e.r * e.l * 4 for e in opt._entries),
     }
+
+
+def _state_bytes(comp) -> bytes:
+    """The composite's state, serialised (but the skipped-step counter)."""
+    sd = comp.state_dict()
+    sd["plumage"]["plumage"].pop("skipped_steps")
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    return buf.getvalue()
 
 
 def _params(model):
@@ -229,8 +239,48 @@ def _worker(rank, world, port, ckpt_root):
             return {"raised": str(exc)}
         return {"raised": None}
 
+    def nonfinite(policy, where):
+        """ZeRO-2: a NaN on rank 1 only (in a target's gradient, or in every gradient via the loss)
+        at step 2; the whole step must be skipped (or raise) on both ranks, nothing changed."""
+
+        def fn():
+            model = tiny_llama()
+            cfg = ds_config(2)
+            cfg["plumage"]["nonfinite"] = policy
+            engine, _, _, _ = pds.initialize(model=model, config=cfg)
+            comp = pds.plumage_optimizer(engine)
+            mb = GLOBAL_BATCH // W
+            res = {"raised": None}
+            for step in range(5):
+                x = batch(step)[rank * mb : (rank + 1) * mb]
+                loss = lm_loss(engine, x)
+                bad = step == 2 and rank == 1
+                engine.backward(loss * float("nan") if bad and where == "all" else loss)
+                if bad and where == "target":
+                    comp._targets[3].grad[0, 0] = float("inf")
+                if step == 2:
+                    before = (_params(model), _state_bytes(comp))
+                try:
+                    engine.step()
+                except FloatingPointError as exc:
+                    res["raised"] = str(exc)
+                    res["unchanged_params"] = max_diff(_params(model), before[0]) == 0.0
+                    break
+                if step == 2:
+                    res["unchanged_params"] = max_diff(_params(model), before[0]) == 0.0
+                    res["unchanged_state"] = _state_bytes(comp) == before[1]
+            res.update(skipped=comp.skipped_steps, engine_skipped=engine.skipped_steps,
+                       finite=all(bool(torch.isfinite(p).all()) for p in model.parameters()))
+            _free(engine, comp)
+            return res
+
+        return fn
+
     for stage in (0, 1, 2, 3):
         _run(f"stage{stage}", out, plain(stage, warmup=(stage == 1), ckpt=(stage in (0, 2, 3))))
+    for policy in ("skip", "raise"):
+        for where in ("target", "all"):
+            _run(f"nonfinite_{policy}_{where}", out, nonfinite(policy, where))
     _run("resume0", out, resume(0))
     _run("resume2", out, resume(2))
     _run("resume3", out, resume(3))
@@ -330,6 +380,25 @@ def test_matches_single_device(ds_runs, stage):
     assert mean_losses(ds_runs, f"stage{stage}") == pytest.approx(ref_losses, abs=1e-5)
     modes = {row["mode"] for row in run["report"]}
     assert modes == {"plumage"}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("where", ["target", "all"])
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_nonfinite_on_one_rank_skips_or_raises_the_whole_step(ds_runs, policy, where):
+    for res in ds_runs:
+        run = res[f"nonfinite_{policy}_{where}"]
+        assert run["ok"], run.get("error")
+        assert run["unchanged_params"] and run["finite"]
+        if where == "all":
+            # NaN in DeepSpeed's own partitions: ZeRO's overflow check (fp32) skips the step before it
+            # calls the composite; the targets' gradients of that step are dropped with DeepSpeed's
+            assert run["raised"] is None and run["engine_skipped"] == 1 and run["skipped"] == 0
+            assert run["unchanged_state"]
+        elif policy == "skip":
+            assert run["raised"] is None and run["skipped"] == 1 and run["unchanged_state"]
+        else:
+            assert run["raised"].startswith("Non-finite gradient in ['model.layers.0.self_attn.o_proj.weight']")
 
 
 @pytest.mark.distributed

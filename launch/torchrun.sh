@@ -6,6 +6,8 @@
 #   NPROC=4 launch/torchrun.sh --config configs/demo.yaml --engine ddp --out runs/ddp --set optimizer.estimator=galore
 #   NNODES=2 NODE_RANK=0 RDZV_ENDPOINT=host0:29500 launch/torchrun.sh ...   # one line per node
 #   launch/torchrun.sh --out runs/sharded --resume                           # continue a run
+#   MAX_RESTARTS=3 launch/torchrun.sh --config ... --set train.save_interval=100 --out runs/x
+#       # a failed attempt is restarted and continues from the newest complete checkpoint
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NPROC="${NPROC:-2}"
@@ -15,7 +17,12 @@ NODE_RANK_ARG=()
 RDZV_ENDPOINT="${RDZV_ENDPOINT:-localhost:0}"   # port 0: c10d picks a free port (single node)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# Elastic restarts (--max-restarts): with the store shared by torchrun's agent (the default since
+# torch 2.5) a restarted attempt can read the previous attempt's addresses and fail to connect
+# (pytorch/pytorch#135712); a fresh store per attempt avoids it.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
 exec python -m torch.distributed.run \
-    --nnodes="$NNODES" --nproc_per_node="$NPROC" "${NODE_RANK_ARG[@]}" \
+    --nnodes="$NNODES" --nproc_per_node="$NPROC" "${NODE_RANK_ARG[@]}" --max-restarts="$MAX_RESTARTS" \
     --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-plumage_ds}" \
     -m plumage_ds train "$@"

@@ -264,3 +264,49 @@ def test_hsdp_two_nodes_of_two_processes_under_torchrun(tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "model")
+
+
+@pytest.mark.distributed
+def test_kill_during_a_checkpoint_save_then_resume(runs, tmp_path):
+    """SIGKILL after the files of checkpoint 4 but before its manifest: checkpoint 2 is the newest
+    complete one, ``--resume`` continues from it and ends bitwise equal to an uninterrupted run."""
+    from plumage_ds.io import list_checkpoints, newest_complete
+
+    out = tmp_path / "run"
+    sets = [x for s in COMMON + ["train.steps=6", "train.save_interval=2", "optimizer.estimator=plumage"]
+            for x in ("--set", s)]  # fmt: skip
+    cmd = [sys.executable, "-m", "plumage_ds", "train", "--config", str(TINY), "--out", str(out), "--no-progress", *sets]
+    killed = subprocess.run(cmd, env=dict(_env(), PLUMAGE_DS_KILL_DURING_SAVE="4"), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [2, 4]  # 4 exists, half-written
+    assert newest_complete(out / "checkpoints")[0] == 2
+    resumed = subprocess.run(cmd + ["--resume"], env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "step_00000002" in resumed.stderr
+    reference = tmp_path / "reference"
+    done = subprocess.run(cmd[:-len(sets) - 3] + ["--out", str(reference), "--no-progress", *sets], env=_env(),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref, got = _weights(reference), _weights(out)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+@pytest.mark.distributed
+def test_elastic_restart_after_a_rank_dies_is_bitwise(runs, tmp_path):
+    """``torchrun --max-restarts=1``: rank 1 is SIGKILLed after step 3 (checkpoint at step 2); torchrun
+    restarts both ranks, the job resumes from step 2 by itself and ends bitwise equal to the
+    uninterrupted run."""
+    root, _ = runs
+    out = tmp_path / "run"
+    sets = [x for s in COMMON + RESUME for x in ("--set", s)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=localhost:{_free_port()}", "-m", "plumage_ds", "train", "--config", str(TINY),
+           "--out", str(out), "--no-progress", *sets]  # fmt: skip
+    # a fresh rendezvous store per attempt (launch/torchrun.sh sets it; pytorch/pytorch#135712)
+    env = dict(_env(), PLUMAGE_DS_KILL_AFTER_STEP="3", PLUMAGE_DS_KILL_RANK="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "elastic restart 1: resuming" in proc.stderr and "resumed from" in proc.stderr
+    ref, got = _weights(root / "resume-reference"), _weights(out)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)

@@ -390,7 +390,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 f"{self._display_name}: its param_groups no longer hold the parameters it was built on (an engine "
                 "such as DeepSpeed ZeRO replaced them by flat partitions), so step() would update nothing. Under "
                 "DeepSpeed build the engine with plumage_ds.integrations.deepspeed.initialize(model=..., config=...) "
-                "(see docs/deepspeed.md)"
+                "(docs/deepspeed.md); under the HF Trainer or Accelerate use plumage_ds.integrations.hf "
+                "(docs/integrations.md)"
             )
 
     def _run_step(self) -> None:

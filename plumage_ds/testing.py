@@ -45,6 +45,27 @@ def _entry(rank: int, world_size: int, init_file: str, out_dir: str, fn, args, t
                 dist.destroy_process_group()
 
 
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for launchers that need ``MASTER_PORT`` / an endpoint)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def record(out: dict, name: str, fn) -> None:
+    """Run one scenario inside a spawned worker: ``out[name]`` is ``{"ok": True, **fn()}`` or the
+    traceback (``{"ok": False, "error": ...}``); then every rank meets at a barrier, so the next
+    scenario starts together even after a failure."""
+    try:
+        out[name] = {"ok": True, **fn()}
+    except Exception:  # noqa: BLE001 - reported per scenario
+        out[name] = {"ok": False, "error": traceback.format_exc()}
+    gc.collect()
+    dist.barrier()
+
+
 def run_workers(fn, world_size: int, *args, threads: int = 1, clean_teardown: bool = True) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return per-rank results.
 

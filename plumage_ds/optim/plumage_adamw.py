@@ -518,7 +518,6 @@ class PlumageAdamW(MatrixOptimizer):
         (uncompressed, every ``τ`` steps); they are then staged as ``"G"`` for this step.
         """
         dist = self._distributor
-        me = dist.rank
         if ops is _CASES[FSDP_ROWS]:
             grads = dist.replica_mean(grads, "refresh_grad")
             if dist.replica_comm is not None:

@@ -277,7 +277,6 @@ def train(
         # torchrun restarted the job after a failure: continue from the newest complete checkpoint
         # of this run, or start it over when it saved none (every rank decides alike)
         from plumage_ds.io import newest_complete
-        from plumage_ds.train.checkpoint import CHECKPOINTS
 
         resume = newest_complete(out / CHECKPOINTS) is not None
         overwrite = overwrite or not resume

@@ -32,9 +32,7 @@ import io
 import json
 import os
 import shutil
-import socket
 import tempfile
-import traceback
 from pathlib import Path
 
 import pytest
@@ -46,7 +44,7 @@ pytest.importorskip("deepspeed")
 from plumage_ds.config import OptimizerConfig  # noqa: E402
 from plumage_ds.integrations.deepspeed import split_config  # noqa: E402
 from plumage_ds.optim import PlumageAdamW, lowrank_param_groups  # noqa: E402
-from plumage_ds.testing import lm_loss, run_workers, tiny_llama, token_batch  # noqa: E402
+from plumage_ds.testing import free_port, lm_loss, record, run_workers, tiny_llama, token_batch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 W = 2
@@ -146,14 +144,6 @@ def _free(*objs):
     del objs
     gc.collect()
 
-
-def _run(name, out, fn):
-    try:
-        out[name] = {"ok": True, **fn()}
-    except Exception:  # noqa: BLE001 - reported per run
-        out[name] = {"ok": False, "error": traceback.format_exc()}
-    gc.collect()
-    torch.distributed.barrier()
 
 
 def _worker(rank, world, port, ckpt_root):
@@ -277,35 +267,28 @@ def _worker(rank, world, port, ckpt_root):
         return fn
 
     for stage in (0, 1, 2, 3):
-        _run(f"stage{stage}", out, plain(stage, warmup=(stage == 1), ckpt=(stage in (0, 2, 3))))
+        record(out, f"stage{stage}", plain(stage, warmup=(stage == 1), ckpt=(stage in (0, 2, 3))))
     for policy in ("skip", "raise"):
         for where in ("target", "all"):
-            _run(f"nonfinite_{policy}_{where}", out, nonfinite(policy, where))
-    _run("resume0", out, resume(0))
-    _run("resume2", out, resume(2))
-    _run("resume3", out, resume(3))
+            record(out, f"nonfinite_{policy}_{where}", nonfinite(policy, where))
+    record(out, "resume0", resume(0))
+    record(out, "resume2", resume(2))
+    record(out, "resume3", resume(3))
     for stage in (0, 1, 2, 3):
-        _run(f"gas_clip{stage}", out, plain(stage, gas=2, clip=CLIP))
-    _run("stage3_persistent", out, plain(3, persistent=True))
-    _run("fp32_learn", out, plain(2, learnable=True))
-    _run("bf16", out, plain(2, bf16=True, learnable=True))
-    _run("strict", out, strict)
+        record(out, f"gas_clip{stage}", plain(stage, gas=2, clip=CLIP))
+    record(out, "stage3_persistent", plain(3, persistent=True))
+    record(out, "fp32_learn", plain(2, learnable=True))
+    record(out, "bf16", plain(2, bf16=True, learnable=True))
+    record(out, "strict", strict)
     return out
 
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture(scope="module")
 def ds_runs():
     tmp = tempfile.mkdtemp(prefix="plumage_ds_ckpt_")
     try:
-        return run_workers(_worker, W, _free_port(), tmp)
+        return run_workers(_worker, W, free_port(), tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

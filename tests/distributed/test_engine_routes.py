@@ -13,10 +13,7 @@
 
 from __future__ import annotations
 
-import gc
 import os
-import socket
-import traceback
 
 import pytest
 import torch
@@ -25,7 +22,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 pytest.importorskip("deepspeed")
 
 from plumage_ds.optim import PlumageAdamW  # noqa: E402
-from plumage_ds.testing import groups_listed_once, lm_loss, run_workers, tiny_gpt2, tiny_llama, token_batch  # noqa: E402
+from plumage_ds.testing import free_port, groups_listed_once, lm_loss, record, run_workers, tiny_gpt2, tiny_llama, token_batch  # noqa: E402
 
 W, BATCH, STEPS = 2, 8, 4
 KW = dict(lr=3e-3, weight_decay=0.1, rank=4, update_interval=2, seed=1)
@@ -62,14 +59,6 @@ def _train(model, step_fn, rank, steps=STEPS):
 def _params(model):
     return {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
-
-def _record(out, name, fn):
-    try:
-        out[name] = {"ok": True, **fn()}
-    except Exception:  # noqa: BLE001 - reported per run
-        out[name] = {"ok": False, "error": traceback.format_exc()}
-    gc.collect()
-    torch.distributed.barrier()
 
 
 def _worker(rank, world, port):
@@ -162,27 +151,20 @@ def _worker(rank, world, port):
         return res
 
     for stage in PLAIN_STAGES:
-        _record(out, f"plain{stage}", plain(stage, PlumageAdamW))
-    _record(out, "plain_gum2", plain(2, GUM))
-    _record(out, "plain_sharded2", plain(2, ShardedPlumageAdamW))
-    _record(out, "composite_unattached0", composite_unattached)
+        record(out, f"plain{stage}", plain(stage, PlumageAdamW))
+    record(out, "plain_gum2", plain(2, GUM))
+    record(out, "plain_sharded2", plain(2, ShardedPlumageAdamW))
+    record(out, "composite_unattached0", composite_unattached)
     for stage in TIED_STAGES:
-        _record(out, f"tied_ds{stage}", tied_ds(stage))
-    _record(out, "tied_ddp", tied_ddp)
+        record(out, f"tied_ds{stage}", tied_ds(stage))
+    record(out, "tied_ddp", tied_ddp)
     return out
 
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture(scope="module")
 def runs():
-    return run_workers(_worker, W, _free_port())
+    return run_workers(_worker, W, free_port())
 
 
 def _get(runs, name):

@@ -24,7 +24,6 @@ import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from plumage_ds import PlumageAdamW, lowrank_param_groups
 from plumage_ds.testing import lm_loss, run_workers, tiny_llama, token_batch
@@ -41,7 +40,7 @@ TOL = 1e-5
 
 
 def _shard(model, mesh, mp_policy=None):
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     kw = {"mp_policy": mp_policy} if mp_policy is not None else {}
     for layer in model.model.layers:

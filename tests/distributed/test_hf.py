@@ -16,13 +16,10 @@ read in order (step ``s`` reads examples ``[s·B, (s+1)·B)`` of the global batc
 
 from __future__ import annotations
 
-import gc
 import json
 import os
-import socket
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
@@ -34,9 +31,11 @@ pytest.importorskip("deepspeed")
 
 from plumage_ds.optim import PlumageAdamW, lowrank_param_groups  # noqa: E402
 from plumage_ds.testing import (  # noqa: E402
+    free_port,
     hf_lm_loss,
     hf_training_args,
     lm_examples,
+    record,
     run_workers,
     tiny_gpt2,
     tiny_llama,
@@ -133,13 +132,6 @@ def _trainer_with(tmp_path, **kw):
 # ----------------------------------------------------------------------------- real torchrun launcher
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
 
 def _launcher_env() -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
@@ -155,7 +147,7 @@ def test_trainer_under_torchrun(tmp_path):
         pytest.fail(f"torchrun launcher missing: {exe}")
     result = tmp_path / "result.json"
     cmd = [
-        str(exe), "--nproc_per_node", str(W), "--master_port", str(_free_port()), str(REPO_ROOT / "launch" / "hf_trainer.py"),
+        str(exe), "--nproc_per_node", str(W), "--master_port", str(free_port()), str(REPO_ROOT / "launch" / "hf_trainer.py"),
         "--job", "llama", "--job", "gpt2:hook", "--steps", "4", "--batch", "2", "--out", str(tmp_path), "--result", str(result),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=_launcher_env(), cwd=tmp_path, capture_output=True, text=True, timeout=400)
@@ -184,14 +176,6 @@ def _ds_config(stage: int) -> dict:
         "zero_optimization": {"stage": stage}, "steps_per_print": 10**6,
     }  # fmt: skip
 
-
-def _record(out, name, fn):
-    try:
-        out[name] = {"ok": True, **fn()}
-    except Exception:  # noqa: BLE001 - reported per run
-        out[name] = {"ok": False, "error": traceback.format_exc()}
-    gc.collect()
-    torch.distributed.barrier()
 
 
 def _reset_accelerate():
@@ -260,15 +244,15 @@ def _worker(rank, world, port, out_dir):
         del trainer
         return res
 
-    _record(out, "accelerate_ddp", accelerate_run("ddp"))
-    _record(out, "accelerate_deepspeed", accelerate_run("deepspeed"))
-    _record(out, "trainer_deepspeed", trainer_deepspeed)
+    record(out, "accelerate_ddp", accelerate_run("ddp"))
+    record(out, "accelerate_deepspeed", accelerate_run("deepspeed"))
+    record(out, "trainer_deepspeed", trainer_deepspeed)
     return out
 
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    return run_workers(_worker, W, _free_port(), str(tmp_path_factory.mktemp("hf")))
+    return run_workers(_worker, W, free_port(), str(tmp_path_factory.mktemp("hf")))
 
 
 def _get(runs, name):

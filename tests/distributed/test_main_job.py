@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ import yaml
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from plumage_ds.cli import load_job_config  # noqa: E402
-from plumage_ds.testing import run_workers  # noqa: E402
+from plumage_ds.testing import free_port, run_workers  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = REPO_ROOT / "configs" / "tiny.yaml"
@@ -177,11 +176,6 @@ def test_adamw_equals_torch_adamw_on_every_engine(runs, tmp_path):
 # ------------------------------------------------------------------------------------- real launchers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _env() -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
@@ -197,13 +191,13 @@ def test_sharded_kill_and_resume_under_torchrun_is_bitwise(runs, tmp_path):
     out = tmp_path / "run"
     sets = [x for s in COMMON + RESUME for x in ("--set", s)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=localhost:{_free_port()}", "-m", "plumage_ds", "train", "--config", str(TINY),
+           f"--rdzv-endpoint=localhost:{free_port()}", "-m", "plumage_ds", "train", "--config", str(TINY),
            "--out", str(out), "--no-progress", *sets]  # fmt: skip
     killed = subprocess.run(cmd, env=dict(_env(), PLUMAGE_DS_KILL_AFTER_STEP="3"), cwd=tmp_path,
                             capture_output=True, text=True, timeout=400)  # fmt: skip
     assert killed.returncode != 0 and not (out / "summary.json").exists(), killed.stderr[-3000:]
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_00000002"]
-    cmd[5] = f"--rdzv-endpoint=localhost:{_free_port()}"
+    cmd[5] = f"--rdzv-endpoint=localhost:{free_port()}"
     resumed = subprocess.run(cmd + ["--resume"], env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "(sharded, 2 ranks)" in resumed.stderr
@@ -220,7 +214,7 @@ def test_deepspeed_launcher_trains_checkpoints_and_saves_weights(tmp_path):
     if not launcher.is_file():
         pytest.fail(f"deepspeed launcher missing: {launcher} (pip install deepspeed into this environment)")
     out = tmp_path / "run"
-    cmd = [str(launcher), "--num_nodes", "1", "--num_accelerators", "2", "--master_port", str(_free_port()),
+    cmd = [str(launcher), "--num_nodes", "1", "--num_accelerators", "2", "--master_port", str(free_port()),
            "--module", "plumage_ds", "train", "--config", str(TINY), "--deepspeed",
            str(REPO_ROOT / "configs" / "deepspeed" / "zero2.json"), "--out", str(out), "--steps", "3", "--no-progress",
            "--set", "optimizer.estimator=plumage", "--set", "data.batch_size=2", "--set", "train.save_interval=2"]  # fmt: skip
@@ -242,7 +236,7 @@ def test_deepspeed_launcher_trains_checkpoints_and_saves_weights(tmp_path):
 @pytest.mark.distributed
 def test_hsdp_two_nodes_of_two_processes_under_torchrun(tmp_path):
     out = tmp_path / "run"
-    port = _free_port()
+    port = free_port()
     args = [str(REPO_ROOT / "launch" / "torchrun_fsdp.sh"), "hsdp", "--config", str(TINY), "--out", str(out),
             "--no-progress", *[x for s in COMMON + ["optimizer.estimator=plumage", "train.save_interval=2"]
                                for x in ("--set", s)]]  # fmt: skip
@@ -301,7 +295,7 @@ def test_elastic_restart_after_a_rank_dies_is_bitwise(runs, tmp_path):
     out = tmp_path / "run"
     sets = [x for s in COMMON + RESUME for x in ("--set", s)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=localhost:{_free_port()}", "-m", "plumage_ds", "train", "--config", str(TINY),
+           f"--rdzv-endpoint=localhost:{free_port()}", "-m", "plumage_ds", "train", "--config", str(TINY),
            "--out", str(out), "--no-progress", *sets]  # fmt: skip
     # a fresh rendezvous store per attempt (launch/torchrun.sh sets it; pytorch/pytorch#135712)
     env = dict(_env(), PLUMAGE_DS_KILL_AFTER_STEP="3", PLUMAGE_DS_KILL_RANK="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")

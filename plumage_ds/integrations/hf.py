@@ -192,11 +192,16 @@ def prepare(
         engine, opt, *rest = accelerator.prepare(model, opt, *objects)
         attach_engine(engine)
         return (engine, opt, *rest)
-    if kind in (DistributedType.FSDP,):
-        raise NotImplementedError(
-            "plumage_ds.integrations.hf.prepare does not drive Accelerate's FSDP plugin yet; with FSDP2 build "
-            "PlumageAdamW(model.parameters()) after fully_shard (docs/integrations.md)"
-        )
+    if kind == DistributedType.FSDP:
+        if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            raise NotImplementedError(
+                "plumage_ds.integrations.hf.prepare supports Accelerate's FSDP plugin with fsdp_version=2 only "
+                "(FSDP1 flat parameters hide the matrices; docs/integrations.md)"
+            )
+        # Accelerate shards the model and swaps the optimizer's parameters for the DTensors in place;
+        # PlumageAdamW re-plans on them (state sharded like the weights) at its first step
+        opt = make_optimizer(model, plumage=plumage, **adam, max_grad_norm=max_grad_norm)
+        return accelerator.prepare(model, opt, *objects)
     if kind == DistributedType.NO:
         opt = make_optimizer(model, plumage=plumage, **adam, max_grad_norm=max_grad_norm)
         return accelerator.prepare(model, opt, *objects)
@@ -246,9 +251,10 @@ def _trainer_class():
             _config(self._plumage_options, **_ENGINE_DEFAULTS)  # validate now, before any training state exists
             self._comm_hook = comm_hook
             super().__init__(*args, **kwargs)
-            if self.is_fsdp_enabled:
+            if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
                 raise NotImplementedError(
-                    "PlumageTrainer does not drive the Trainer's FSDP integration yet (docs/integrations.md)"
+                    "PlumageTrainer supports the Trainer's FSDP integration with FSDP2 only: set "
+                    "fsdp_config={'fsdp_version': 2} (FSDP1 flat parameters hide the matrices; docs/integrations.md)"
                 )
             if self.is_deepspeed_enabled:
                 if comm_hook is not None:

@@ -386,6 +386,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
         """
         current = [p for g in self.param_groups for p in g["params"]]
         if len(current) != len(self._planned_params) or any(a is not b for a, b in zip(current, self._planned_params)):
+            if self._resharded(current):
+                self._replan()
+                return
             raise RuntimeError(
                 f"{self._display_name}: its param_groups no longer hold the parameters it was built on (an engine "
                 "such as DeepSpeed ZeRO replaced them by flat partitions), so step() would update nothing. Under "
@@ -393,6 +396,25 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 "(docs/deepspeed.md); under the HF Trainer or Accelerate use plumage_ds.integrations.hf "
                 "(docs/integrations.md)"
             )
+
+    def _resharded(self, current: list[Tensor]) -> bool:
+        """The engine swapped each planned plain tensor for an FSDP2 ``DTensor`` of the same shape
+        before any step (Accelerate's FSDP2 preparation does so in place): the same parameters, sharded."""
+        return (
+            not self.state
+            and len(current) == len(self._planned_params)
+            and all(is_dtensor(new) and not is_dtensor(old) and tuple(new.shape) == tuple(old.shape)
+                    for new, old in zip(current, self._planned_params))
+        )
+
+    def _replan(self) -> None:
+        """Plan again on the (now sharded) parameters: new distributor, entries, rank agreement."""
+        timeout = getattr(getattr(self._distributor, "comm", None), "timeout", None)
+        self._distributor = self._resolve_distributor(None, None)
+        self._distributor.set_timeout(timeout)
+        self._build_entries()
+        self._planned_params = [e.param for e in self._entries]
+        self._check_ranks_agree()
 
     def _run_step(self) -> None:
         raise NotImplementedError

@@ -158,7 +158,27 @@ def job_w2(rank, world):
         losses[name + "_dtypes"] = sorted({str(t.dtype) for st in opt.state.values() for t in st.values() if torch.is_tensor(t)})
     out["mixed_precision"] = losses
     out["placements"] = _check_placements(rank, world)
+    out["accelerate_switch"] = _accelerate_switch(rank, world, mesh)
     return out
+
+
+def _accelerate_switch(rank, world, mesh):
+    """Accelerate's FSDP2 route (the HF Trainer's with ``fsdp_version: 2``): the optimizer is built on
+    plain parameters, then the model is sharded and Accelerate swaps the optimizer's parameters for
+    the DTensors in place (its own ``fsdp2_switch_optimizer_parameters``). The first step re-plans."""
+    from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
+
+    model = tiny_llama()
+    opt = PlumageAdamW(model.parameters(), **KW)
+    old = {n: p.data_ptr() for n, p in model.named_parameters()}
+    for group in opt.param_groups:  # as Accelerate's _prepare_fsdp2: placeholders keyed by data_ptr
+        for i, p in enumerate(group["params"]):
+            group["params"][i] = torch.empty(1, dtype=p.dtype)
+            group["params"][i].data_ptr = p.data_ptr()
+    _shard(model, mesh)
+    fsdp2_switch_optimizer_parameters(opt, {old[n]: p for n, p in model.named_parameters()})
+    _train(model, opt, rank, world, range(STEPS))
+    return {"params": _full(model), "sharding": sorted({r["sharding"] for r in opt.matrix_report()})}
 
 
 def job_w3(rank, world):
@@ -285,6 +305,13 @@ def test_fsdp_matches_single_process(request, references, world, estimator):
     assert {r["owner"] for r in rows if r["mode"] == estimator} == set(range(world))  # SVDs spread over ranks
     assert any(r["mode"] == estimator and r["shape"][0] > r["shape"][1] for r in rows)  # right projections
     assert any(r["mode"] == estimator and r["shape"][0] < r["shape"][1] for r in rows)  # left projections
+
+
+def test_accelerate_fsdp2_parameter_switch_replans(w2, references):
+    for res in w2:
+        run = res["accelerate_switch"]
+        assert run["sharding"] == ["fsdp_rows"]
+        assert _max_diff(run["params"], references["plumage"]) < TOL
 
 
 def test_groups_route_matches_and_reports_real_names(w2):

@@ -8,6 +8,7 @@ Pure tensor math: no ``torch.distributed``, no global RNG. All shapes are in the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -15,6 +16,26 @@ from torch import Tensor
 from .probabilities import inclusion_probabilities, is_deterministic, mix_uniform
 from .sampling import systematic_sample
 from .spectral import short_side_basis
+
+
+DEFAULT_SVD_METHOD = {"plumage": "gram", "galore": "svd", "haar": "gram"}
+"""The spectral route each SVD-based estimator uses unless told otherwise (``svd_method=None``).
+
+* ``galore`` → ``"svd"``: GaLore keeps its Adam moments across refreshes without realignment,
+  so the *signs* of the singular vectors are part of the algorithm; only ``torch.linalg.svd``'s
+  (what galore-torch calls) reproduce galore-torch's trajectory.
+* ``plumage`` → ``"gram"``: ``Ĝ = P D⁻¹ Pᵀ G`` does not depend on the column signs of ``P``,
+  and realignment carries a sign flip into the moments (``B = P_newᵀ P_old``), so the
+  trajectory is sign-invariant; the float64 Gram ``eigh`` is about 2× faster than fp32 ``svd``.
+* ``haar`` needs no spectrum (the entry only keeps the validation of ``svd_method`` uniform).
+"""
+
+
+def default_svd_method(estimator: str, svd_method: Optional[str] = None) -> str:
+    """``svd_method`` if given, else the estimator's default (:data:`DEFAULT_SVD_METHOD`)."""
+    if estimator not in DEFAULT_SVD_METHOD:
+        raise ValueError(f"Invalid estimator={estimator!r}: must be one of {list(DEFAULT_SVD_METHOD)}")
+    return DEFAULT_SVD_METHOD[estimator] if svd_method is None else svd_method
 
 
 @dataclass(frozen=True)
@@ -32,7 +53,12 @@ class Projection:
 
 
 def plumage_projection(
-    G: Tensor, rank: int, generator: torch.Generator, *, svd_method: str = "gram", uniform_mix: float = 0.0
+    G: Tensor,
+    rank: int,
+    generator: torch.Generator,
+    *,
+    svd_method: str = DEFAULT_SVD_METHOD["plumage"],
+    uniform_mix: float = 0.0,
 ) -> Projection:
     """PLUMAGE: SVD → min-variance probabilities → systematic sample (``E[Ĝ] = G``).
 
@@ -50,7 +76,7 @@ def plumage_projection(
     return Projection(P=P, d=d, deterministic=is_deterministic(p))
 
 
-def galore_projection(G: Tensor, rank: int, *, svd_method: str = "svd") -> Projection:
+def galore_projection(G: Tensor, rank: int, *, svd_method: str = DEFAULT_SVD_METHOD["galore"]) -> Projection:
     """GaLore: top-``r`` singular directions, ``d = 1`` (biased: drops the tail)."""
     U, _ = short_side_basis(G, svd_method)
     r = min(rank, U.shape[1])
@@ -80,17 +106,19 @@ def build_projection(
     rank: int,
     generator: torch.Generator,
     *,
-    svd_method: str = "gram",
+    svd_method: Optional[str] = None,
     uniform_mix: float = 0.0,
 ) -> Projection:
-    """Dispatch on ``estimator`` ∈ {plumage, galore, haar}; ``G`` in stored orientation."""
+    """Dispatch on ``estimator`` ∈ {plumage, galore, haar}; ``G`` in stored orientation.
+
+    ``svd_method=None``: the estimator's default (:func:`default_svd_method`).
+    """
+    svd_method = default_svd_method(estimator, svd_method)
     if estimator == "plumage":
         return plumage_projection(G, rank, generator, svd_method=svd_method, uniform_mix=uniform_mix)
     if estimator == "galore":
         return galore_projection(G, rank, svd_method=svd_method)
-    if estimator == "haar":
-        return haar_projection(min(G.shape), rank, generator, device=G.device)
-    raise ValueError(f"Invalid estimator={estimator!r}: must be one of ['plumage', 'galore', 'haar']")
+    return haar_projection(min(G.shape), rank, generator, device=G.device)
 
 
 def estimate(G_o: Tensor, proj: Projection) -> Tensor:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..config import validate_lowrank_options
-from ..estimators import build_projection, haar_projection, realign_moments, realignment, sampler_generator
+from ..estimators import build_projection, default_svd_method, haar_projection, realign_moments, realignment, sampler_generator
 from .adam import adam_direction, adam_step_size, adam_update_moments, zeros_state
 from .base import MatrixOptimizer, _Entry
 from .distributor import Distributor
@@ -65,7 +65,9 @@ class PlumageAdamW(MatrixOptimizer):
         dinv_placement: where ``D⁻¹`` enters: ``"coords"``, ``"lift"`` or ``"none"``.
         realign: realign moments when ``P`` changes (``None``: on for plumage/haar,
             off for galore, as GaLore does not).
-        svd_method: ``"gram"`` (eigh of the short-side Gram matrix) or ``"svd"``.
+        svd_method: ``"gram"`` (eigh of the short-side Gram matrix) or ``"svd"``;
+            ``None``: the estimator's default (``svd`` for GaLore, whose moments keep
+            the singular vectors' signs; ``gram`` otherwise; see ``default_svd_method``).
         uniform_mix: PLUMAGE only: mix ε of uniform probability into the
             sampling design so no direction has ``p = 0`` (keeps the estimate
             unbiased for later gradients between refreshes; 0 = the paper's design).
@@ -97,7 +99,7 @@ class PlumageAdamW(MatrixOptimizer):
         scale: float = 1.0,
         dinv_placement: str = "none",
         realign: Optional[bool] = None,
-        svd_method: str = "gram",
+        svd_method: Optional[str] = None,
         uniform_mix: float = 0.0,
         seed: int = 0,
         strict: bool = False,
@@ -105,6 +107,7 @@ class PlumageAdamW(MatrixOptimizer):
         distributor: Optional[Distributor] = None,
     ) -> None:
         defaults = self._adam_defaults(lr, betas, eps, weight_decay)
+        svd_method = default_svd_method(estimator, svd_method)
         validate_lowrank_options(
             rank=rank,
             update_interval=update_interval,

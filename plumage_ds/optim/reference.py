@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..config import validate_adam_options, validate_lowrank_options
-from ..estimators import build_projection, deorient, is_left, orient, realign_moments, realignment, sampler_generator
+from ..estimators import build_projection, default_svd_method, deorient, is_left, orient, realign_moments, realignment, sampler_generator
 
 __all__ = ["ReferencePlumageAdam"]
 
@@ -63,9 +63,10 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
         scale: float = 1.0,
         dinv_placement: str = "none",
         realign: bool | None = None,
-        svd_method: str = "gram",
+        svd_method: str | None = None,
         seed: int = 0,
     ):
+        svd_method = default_svd_method(estimator, svd_method)
         validate_adam_options(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         validate_lowrank_options(
             rank=rank,
@@ -171,7 +172,7 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
 
     def _lowrank_direction(self, group: dict, state: dict, G: Tensor, matrix_id: int) -> Tensor:
         """Refresh if due, advance the compressed moments, return ``deorient(P N)`` (m, n)."""
-        left = is_left(G.shape)  # m <= n: P multiplies from the left
+        left = is_left(G.shape)  # m < n: P multiplies from the left
         if "step" not in state:
             state["step"] = 0
 

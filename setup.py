@@ -3,7 +3,7 @@
 torch is listed unpinned-from-below only: install ``torch==2.13.0`` (or the build you
 need) *before* this package, as the Makefile does, so pip never resolves torch itself
 (an unresolved torch pulls the newest CUDA wheels). Exact versions of everything else
-are in ``constraints.txt`` (``pip install -c constraints.txt -e '.[dev,hf,deepspeed]'``).
+are in ``constraints.txt`` (``pip install -c constraints.txt -e '.[dev,hf,deepspeed,bench]'``).
 """
 
 from setuptools import find_packages, setup
@@ -21,6 +21,8 @@ setup(
         "deepspeed": ["deepspeed"],
         "hf": ["transformers"],
         "dev": ["pytest", "pytest-timeout", "hypothesis", "galore-torch"],
+        # benchmarks/quality.py draws its loss curves with matplotlib (its test runs in `make test`)
+        "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["plumage-ds = plumage_ds.cli:main"]},
 )

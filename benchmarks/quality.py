@@ -59,11 +59,12 @@ ARM_DEFAULTS: dict[str, tuple[str, ...]] = {
 }
 
 DEFAULT_LR_GRID: dict[str, tuple[float, ...]] = {
+    # 3 points per estimator around where the demo config's single-LR runs put each one
     "adamw": (5e-4, 1e-3, 2e-3),
-    "galore": (1e-3, 2e-3, 4e-3),
-    "plumage": (1e-3, 2e-3, 4e-3),
-    "haar": (5e-4, 1e-3, 2e-3),
-    "gum": (5e-4, 1e-3, 2e-3),
+    "galore": (2e-3, 4e-3, 8e-3),
+    "plumage": (2e-3, 4e-3, 8e-3),
+    "haar": (1e-3, 2e-3, 4e-3),
+    "gum": (1e-3, 2e-3, 4e-3),
 }
 
 SPIKE_WINDOW = 5

@@ -1,7 +1,14 @@
 """Pure estimator math (no ``torch.distributed``): probabilities, samplers, projectors."""
 
 from .gum import sample_layers
-from .optimal import expected_error, optimal_probabilities, optimal_projection, scaled_projector, second_moment_update
+from .optimal import (
+    expected_error,
+    optimal_design,
+    optimal_probabilities,
+    optimal_projection,
+    scaled_projector,
+    second_moment_update,
+)
 from .probabilities import estimator_variance, inclusion_probabilities, is_deterministic, mix_uniform
 from .projectors import (
     Projection,
@@ -11,7 +18,9 @@ from .projectors import (
     estimate,
     galore_projection,
     haar_projection,
+    plumage_design,
     plumage_projection,
+    projection_from_design,
     realign_moments,
     realignment,
 )
@@ -34,11 +43,14 @@ __all__ = [
     "is_deterministic",
     "is_left",
     "mix_uniform",
+    "optimal_design",
     "optimal_probabilities",
     "optimal_projection",
     "orient",
     "oriented_shape",
+    "plumage_design",
     "plumage_projection",
+    "projection_from_design",
     "realign_moments",
     "realignment",
     "sample_layers",

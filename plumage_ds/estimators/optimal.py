@@ -30,9 +30,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .probabilities import inclusion_probabilities, is_deterministic, mix_uniform
-from .projectors import Projection, haar_projection
-from .sampling import systematic_sample
+from .probabilities import inclusion_probabilities, mix_uniform
+from .projectors import Projection, haar_projection, projection_from_design
 from .spectral import is_left, orient
 
 
@@ -106,13 +105,14 @@ def optimal_projection(
         return haar_projection(short_dim, rank, generator, device=device)
     if short_dim is not None and short_dim != Sigma.shape[0]:
         raise ValueError(f"Invalid {short_dim=}: Sigma is {tuple(Sigma.shape)}")
+    Q, pi = optimal_design(Sigma, rank, uniform_mix=uniform_mix)
+    return projection_from_design(Q, pi, generator, device=device)
+
+
+def optimal_design(Sigma: Tensor, rank: int, *, uniform_mix: float = 0.0) -> tuple[Tensor, Tensor]:
+    """``(Q, π)`` of :func:`optimal_probabilities` with ``ε = uniform_mix`` of uniform probability mixed in."""
     Q, pi = optimal_probabilities(Sigma, rank)
-    pi = mix_uniform(pi, uniform_mix)  # (s,)
-    J = systematic_sample(pi, generator)  # (r,)
-    device = Sigma.device if device is None else device
-    P = Q[:, J].to(device=device, dtype=torch.float32).contiguous()  # (s, r)
-    d = pi[J].to(device=device, dtype=torch.float32)  # (r,)
-    return Projection(P=P, d=d, deterministic=is_deterministic(pi))
+    return Q, mix_uniform(pi, uniform_mix)
 
 
 def expected_error(Q: Tensor, pi: Tensor, M: Tensor) -> float:

@@ -3,12 +3,13 @@
 Two spawned runs (W=2 and W=4) carry all distributed checks, to keep the file fast on 2 cores:
 
 * unbiasedness on real DDP buckets (recorded from a real DDP run, replayed through the hook
-  with many seeds): Haar and PLUMAGE means converge to the all-reduced gradient within a
+  with many seeds): Haar, PLUMAGE, PLUMAGE redrawn per step with int8 coefficients and the
+  optimal design with fp16-integer coefficients converge to the all-reduced gradient within a
   CLT bound, top-r (biased) does not;
 * ``r >= s``: bit-identical to a plain all-reduce by the compression rule, and equal up to
   float rounding through the compressed path (``min_compression_rate=1``) in real DDP;
 * replicas identical after N steps with a ``no_sync()`` micro-batch in every step, several
-  buckets, both estimators, W=2 and W=4;
+  buckets, every variant of ``VARIANTS``, W=2 and W=4;
 * counted bytes per step equal the formula (docs/comm_hook.md);
 * the state pickles with a process group set, and a resumed run continues bit-identically.
 """
@@ -75,8 +76,20 @@ def ddp(model, bucket_mb=BUCKET_MB):
     return torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
 
 
-def step_bytes_formula(shapes, phase: str, world: int, rank: int, min_rate: float = 2.0) -> float:
-    """Bytes this rank sends in one iteration (ring model, fp32), as stated in docs/comm_hook.md."""
+VARIANTS = {
+    "haar": dict(estimator="haar"),
+    "plumage": dict(estimator="plumage"),
+    # redraw S from the broadcast design every kappa steps; coefficients as int8 / fp16 integers
+    "plumage-resample-int8": dict(estimator="plumage", resample=True, quantize="int8"),
+    "optimal-fp16": dict(estimator="optimal", quantize="fp16"),
+}
+COEFF_BYTES = {None: 4, "int8": 1, "fp16": 2}
+
+
+def step_bytes_formula(
+    shapes, phase: str, world: int, rank: int, min_rate: float = 2.0, *, quantize=None, resample=False, **_
+) -> float:
+    """Bytes this rank sends in one iteration (ring model, fp32 gradients), as stated in docs/comm_hook.md."""
     ar, bc = 2.0 * (world - 1) / world, (world - 1) / world
     total = 0.0
     for shape in shapes:
@@ -90,9 +103,10 @@ def step_bytes_formula(shapes, phase: str, world: int, rank: int, min_rate: floa
         if phase == "warmup" or not compressed:
             total += ar * numel * 4
         elif phase == "refresh":
-            total += ar * numel * 4 + bc * (s * r + r) * 4
+            k = s if resample else r  # the design [U, p] or the draw [P, d]
+            total += ar * numel * 4 + bc * (s * k + k) * 4
         else:
-            total += ar * r * l * 4
+            total += ar * r * l * COEFF_BYTES[quantize] + (ar * r * 4 if quantize else 0.0)  # + row scales
     return total
 
 
@@ -171,13 +185,14 @@ def _unbiasedness(rank, world):
         assert st.phase() == "lowrank"
         out[f"exact_path_{est}"] = float((_replay(st, g1) - target).abs().max())
 
-    for est in ("haar", "plumage", "topr"):
+    for est in ("haar", "plumage", "topr", "plumage-resample-int8", "optimal-fp16"):
         total = torch.zeros_like(target, dtype=torch.float64)
         total_sq = torch.zeros_like(total)
         n = N_SEEDS if est != "topr" else 2
+        kw = VARIANTS.get(est, {"estimator": est})
         for seed in range(n):
-            st = PlumageHookState(model, estimator=est, rank=4, tau=100, start_iter=0, seed=seed)
-            if est != "haar":
+            st = PlumageHookState(model, rank=4, tau=100, start_iter=0, seed=seed, **kw)
+            if kw["estimator"] != "haar":
                 _replay(st, g0)  # refresh on an earlier averaged gradient
             ghat = _replay(st, g1).double()
             total += ghat
@@ -215,14 +230,14 @@ def _unbiasedness(rank, world):
     return out
 
 
-def _train(rank, world, est, steps, *, save_at=None, resume=None, make_model=tiny_model):
+def _train(rank, world, variant, steps, *, save_at=None, resume=None, make_model=tiny_model):
     """Steps of AdamW with one ``no_sync`` micro-batch + one synced micro-batch each."""
     model = make_model(seed=0 if resume is None else 123)
     dmodel = ddp(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     first = 0
     if resume is None:
-        state = PlumageHookState(dmodel, estimator=est, rank=4, tau=3, kappa=2, start_iter=1, seed=7)
+        state = PlumageHookState(dmodel, rank=4, tau=3, kappa=2, start_iter=1, seed=7, **VARIANTS[variant])
     else:
         blob, model_sd, opt_sd, first = resume
         model.load_state_dict(torch.load(io.BytesIO(model_sd), weights_only=True))
@@ -266,7 +281,7 @@ def _train(rank, world, est, steps, *, save_at=None, resume=None, make_model=tin
 def _replica_runs(rank, world, with_resume, make_model=tiny_model):
     out = {}
     steps = 7 if with_resume else 5
-    for est in ("haar", "plumage"):
+    for est in VARIANTS:
         full = _train(rank, world, est, steps, save_at=3 if with_resume else None, make_model=make_model)
         out[est] = {k: v for k, v in full.items() if k != "saved"}
         if with_resume:
@@ -290,7 +305,7 @@ def w2():
 
 
 def _check_replicas(results, world, resumed):
-    for est in ("haar", "plumage"):
+    for est in VARIANTS:
         r0 = results[0]["replicas"][est]
         for r in results:
             rep = r["replicas"][est]
@@ -298,7 +313,7 @@ def _check_replicas(results, world, resumed):
         assert torch.isfinite(r0["params"]).all()
         expect_phases = (
             ["warmup", "refresh", "lowrank", "lowrank", "refresh", "lowrank", "lowrank"]
-            if est == "plumage"
+            if VARIANTS[est]["estimator"] != "haar"
             else ["warmup"] + ["lowrank"] * 6
         )
         expect_phases = expect_phases[: len(r0["phases"])]
@@ -308,7 +323,7 @@ def _check_replicas(results, world, resumed):
         modes = r0["modes"]
         assert {m for m, _ in modes.values()} == {"lowrank", "dense"}
         for phase, got in zip(r0["phases"], r0["step_bytes"]):
-            want = step_bytes_formula(r0["shapes"], phase, world, rank=4)
+            want = step_bytes_formula(r0["shapes"], phase, world, rank=4, **VARIANTS[est])
             assert got == pytest.approx(want, rel=1e-12), (est, phase, got, want)
         if resumed:
             assert r0["resumed_equal"], est
@@ -319,7 +334,7 @@ def _check_replicas(results, world, resumed):
 def test_unbiased_on_real_buckets_and_topr_biased(w2):
     u = w2[0]["unbiased"]
     assert u["buckets"] > 2
-    for est in ("haar", "plumage"):
+    for est in ("haar", "plumage", "plumage-resample-int8", "optimal-fp16"):
         # E‖mean − G‖² = tr(Cov)/N for an unbiased estimator; allow 2x for sampling noise
         assert u[est]["err2"] <= 2.0 * u[est]["clt2"], (est, u[est])
         assert u[est]["clt2"] > 0

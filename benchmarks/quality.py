@@ -328,6 +328,8 @@ def summarise(arms: list[Arm], seeds: list[int], best: dict[str, float], sweep: 
             "final_eval": finals,
             "final_eval_mean_sd": mean_sd(finals),
         }
+        if "galore" in best:
+            row["delta_vs_galore"] = [main[(arm.name, s)].final_eval - main[("galore", s)].final_eval for s in seeds]
         if "adamw" in best and "galore" in best:
             row["gap_closed"] = [
                 gap_closed_or_nan(
@@ -352,8 +354,8 @@ def markdown(corpus: str, steps: int, seeds: list[int], rows: dict) -> str:
         f"### Corpus `{corpus}`, {steps} steps, seeds {seeds}",
         "",
         "| arm | overrides | LR (best of sweep) | sweep: LR → mean final eval | final eval mean ± sd | "
-        "gap closed per seed | gap closed mean ± sd | refresh spike mean / max |",
-        "|---|---|---|---|---|---|---|---|",
+        "Δ vs GaLore per seed | gap closed per seed | gap closed mean ± sd | refresh spike mean / max |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         sweep = ", ".join(f"{lr} → {fmt(v)}" for lr, v in r["sweep"].items()) or (
@@ -366,10 +368,19 @@ def markdown(corpus: str, steps: int, seeds: list[int], rows: dict) -> str:
         spike = r.get("refresh_spike")
         spike_txt = "-" if not spike else f"{spike['mean']:+.4f} / {spike['max']:+.4f}"
         gap_mean = "-" if not gaps else f"{100 * gm:.0f}% ± {100 * gsd:.0f}%"
+        deltas = r.get("delta_vs_galore")
+        delta_txt = ", ".join(f"{d:+.4f}" for d in deltas) if deltas else "-"
         lines.append(
             f"| {name} | {' '.join(f'`{o}`' for o in r['overrides']) or '-'} | {r['lr']:g} | {sweep} | "
-            f"{fmt(m)} ± {fmt(sd)} | {gap_txt} | {gap_mean} | {spike_txt} |"
+            f"{fmt(m)} ± {fmt(sd)} | {delta_txt} | {gap_txt} | {gap_mean} | {spike_txt} |"
         )
+    if "adamw" in rows and "galore" in rows:
+        a, g = rows["adamw"]["final_eval_mean_sd"][0], rows["galore"]["final_eval_mean_sd"][0]
+        if not a < g:
+            lines.append(
+                f"\nAdamW ({fmt(a)}) does not beat GaLore ({fmt(g)}) at their best LRs here: the gap-closed "
+                "ratio has a non-positive denominator and is not meaningful; read Δ vs GaLore instead."
+            )
     return "\n".join(lines)
 
 

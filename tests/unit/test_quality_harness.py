@@ -42,6 +42,7 @@ def test_harness_end_to_end_and_resume(quality, tiny_config_path, tmp_path, caps
     assert arms["plumage"]["lr"] == float(best) == arms["plumage-norealign"]["lr"]
     assert arms["galore"]["overrides"] == ["optimizer.svd_method=svd"]
     assert arms["adamw"]["gap_closed"] == [1.0, 1.0] and arms["galore"]["gap_closed"] == [0.0, 0.0]
+    assert arms["galore"]["delta_vs_galore"] == [0.0, 0.0]
     for name in ("plumage", "plumage-norealign"):
         assert len(arms[name]["final_eval"]) == 2 and all(math.isfinite(x) for x in arms[name]["final_eval"])
         assert arms[name]["refresh_spike"]["n"] == 2  # refresh at step 6 (step 3 lacks a full window), 2 seeds

@@ -385,6 +385,16 @@ def test_invalid_arguments_and_unbound_state():
         PlumageHookState(model, tau=0)
     with pytest.raises(ValueError, match=r"Invalid min_compression_rate=0.5"):
         PlumageHookState(model, min_compression_rate=0.5)
+    with pytest.raises(ValueError, match=r"Invalid quantize='int4': must be one of \['int8', 'fp16'\] or None"):
+        PlumageHookState(model, quantize="int4")
+    with pytest.raises(ValueError, match=r"Invalid resample=True with estimator='haar': only 'plumage' and 'optimal'"):
+        PlumageHookState(model, estimator="haar", resample=True)
+    with pytest.raises(ValueError, match=r"Invalid resample=1: must be True or False"):
+        PlumageHookState(model, resample=1)
+    with pytest.raises(ValueError, match=r"Invalid sigma_weight=0: must be in \(0, 1\] or None"):
+        PlumageHookState(model, estimator="optimal", sigma_weight=0)
+    with pytest.raises(ValueError, match=r"Invalid sigma_weight=0.5 with estimator='plumage': only 'optimal'"):
+        PlumageHookState(model, sigma_weight=0.5)
     state = PlumageHookState(model, rank=4)
     blob = pickle.dumps(state)  # no process group: still plain data
     restored = pickle.loads(blob)
@@ -401,5 +411,7 @@ def test_invalid_arguments_and_unbound_state():
     assert modes["norm.weight"] == ("dense", "1-D tensor")
     assert modes["proj.bias"] == ("dense", "1-D tensor")
     assert modes["proj.weight"] == ("lowrank", "plumage r=4 of s=32, l=64: 8x fewer bytes")
+    quantized = PlumageHookState(model, rank=16, resample=True, quantize="int8").param_modes()["proj.weight"]
+    assert quantized == ("lowrank", "plumage r=16 of s=32, l=64, resampled, int8: 8x fewer bytes")
     narrow = PlumageHookState(model, rank=20).param_modes()["proj.weight"]
     assert narrow == ("dense", "compression rate s/r=32/20 < min_compression_rate=2")

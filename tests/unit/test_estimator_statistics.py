@@ -56,13 +56,7 @@ SHAPES = [(16, 24), (24, 16)]  # left (m < n) and right (m > n) projection
 SPECTRA = ["power", "geometric"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Thousands of tiny ops: one intra-op thread is faster and immune to oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def draw_uniforms(matrix_id: int, n: int) -> torch.Tensor:

@@ -50,12 +50,7 @@ SHAPES = [(16, 24), (24, 16)]
 REL_TOL = 0.03
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def gradient_sampler(shape: tuple[int, int]):

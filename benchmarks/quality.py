@@ -19,7 +19,8 @@ never run again (resumable: rerun the same command after an interruption).
   files) or ``manpages`` (English prose built by ``benchmarks/prose_corpus.py``, apt-installed there);
   :func:`corpus_overrides` is the one place that maps a corpus to ``--set data.*`` overrides.
 * **Outputs** in ``--out``: ``quality.md`` (tables), ``results.json`` (every number), and per corpus
-  ``curves-CORPUS.png`` (eval loss mean ± sd and smoothed train loss, refresh steps marked).
+  ``curves-CORPUS.png`` (eval loss mean ± sd and smoothed train loss, refresh steps marked);
+  ``--report NAME`` writes ``quality-NAME.md`` etc. instead, so several reports share the runs.
 
 Figures: final eval loss mean ± sd per arm; the gap closed per seed
 ``(L_galore − L_x)/(L_galore − L_adamw)`` (same seed, each arm at its best LR); and, for low-rank
@@ -455,7 +456,7 @@ def run_corpus(ns, runner: Runner, arms: list[Arm], corpus: str, out: Path) -> t
     done = runner.many(list(main_runs.values()), corpus_sets)
     main = {key: done[run] for key, run in main_runs.items()}
     rows = summarise(arms, seeds, best, sweep, main)
-    png = out / f"curves-{corpus_label(corpus)}.png"
+    png = out / f"curves{ns.tag}-{corpus_label(corpus)}.png"
     plot(png, corpus, arms, seeds, main)
     return {"seeds": seeds, "sweep_seeds": sweep_seeds, "steps": ns.steps, "arms": rows, "png": png.name}, markdown(
         corpus, ns.steps, seeds, rows
@@ -480,11 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--nice", type=int, default=19, help="run each job under nice -n N (0: not)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="for every run")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--report", default="", help="suffix of the report files (quality-REPORT.md, ...): "
+                    "several reports can share one --out and its finished runs")
     return ap
 
 
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
+    ns.tag = f"-{ns.report}" if ns.report else ""
     try:
         for name in ("steps", "seeds", "jobs", "sweep_seeds"):
             if getattr(ns, name) < 1:
@@ -505,8 +509,8 @@ def main(argv=None) -> int:
         return 2
     cmd = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n\n".join(tables) + f"\n\n`{cmd}` — {runner.started} runs started, {runner.skipped} reused, wall {time.time() - t0:.0f} s\n"
-    (out / "quality.md").write_text(text, encoding="utf-8")
-    (out / "results.json").write_text(json.dumps({"command": cmd, "corpora": results}, indent=2, default=str) + "\n")
+    (out / f"quality{ns.tag}.md").write_text(text, encoding="utf-8")
+    (out / f"results{ns.tag}.json").write_text(json.dumps({"command": cmd, "corpora": results}, indent=2, default=str) + "\n")
     print(text)
     return 0
 

@@ -60,13 +60,13 @@ ARM_DEFAULTS: dict[str, tuple[str, ...]] = {
 }
 
 DEFAULT_LR_GRID: dict[str, tuple[float, ...]] = {
-    # around where the demo config's single-LR runs put each one; Haar and GUM got a 4th point
-    # when their best landed on the upper edge of {1, 2, 4}e-3 (docs/quality.md)
+    # around where the demo config's single-LR runs put each one; Haar and GUM got more points
+    # when their best landed on the upper edge of the grid (docs/quality.md)
     "adamw": (5e-4, 1e-3, 2e-3),
     "galore": (2e-3, 4e-3, 8e-3),
     "plumage": (2e-3, 4e-3, 8e-3),
     "haar": (1e-3, 2e-3, 4e-3, 8e-3),
-    "gum": (1e-3, 2e-3, 4e-3, 8e-3),
+    "gum": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
 }
 
 SPIKE_WINDOW = 5

@@ -41,6 +41,7 @@ from plumage_ds.config import DataConfig, ModelConfig  # noqa: E402
 from plumage_ds.testing import run_workers  # noqa: E402
 
 VARIANTS = ("allreduce", "powersgd", "haar", "plumage", "plumage:10")
+# ``powersgd`` gets the rank whose bytes match ``--rank`` in fp32; ``powersgd:rank=N`` sets it.
 """``plumage:T`` is PLUMAGE with refresh interval ``T`` instead of ``--tau``; ``plumage:T:E`` also
 sets ``uniform_mix=E``. The general form is ``ESTIMATOR:key=value,...`` with keys of
 :data:`HOOK_KEYS` (e.g. ``plumage:rank=32,quantize=int8,resample=1``: 4× the rank in int8, redrawn
@@ -133,11 +134,12 @@ def _worker(rank, world, args):
         state = None
         if variant == "allreduce":
             ddp.register_comm_hook(None, default_hooks.allreduce_hook)
-        elif variant == "powersgd":
+        elif variant.partition(":")[0] == "powersgd":
             shapes = _matrix_shapes(model, args["rank"], 2.0)
+            rest = variant.partition(":")[2]  # "powersgd:rank=N" sets PowerSGD's rank explicitly
             state = psgd.PowerSGDState(
                 process_group=None,
-                matrix_approximation_rank=powersgd_rank(shapes, args["rank"]),
+                matrix_approximation_rank=int(rest.removeprefix("rank=")) if rest else powersgd_rank(shapes, args["rank"]),
                 start_powerSGD_iter=max(2, args["warmup"]),
                 min_compression_rate=2,
                 use_error_feedback=True,
@@ -192,7 +194,7 @@ def _worker(rank, world, args):
             "step_time_s": statistics.median(run["times"][args["warmup"] :]),
             "train_loss": float(tail) / world,
             "eval_loss": eval_loss,
-            "powersgd_rank": state.matrix_approximation_rank if variant == "powersgd" else None,
+            "powersgd_rank": state.matrix_approximation_rank if variant.startswith("powersgd") else None,
             "finite": all(math.isfinite(v) for v in run["losses"]),
         }
     for run in runs.values():

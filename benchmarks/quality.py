@@ -285,9 +285,14 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def gap_closed_or_nan(loss: float, galore: float, adamw: float) -> float:
-    """:func:`~plumage_ds.train.compare.gap_closed` (0 = GaLore, 1 = AdamW); nan if undefined or diverged."""
-    gap = gap_closed(loss, galore=galore, adamw=adamw) if math.isfinite(loss + galore + adamw) else None
-    return math.nan if gap is None else gap
+    """:func:`~plumage_ds.train.compare.gap_closed` (0 = GaLore, 1 = AdamW).
+
+    nan when a run diverged or when AdamW does not beat GaLore on that seed (the ratio's sign
+    would then invert: a method better than GaLore would read as a negative gap closed).
+    """
+    if not math.isfinite(loss + galore + adamw) or not adamw < galore:
+        return math.nan
+    return gap_closed(loss, galore=galore, adamw=adamw)
 
 
 def refresh_spikes(arm: Outcome, adamw: Outcome, window: int = SPIKE_WINDOW) -> list[float]:
@@ -366,10 +371,11 @@ def markdown(corpus: str, steps: int, seeds: list[int], rows: dict) -> str:
         m, sd = r["final_eval_mean_sd"]
         gaps = r.get("gap_closed")
         gap_txt = ", ".join(f"{100 * g:.0f}%" if g == g else "n/a" for g in gaps) if gaps else "-"
-        gm, gsd = mean_sd(gaps) if gaps else (math.nan, math.nan)
+        finite_gaps = [g for g in gaps or [] if math.isfinite(g)]
+        gm, gsd = mean_sd(finite_gaps) if finite_gaps else (math.nan, math.nan)
         spike = r.get("refresh_spike")
         spike_txt = "-" if not spike else f"{spike['mean']:+.4f} / {spike['max']:+.4f}"
-        gap_mean = "-" if not gaps else f"{100 * gm:.0f}% ± {100 * gsd:.0f}%"
+        gap_mean = "-" if not gaps else ("n/a" if not finite_gaps else f"{100 * gm:.0f}% ± {100 * gsd:.0f}%")
         deltas = r.get("delta_vs_galore")
         delta_txt = ", ".join(f"{d:+.4f}" for d in deltas) if deltas else "-"
         lines.append(
@@ -381,7 +387,7 @@ def markdown(corpus: str, steps: int, seeds: list[int], rows: dict) -> str:
         if not a < g:
             lines.append(
                 f"\nAdamW ({fmt(a)}) does not beat GaLore ({fmt(g)}) at their best LRs here: the gap-closed "
-                "ratio has a non-positive denominator and is not meaningful; read Δ vs GaLore instead."
+                "ratio (n/a on every seed where L_adamw >= L_galore) is not meaningful; read Δ vs GaLore instead."
             )
     return "\n".join(lines)
 

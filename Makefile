@@ -1,5 +1,6 @@
 # make test  — install into .venv (once) and run the test suite
 # make demo  — install into .venv (once), train adamw/galore/plumage/haar/gum on configs/demo.yaml, compare, plot
+# make quality — the same estimators over 5 seeds, each at its best LR (benchmarks/quality.py)
 #
 # Works on a fresh machine with python3.11+, pip and gcc. torch is installed first and
 # pinned, so pip never resolves an unpinned torch (that would fetch CUDA wheels).
@@ -17,7 +18,9 @@ DEMO_OUT    ?= runs/demo
 DEMO_ESTIMATORS ?= adamw galore plumage haar gum
 DEMO_ARGS   ?=
 
-.PHONY: install test demo plot bench clean-runs
+QUALITY_ARGS ?=
+
+.PHONY: install test demo plot bench quality clean-runs
 
 install: $(VENV)/.installed
 
@@ -52,6 +55,11 @@ bench: $(VENV)/.installed
 	$(RUN) $(PY) benchmarks/bench_data_parallel.py
 	$(RUN) DS_ACCELERATOR=cpu $(PY) benchmarks/bench_deepspeed.py --stages 1 2 --hidden 128 --steps 10
 	$(RUN) $(PY) benchmarks/bench_comm_hook.py
+
+# Training quality over seeds (docs/quality.md): every estimator at its own best LR, gap closed
+# per seed, loss curves. Resumable (finished runs are reused); hours on 2 cores at 600 steps.
+quality: $(VENV)/.installed
+	$(RUN) $(PY) benchmarks/quality.py --config $(DEMO_CONFIG) --out runs/quality --steps 600 --seeds 5 --jobs 2 $(QUALITY_ARGS)
 
 clean-runs:
 	rm -rf runs

@@ -22,7 +22,7 @@ setup(
         "hf": ["transformers", "accelerate"],  # accelerate: required by transformers.Trainer
         "dev": ["pytest", "pytest-timeout", "hypothesis", "galore-torch"],
         "data": ["datasets"],  # data.source: hf_dataset (a dataset saved with save_to_disk)
-        "plot": ["matplotlib"],  # plumage-ds plot
+        "plot": ["matplotlib"],  # plumage-ds plot, make demo, benchmarks/quality.py (its test runs in `make test`)
     },
     entry_points={"console_scripts": ["plumage-ds = plumage_ds.cli:main"]},
 )

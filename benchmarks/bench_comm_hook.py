@@ -41,8 +41,51 @@ from plumage_ds.config import DataConfig, ModelConfig  # noqa: E402
 from plumage_ds.testing import run_workers  # noqa: E402
 
 VARIANTS = ("allreduce", "powersgd", "haar", "plumage", "plumage:10")
+# ``powersgd`` gets the rank whose bytes match ``--rank`` in fp32; ``powersgd:rank=N`` sets it.
 """``plumage:T`` is PLUMAGE with refresh interval ``T`` instead of ``--tau``; ``plumage:T:E`` also
-sets ``uniform_mix=E``."""
+sets ``uniform_mix=E``. The general form is ``ESTIMATOR:key=value,...`` with keys of
+:data:`HOOK_KEYS` (e.g. ``plumage:rank=32,quantize=int8,resample=1``: 4× the rank in int8, redrawn
+every step — the same bytes as ``plumage`` at ``--rank 8`` in fp32)."""
+
+HOOK_KEYS = {
+    "rank": ("rank", int),
+    "tau": ("update_interval", int),
+    "mix": ("uniform_mix", float),
+    "kappa": ("kappa", int),  # Haar: redraw interval; with resample=1: steps between redraws of S
+    "quantize": ("quantize", str),
+    "resample": ("resample", lambda v: bool(int(v))),
+    "sigma_weight": ("sigma_weight", float),
+}
+
+
+def hook_kwargs(variant: str, args: dict) -> dict:
+    """``PlumageHookState`` keyword arguments (the one config schema) of a variant name (see :data:`VARIANTS`).
+
+    Haar draws a fresh ``P`` every step unless ``kappa`` says otherwise (its redraw interval is the
+    schema's ``update_interval``); ``resample=1`` redraws ``S`` every ``kappa`` steps
+    (``comm_hook.resample_interval``).
+    """
+    estimator, _, rest = variant.partition(":")
+    kw = dict(estimator=estimator, rank=args["rank"], update_interval=args["tau"], kappa=1, uniform_mix=0.0)
+    if "=" in rest:
+        for item in rest.split(","):
+            key, _, value = item.partition("=")
+            if key not in HOOK_KEYS:
+                raise ValueError(f"Invalid variant {variant!r}: unknown key {key!r}; keys: {sorted(HOOK_KEYS)}")
+            name, conv = HOOK_KEYS[key]
+            kw[name] = conv(value)
+    elif rest:
+        tau, _, mix = rest.partition(":")
+        kw["update_interval"] = int(tau)
+        if mix:
+            kw["uniform_mix"] = float(mix)
+    kappa = kw.pop("kappa")
+    if estimator == "haar":
+        kw["update_interval"] = kappa
+    if kw.pop("resample", False):
+        kw["resample_interval"] = kappa
+    return kw
+
 
 _COUNT = {"on": False, "bytes": 0.0}
 
@@ -93,36 +136,30 @@ def _worker(rank, world, args):
         max_position_embeddings=args["seq_len"],
     ))
     dcfg = DataConfig(seq_len=args["seq_len"], batch_size=args["batch"], max_corpus_bytes=2_000_000)
-    stream = BatchStream(load_corpus(dcfg), dcfg, seed=0)
+    stream = BatchStream(load_corpus(dcfg), dcfg, seed=args["seed"])
     eval_set = stream.eval_set(args["eval_batches"])
     runs = {}
     for variant in args["variants"]:
-        model = build_model(mcfg, seq_len=args["seq_len"], seed=0)
+        model = build_model(mcfg, seq_len=args["seq_len"], seed=args["seed"])
         ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1024)
         state = None
         if variant == "allreduce":
             ddp.register_comm_hook(None, default_hooks.allreduce_hook)
-        elif variant == "powersgd":
+        elif variant.partition(":")[0] == "powersgd":
             shapes = _matrix_shapes(model, args["rank"], 2.0)
+            rest = variant.partition(":")[2]  # "powersgd:rank=N" sets PowerSGD's rank explicitly
             state = psgd.PowerSGDState(
                 process_group=None,
-                matrix_approximation_rank=powersgd_rank(shapes, args["rank"]),
+                matrix_approximation_rank=int(rest.removeprefix("rank=")) if rest else powersgd_rank(shapes, args["rank"]),
                 start_powerSGD_iter=max(2, args["warmup"]),
                 min_compression_rate=2,
                 use_error_feedback=True,
                 warm_start=True,
-                random_seed=0,
+                random_seed=args["seed"],
             )
             ddp.register_comm_hook(state, psgd.powerSGD_hook)
         else:
-            estimator, _, rest = variant.partition(":")
-            tau, _, mix = rest.partition(":")
-            state = PlumageHookState(
-                # Haar: a fresh P every step; PLUMAGE: a refresh every tau steps
-                ddp, estimator=estimator, rank=args["rank"],
-                update_interval=1 if estimator == "haar" else int(tau or args["tau"]),
-                start_iter=args["warmup"], seed=0, uniform_mix=float(mix or 0.0),
-            )
+            state = PlumageHookState(ddp, start_iter=args["warmup"], seed=args["seed"], **hook_kwargs(variant, args))
             ddp.register_comm_hook(state, plumage_hook)
         opt = torch.optim.AdamW(model.parameters(), lr=args["lr"], weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args["warmup"]))
@@ -168,7 +205,7 @@ def _worker(rank, world, args):
             "step_time_s": statistics.median(run["times"][args["warmup"] :]),
             "train_loss": float(tail) / world,
             "eval_loss": eval_loss,
-            "powersgd_rank": state.matrix_approximation_rank if variant == "powersgd" else None,
+            "powersgd_rank": state.matrix_approximation_rank if variant.startswith("powersgd") else None,
             "finite": all(math.isfinite(v) for v in run["losses"]),
         }
     for run in runs.values():
@@ -186,12 +223,18 @@ def table(res: dict, args: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in res.items():
-        estimator, _, rest = name.partition(":")
-        tau, _, mix = rest.partition(":")
-        label = estimator if estimator != "powersgd" else f"powersgd (rank {r['powersgd_rank']}, EF)"
-        if estimator in ("haar", "plumage", "topr"):
-            label += f" (r={args['rank']}" + (f", τ={tau or args['tau']}" if estimator != "haar" else "")
-            label += (f", ε={mix})" if mix else ")")
+        estimator = name.partition(":")[0]
+        if estimator == "powersgd":
+            label = f"powersgd (rank {r['powersgd_rank']}, EF)"
+        elif estimator == "allreduce":
+            label = estimator
+        else:
+            kw = hook_kwargs(name, args)
+            label = f"{estimator} (r={kw['rank']}" + (f", τ={kw['tau']}" if estimator != "haar" else "")
+            label += f", ε={kw['uniform_mix']:g}" if kw["uniform_mix"] else ""
+            label += f", {kw['quantize']}" if kw.get("quantize") else ""
+            label += ", redrawn every step" if kw.get("resample") or estimator == "haar" else ""
+            label += ")"
         lines.append(
             f"| {label} | {r['bytes_per_step'] / 1024:.1f} KiB | {base['bytes_per_step'] / r['bytes_per_step']:.2f}× fewer "
             f"| {r['step_time_s'] * 1e3:.1f} ms | {r['step_time_s'] / base['step_time_s']:.2f} "
@@ -215,11 +258,14 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-batches", type=int, default=16)
     ap.add_argument("--tail", type=int, default=20, help="train loss = mean of the last TAIL steps")
     ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--seed", type=int, default=0, help="model init, data and hook seed")
+    ap.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated; ';'-separated when a variant has key=value,..."
+    )
     ap.add_argument("--json", default=None, help="write raw results here")
     ns = ap.parse_args(argv)
     args = {k.replace("-", "_"): v for k, v in vars(ns).items()}
-    args["variants"] = [v for v in ns.variants.split(",") if v]
+    args["variants"] = [v for v in ns.variants.split(";" if ";" in ns.variants else ",") if v]
     if "allreduce" not in args["variants"]:
         args["variants"].insert(0, "allreduce")
     t0 = time.time()

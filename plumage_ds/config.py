@@ -31,6 +31,7 @@ SVD_METHODS = ("gram", "svd")
 ENGINES = ("local", "ddp", "ddp_hook", "sharded", "deepspeed", "fsdp2", "hsdp")
 DATA_SOURCES = ("stdlib", "text", "jsonl", "hf_dataset")
 NONFINITE_POLICIES = ("skip", "raise")
+QUANTIZE_CHOICES = ("int8", "fp16")
 RIGHT_PROJECTORS = ("sharded", "replicated")
 
 
@@ -316,12 +317,21 @@ class CommHookConfig:
 
     start_iter: int = 10  # warm-up steps that run a plain all-reduce
     min_compression_rate: float = 2.0  # compress a matrix only if s / min(rank, s) >= this
+    # plumage/optimal: redraw S every this many steps from the design kept since the refresh (0: one draw)
+    resample_interval: int = 0
+    quantize: Optional[str] = None  # "int8" | "fp16": unbiased stochastic rounding of R_k (None: fp32)
+    sigma_weight: Optional[float] = None  # optimal: weight of the newest refresh gradient in Σ (None: mean)
 
     def __post_init__(self) -> None:
         check_types(self)
         _check_nonneg("start_iter", self.start_iter, integer=True)
         if not self.min_compression_rate >= 1.0 or not math.isfinite(self.min_compression_rate):
             raise ConfigError("min_compression_rate", self.min_compression_rate, "must be a number >= 1")
+        _check_nonneg("resample_interval", self.resample_interval, integer=True)
+        if self.quantize is not None:
+            _check_choice("quantize", self.quantize, QUANTIZE_CHOICES)
+        if self.sigma_weight is not None and not 0.0 < self.sigma_weight <= 1.0:
+            raise ConfigError("sigma_weight", self.sigma_weight, "must be in (0, 1] (null: the running mean)")
 
 
 @dataclass(kw_only=True)
@@ -352,7 +362,7 @@ class OptimizerConfig:
     strict: bool = False  # raise instead of falling back to AdamW for a target that cannot go low-rank
     max_grad_norm: float = 0.0  # global-norm clipping (0: off), on what the optimizer uses
     nonfinite: str = "skip"  # NaN/Inf gradient on any rank: "skip" the step everywhere (counted) or "raise"
-    right_projectors: str = "sharded"  # FSDP2, matrices with m > n: P row-sharded ("sharded") or whole on every rank
+    right_projectors: str = "sharded"  # FSDP2, matrices with m >= n: P row-sharded ("sharded") or whole on every rank
     collective_timeout: float = 0.0  # seconds a collective of the step may wait (0: the process group's timeout)
     backward_projection: Optional[bool] = None  # keep Pᵀ G (r×l), not G (m×n), from backward to step; None: on for ZeRO-3 only
     # regexes on module names (re.search) and/or "all-linear"; None: the default selection (attention and

@@ -19,3 +19,17 @@ def repo_root() -> Path:
 def tiny_config_path() -> Path:
     """``configs/tiny.yaml``: the few-second main-job config."""
     return REPO_ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of thousands of tiny ops: faster, immune to oversubscription.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,8 +25,23 @@ Estimators (one state field, ``estimator``), all in the oriented frame of
   *averaged* gradient of a refresh step (every ``update_interval`` steps), computed once on the matrix's
   owner and broadcast. For any later ``G``, ``E_S[P D⁻¹ Pᵀ] = Σ_i p_i u_i u_iᵀ / p_i = I``
   whenever every ``p_i > 0``, so ``E[Ĝ] = G`` holds on every step until the next refresh.
+* ``"optimal"`` — the optimal design for *stochastic* gradients
+  (:mod:`plumage_ds.estimators.optimal`): the owner keeps ``Σ``  # (s, s), a running mean of
+  ``G_avg G_avgᵀ`` over the refresh steps (``comm_hook.sigma_weight``: a constant weight instead),
+  and draws ``P, d`` with ``π ∝ √λ(Σ)``; unbiased like ``plumage``.
 * ``"galore"`` — GaLore-style top-``r`` (``d = 1``), refreshed like ``plumage``. **Biased**;
   a baseline knob (called ``topr`` before the config schema was unified).
+
+Two options change how the coefficients travel, both keeping ``E[Ĝ] = G``:
+
+* ``resample=True`` (``plumage``/``optimal``): the owner broadcasts the whole design ``(U, p)``
+  (``U``  # (s, s), ``p``  # (s,)) at a refresh, and every rank redraws ``S`` from it every
+  ``kappa`` steps (``sampler_generator(seed, param_id, RESAMPLE_TAG + draw)``), so the sampling
+  error of consecutive steps is independent instead of repeated for ``tau`` steps; no extra
+  communication on ordinary steps.
+* ``quantize="int8"|"fp16"``: ``R_k`` is stochastically rounded onto a grid shared by all ranks
+  (:mod:`plumage_ds.estimators.rounding`: per-row scales agreed by one max-all-reduce, integer sums
+  exact in the container), 1 or 2 bytes per coefficient instead of 4.
 
 Collectives per bucket (all synchronous, through :class:`~plumage_ds.distributed.comm.Collectives`,
 so the hook works with many buckets on gloo and NCCL and returns an already-completed Future):
@@ -38,8 +53,9 @@ so the hook works with many buckets on gloo and NCCL and returns an already-comp
   one broadcast per owner rank of the packed ``[P, d]`` of its refreshed matrices (tag
   ``projector``);
 * ordinary step: one all-reduce of the packed ``R_k = Pᵀ G_k`` of all compressed matrices
-  (fp32, tag ``lowrank_grad``) and one of the packed uncompressed rest (tag ``dense_grad``);
-  then ``Ĝ_o = P D⁻¹ R`` is written into the bucket buffer.
+  (fp32, tag ``lowrank_grad``; with ``quantize`` first a max-all-reduce of the per-row scales, tag
+  ``lowrank_scale``, then the integers in their container) and one of the packed uncompressed
+  rest (tag ``dense_grad``); then ``Ĝ_o = P D⁻¹ R`` is written into the bucket buffer.
 
 Compression rule (PowerSGD's ``min_compression_rate`` idea): a parameter is compressed iff it
 has ``ndim >= 2`` (viewed as ``(shape[0], numel / shape[0])``) and its compression rate
@@ -55,25 +71,42 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from plumage_ds.config import CommHookConfig, OptimizerConfig, check_estimator, from_dict, to_dict
+from plumage_ds.config import CommHookConfig, ConfigError, OptimizerConfig, check_estimator, from_dict, to_dict
 from plumage_ds.distributed.comm import Collectives
 from plumage_ds.distributed.ownership import greedy_ownership
 from plumage_ds.estimators import (
+    derive_seed,
     galore_projection,
     haar_projection,
     is_left,
+    optimal_design,
     orient,
     oriented_shape,
-    plumage_projection,
+    plumage_design,
+    projection_from_design,
     sampler_generator,
+    second_moment_update,
+)
+from plumage_ds.estimators.rounding import (
+    QUANTIZERS,
+    dequantize_rows,
+    quantization_levels,
+    quantize_rows,
+    row_scales,
 )
 
-from plumage_ds.estimators.registry import estimator_names, resolve_svd_method
+from plumage_ds.estimators.registry import estimator_names, get_estimator, resolve_svd_method
 
 __all__ = ["HOOK_ESTIMATORS", "PlumageHookState", "hook_config", "plumage_hook"]
 
 HOOK_ESTIMATORS = estimator_names("lowrank_adam")
 """The registry's low-rank estimators; ``galore`` is biased (top-r, ``d = 1``): a baseline knob."""
+
+RESAMPLE_TAG = 1 << 40
+"""Offset of the per-step redraws in the ``draw_index`` of :func:`sampler_generator` (the
+refresh draws use the refresh index itself), so the two streams never share a seed."""
+
+_ROUNDING_TAG = 0x5EA1
 
 _HOOK_KEYS = tuple(f.name for f in dataclasses.fields(CommHookConfig))
 
@@ -83,8 +116,9 @@ def hook_config(config=None, **knobs) -> OptimizerConfig:
 
     Goes through ``from_dict(OptimizerConfig, ...)``, so a bad key or value gets the same message
     as in the main job's YAML (``Invalid rank=0: must be a positive integer``). The hook's own
-    keys (``start_iter``, ``min_compression_rate``) may be given as plain keywords; they land in
-    ``comm_hook``. The estimator must be a low-rank one (``plumage``, ``galore`` or ``haar``).
+    keys (``start_iter``, ``min_compression_rate``, ``resample_interval``, ``quantize``,
+    ``sigma_weight``) may be given as plain keywords; they land in ``comm_hook``. The estimator
+    must be a low-rank one (``plumage``, ``galore``, ``haar`` or ``optimal``).
     """
     data = to_dict(config) if isinstance(config, OptimizerConfig) else dict(config or {})
     for key, value in knobs.items():
@@ -125,6 +159,12 @@ class PlumageHookState:
             ``comm_hook.min_compression_rate`` (compress a matrix only if ``s / min(rank, s) >=`` it).
         process_group: group to communicate on (``None``: the default group).
         **knobs: config keys given directly (``rank=4``, ``start_iter=0``...), applied over ``config``.
+            The hook's own section ``comm_hook`` also holds ``resample_interval`` (``plumage`` /
+            ``optimal``: redraw ``S`` every that many steps from the design ``(U, p)`` broadcast at
+            the refresh; 0 = one draw per refresh), ``quantize`` (``None``: fp32 coefficients;
+            ``"int8"``/``"fp16"``: unbiased stochastic rounding of ``R_k`` onto a shared integer grid,
+            1 or 2 bytes per coefficient) and ``sigma_weight`` (``optimal``: weight of the newest
+            refresh gradient in ``Σ``; ``None``: the running mean).
 
     Invariant: every rank holds the same ``iter`` and the same ``(P, d)`` for every matrix, so
     the decompressed gradient is bit-identical across ranks and DDP replicas stay in sync.
@@ -145,10 +185,15 @@ class PlumageHookState:
         "seed",
         "svd_method",
         "uniform_mix",
+        "resample",
+        "quantize",
+        "sigma_weight",
         "iter",
         "param_names",
         "param_shapes",
         "projections",
+        "designs",
+        "sigma",
         "deterministic",
         "_param_index",
         "_collectives",
@@ -168,12 +213,25 @@ class PlumageHookState:
         self.estimator = cfg.estimator
         self.rank = cfg.rank
         self.tau = cfg.update_interval  # refresh interval (estimators that need the gradient)
-        self.kappa = cfg.update_interval  # redraw interval (haar): the same knob
-        self.start_iter = cfg.comm_hook.start_iter
-        self.min_compression_rate = cfg.comm_hook.min_compression_rate
+        hook = cfg.comm_hook
+        # redraw interval: haar draws a new P every update_interval steps (the same knob as in the
+        # optimizer); plumage/optimal with resample_interval redraw S from the kept design
+        self.kappa = cfg.update_interval if cfg.estimator == "haar" else max(1, hook.resample_interval)
+        self.start_iter = hook.start_iter
+        self.min_compression_rate = hook.min_compression_rate
         self.seed = cfg.seed
         self.svd_method = resolve_svd_method(cfg.estimator, cfg.svd_method) or "gram"  # haar: unused
         self.uniform_mix = cfg.uniform_mix
+        if hook.resample_interval and cfg.estimator not in ("plumage", "optimal"):
+            raise ConfigError(
+                "comm_hook.resample_interval", hook.resample_interval,
+                f"only 'plumage' and 'optimal' keep a design to redraw from, not {cfg.estimator!r}",
+            )
+        if hook.sigma_weight is not None and cfg.estimator != "optimal":
+            raise ConfigError("comm_hook.sigma_weight", hook.sigma_weight, f"only 'optimal' keeps Σ, not {cfg.estimator!r}")
+        self.resample = hook.resample_interval > 0
+        self.quantize = hook.quantize
+        self.sigma_weight = hook.sigma_weight
         self.iter = 0
         named = _named_trainable(model)
         if not named:
@@ -181,6 +239,8 @@ class PlumageHookState:
         self.param_names = [n for n, _ in named]
         self.param_shapes = [tuple(p.shape) for _, p in named]
         self.projections: dict[int, tuple[int, Tensor, Tensor]] = {}  # pid -> (draw, P (s, r), d (r,))
+        self.designs: dict[int, tuple[int, Tensor, Tensor]] = {}  # resample: pid -> (refresh, U (s, s), p (s,))
+        self.sigma: dict[int, tuple[int, Tensor]] = {}  # optimal, on the owner: pid -> (count, Σ (s, s) fp64)
         self.deterministic: set[int] = set()  # pids whose current PLUMAGE design has no randomness
         self._param_index = {id(p): i for i, (_, p) in enumerate(named)}
         self._collectives: Optional[Collectives] = None
@@ -257,7 +317,11 @@ class PlumageHookState:
                 s, l = oriented_shape(mshape)
                 r = self.effective_rank(pid)
                 note = " (deterministic design: refresh gradient rank-deficient)" if pid in self.deterministic else ""
-                out[name] = ("lowrank", f"{self.estimator} r={r} of s={s}, l={l}: {s / r:.3g}x fewer bytes{note}")
+                extra = "".join(
+                    f", {k}" for k, on in (("resampled", self.resample), (f"{self.quantize}", self.quantize)) if on
+                )
+                rate = s * 4 / (r * (QUANTIZERS[self.quantize][0].itemsize if self.quantize else 4))
+                out[name] = ("lowrank", f"{self.estimator} r={r} of s={s}, l={l}{extra}: {rate:.3g}x fewer bytes{note}")
         return out
 
     def owners(self) -> list[int]:
@@ -320,6 +384,29 @@ class PlumageHookState:
             self.projections[pid] = cached
         return cached[1], cached[2]
 
+    def _resampled(self, pid: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(P, d)`` drawn from the kept design ``(U, p)`` for this step's draw index (cached)."""
+        draw = RESAMPLE_TAG + (self.iter - self.start_iter) // self.kappa
+        cached = self.projections.get(pid)
+        if cached is None or cached[0] != draw or cached[1].device != device:
+            _, U, p = self.designs[pid]
+            proj = projection_from_design(U, p, sampler_generator(self.seed, pid, draw), device=device)
+            cached = (draw, proj.P, proj.d)
+            self.projections[pid] = cached
+        return cached[1], cached[2]
+
+    def _current(self, pid: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """This step's ``(P, d)`` of a compressed matrix."""
+        if not get_estimator(self.estimator).needs_gradient:  # haar: drawn from the seed
+            return self._haar(pid, device)
+        if self.resample:
+            return self._resampled(pid, device)
+        _, P, d = self.projections[pid]
+        return P, d
+
+    def _has_projection(self, pid: int) -> bool:
+        return not get_estimator(self.estimator).needs_gradient or pid in (self.designs if self.resample else self.projections)
+
     def _end_bucket(self, bucket) -> None:
         if bucket.is_last():
             self.iter += 1
@@ -349,12 +436,33 @@ def _oriented_views(state: PlumageHookState, pid: int, grad: Tensor) -> Tensor:
     return orient(grad.view(mshape), is_left(mshape))
 
 
+def _owner_design(state: PlumageHookState, pid: int, G: Tensor, refresh_idx: int) -> tuple[Tensor, Tensor]:
+    """Owner: the refreshed matrix's ``(U, p)`` (resample) or ``(P, d)`` (one draw), fp32 on ``G``'s device."""
+    r = state.effective_rank(pid)
+    if not get_estimator(state.estimator).unbiased:  # galore: top-r
+        proj = galore_projection(G, state.rank, svd_method=state.svd_method)
+        return proj.P, proj.d
+    if state.estimator == "optimal":
+        count, Sigma = state.sigma.get(pid, (0, None))
+        weight = state.sigma_weight if state.sigma_weight is not None else 1.0 / (count + 1)
+        Sigma = second_moment_update(Sigma, G, weight)  # (s, s) float64
+        state.sigma[pid] = (count + 1, Sigma)
+        U, p = optimal_design(Sigma, r, uniform_mix=state.uniform_mix)
+    else:
+        U, p = plumage_design(G, r, svd_method=state.svd_method, uniform_mix=state.uniform_mix)
+    if state.resample:
+        return U.to(device=G.device, dtype=torch.float32), p.to(device=G.device, dtype=torch.float32)
+    proj = projection_from_design(U, p, sampler_generator(state.seed, pid, refresh_idx), device=G.device)
+    return proj.P, proj.d
+
+
 def _refresh(state: PlumageHookState, comms: Collectives, pids: list[int], grads: list[Tensor]) -> None:
-    """Owner: projection of the (already averaged) gradient; broadcast packed ``[P, d]`` per owner.
+    """Owner: design or projection from the (already averaged) gradient; one broadcast per owner.
 
     Every rank holds ``G_avg`` after the all-reduce, but the SVD runs once per matrix (on its
-    owner), not ``W`` times; the broadcast of ``(s·r + r)`` floats is small next to the
-    ``s·l`` gradient all-reduce of the same step.
+    owner), not ``W`` times. Without ``resample`` the packed ``[P, d]`` (``s·r + r`` floats per
+    matrix) is broadcast; with it the whole design ``[U, p]`` (``s·s + s``), from which every rank
+    redraws ``S`` on its own; both are small next to the ``s·l`` all-reduce of the same step.
     """
     refresh_idx = (state.iter - state.start_iter) // state.tau
     owners = state.owners()
@@ -364,37 +472,76 @@ def _refresh(state: PlumageHookState, comms: Collectives, pids: list[int], grads
         mine = [(pid, g) for pid, g in items if owners[pid] == owner]
         if not mine:
             continue
-        sizes = []
+        sizes = []  # (s, columns of the first block): [P (s, r), d (r,)] or [U (s, s), p (s,)]
         for pid, _ in mine:
-            s, r = min(state.matrix_shape(pid)), state.effective_rank(pid)
-            sizes.append((s, r))
-        packed = torch.empty(sum(s * r + r for s, r in sizes), dtype=torch.float32, device=device)
+            s = min(state.matrix_shape(pid))
+            sizes.append((s, s if state.resample else state.effective_rank(pid)))
+        packed = torch.empty(sum(s * k + k for s, k in sizes), dtype=torch.float32, device=device)
         if comms.rank == owner:
             off = 0
-            for (pid, g), (s, r) in zip(mine, sizes):
-                G = g.view(state.matrix_shape(pid))
-                if state.estimator == "plumage":
-                    gen = sampler_generator(state.seed, pid, refresh_idx)
-                    proj = plumage_projection(
-                        G, state.rank, gen, svd_method=state.svd_method, uniform_mix=state.uniform_mix
-                    )
-                else:
-                    proj = galore_projection(G, state.rank, svd_method=state.svd_method)
-                packed[off : off + s * r].copy_(proj.P.reshape(-1))
-                packed[off + s * r : off + s * r + r].copy_(proj.d)
-                off += s * r + r
+            for (pid, g), (s, k) in zip(mine, sizes):
+                A, v = _owner_design(state, pid, g.view(state.matrix_shape(pid)), refresh_idx)
+                packed[off : off + s * k].copy_(A.reshape(-1))
+                packed[off + s * k : off + s * k + k].copy_(v)
+                off += s * k + k
         comms.broadcast(packed, src=owner, tag="projector")
         off = 0
-        for (pid, _), (s, r) in zip(mine, sizes):
-            P = packed[off : off + s * r].view(s, r).clone()
-            d = packed[off + s * r : off + s * r + r].clone()
-            off += s * r + r
-            state.projections[pid] = (refresh_idx, P, d)
-            # all(d == 1) with Σd = r means every other direction had p = 0: no randomness left
-            if state.estimator == "plumage" and r < s and bool((d == 1).all()):
+        for (pid, _), (s, k) in zip(mine, sizes):
+            A = packed[off : off + s * k].view(s, k).clone()
+            v = packed[off + s * k : off + s * k + k].clone()
+            off += s * k + k
+            if state.resample:
+                state.designs[pid] = (refresh_idx, A, v.double())
+                state.projections.pop(pid, None)
+                picked = v[v > 0]
+            else:
+                state.projections[pid] = (refresh_idx, A, v)
+                picked = v
+            # every positive probability equal to 1 at r < s: no randomness left in the design
+            r = state.effective_rank(pid)
+            if get_estimator(state.estimator).unbiased and r < s and bool((picked == 1).all()):
                 state.deterministic.add(pid)
             else:
                 state.deterministic.discard(pid)
+
+
+def _allreduce_coefficients(
+    state: PlumageHookState, comms: Collectives, packed: Tensor, rows: list[tuple[int, int]], pids: list[int]
+) -> Tensor:
+    """``mean_k R_k`` of the packed ``R_k`` blocks (``rows``: ``(r, l)`` of matrix ``pids[i]``).
+
+    fp32: one all-reduce (``lowrank_grad``), in place. Quantized: one max-all-reduce of the per-row
+    scales (``lowrank_scale``), stochastic rounding of each matrix with a generator seeded from
+    ``(seed, iter, rank, param_id)`` (independent of how DDP groups parameters into buckets, so a
+    resumed run rounds identically), one all-reduce of the integers in their container
+    (``lowrank_grad``), then the exact dequantization. Unbiased either way.
+    """
+    world = comms.world_size
+    if state.quantize is None:
+        packed.div_(world)
+        comms.all_reduce(packed, tag="lowrank_grad")
+        return packed
+    blocks, off = [], 0
+    for r, l in rows:
+        blocks.append(packed[off : off + r * l].view(r, l))
+        off += r * l
+    scales = torch.cat([row_scales(R) for R in blocks])  # (Σ r,)
+    comms.all_reduce(scales, tag="lowrank_scale", op=dist.ReduceOp.MAX)
+    levels = quantization_levels(state.quantize, world)
+    q, at = [], 0
+    for R, pid in zip(blocks, pids):
+        gen = torch.Generator(device=packed.device)
+        gen.manual_seed(derive_seed(state.seed, _ROUNDING_TAG, state.iter, comms.rank, pid))
+        q.append(quantize_rows(R, scales[at : at + R.shape[0]], levels, gen, state.quantize).reshape(-1))
+        at += R.shape[0]
+    q = torch.cat(q)
+    comms.all_reduce(q, tag="lowrank_grad")
+    out, off, at = torch.empty_like(packed), 0, 0
+    for r, l in rows:
+        out[off : off + r * l].view(r, l).copy_(dequantize_rows(q[off : off + r * l].view(r, l), scales[at : at + r], levels, world))
+        off += r * l
+        at += r
+    return out
 
 
 def plumage_hook(state: PlumageHookState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
@@ -403,10 +550,12 @@ def plumage_hook(state: PlumageHookState, bucket: dist.GradBucket) -> torch.futu
     Per bucket, synchronously (see the module docstring for the full list):
 
     * warm-up / nothing to compress: ``all_reduce(buffer / W)``;
-    * refresh (``plumage``/``galore``): ``all_reduce(buffer / W)`` — exact for this step — then
-      per owner one ``broadcast`` of the packed ``[P, d]`` it computed from that average;
-    * ordinary step: ``all_reduce(pack(Pᵀ G_k) / W)`` for the compressed matrices and
-      ``all_reduce(pack(rest) / W)``; then ``G_o ← P D⁻¹ R`` in the bucket buffer.
+    * refresh (``plumage``/``optimal``/``galore``): ``all_reduce(buffer / W)`` — exact for this
+      step — then per owner one ``broadcast`` of the packed ``[P, d]`` (or design ``[U, p]``) it
+      computed from that average;
+    * ordinary step: ``all_reduce(pack(Pᵀ G_k) / W)`` for the compressed matrices (quantized:
+      a max-all-reduce of row scales, then the integers) and ``all_reduce(pack(rest) / W)``;
+      then ``G_o ← P D⁻¹ R`` in the bucket buffer.
 
     Returns an already-completed Future holding the bucket buffer.
     """
@@ -417,7 +566,7 @@ def plumage_hook(state: PlumageHookState, bucket: dist.GradBucket) -> torch.futu
     world = comms.world_size
     phase = state.phase()
     compressed = [i for i, pid in enumerate(pids) if state.is_compressed(pid)]
-    if phase == "lowrank" and state.estimator != "haar" and any(pids[i] not in state.projections for i in compressed):
+    if phase == "lowrank" and not all(state._has_projection(pids[i]) for i in compressed):
         phase = "refresh"  # no projection yet (e.g. a state created mid-run): same decision on every rank
 
     if phase != "lowrank" or not compressed:
@@ -432,10 +581,7 @@ def plumage_hook(state: PlumageHookState, bucket: dist.GradBucket) -> torch.futu
     views, projs, sizes = [], [], []
     for i in compressed:
         pid = pids[i]
-        if state.estimator == "haar":
-            P, d = state._haar(pid, buffer.device)
-        else:
-            _, P, d = state.projections[pid]
+        P, d = state._current(pid, buffer.device)
         G_o = _oriented_views(state, pid, grads[i])  # (s, l)
         views.append(G_o)
         projs.append((P, d))
@@ -445,8 +591,8 @@ def plumage_hook(state: PlumageHookState, bucket: dist.GradBucket) -> torch.futu
     for G_o, (P, _), n in zip(views, projs, sizes):
         torch.matmul(P.mT, G_o.float(), out=packed[off : off + n].view(P.shape[1], G_o.shape[1]))  # R_k (r, l)
         off += n
-    packed.div_(world)
-    comms.all_reduce(packed, tag="lowrank_grad")
+    rows = [(P.shape[1], G_o.shape[1]) for G_o, (P, _) in zip(views, projs)]
+    packed = _allreduce_coefficients(state, comms, packed, rows, [pids[i] for i in compressed])
 
     compressed_set = set(compressed)
     dense_idx = [i for i in range(len(pids)) if i not in compressed_set]

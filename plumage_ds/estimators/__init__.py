@@ -1,6 +1,14 @@
 """Pure estimator math (no ``torch.distributed``): probabilities, samplers, projectors, the registry."""
 
 from .gum import sample_layers
+from .optimal import (
+    expected_error,
+    optimal_design,
+    optimal_probabilities,
+    optimal_projection,
+    scaled_projector,
+    second_moment_update,
+)
 from .probabilities import estimator_variance, inclusion_probabilities, is_deterministic, mix_uniform
 from .projectors import (
     Projection,
@@ -8,8 +16,10 @@ from .projectors import (
     galore_from_basis,
     galore_projection,
     haar_projection,
+    plumage_design,
     plumage_from_basis,
     plumage_projection,
+    projection_from_design,
     realign_moments,
     realignment,
 )
@@ -27,6 +37,7 @@ __all__ = [
     "estimator_names",
     "estimator_problem",
     "estimator_variance",
+    "expected_error",
     "galore_from_basis",
     "galore_projection",
     "get_estimator",
@@ -36,14 +47,21 @@ __all__ = [
     "is_deterministic",
     "is_left",
     "mix_uniform",
+    "optimal_design",
+    "optimal_probabilities",
+    "optimal_projection",
     "orient",
     "oriented_shape",
+    "plumage_design",
     "plumage_from_basis",
     "plumage_projection",
+    "projection_from_design",
     "realign_moments",
     "realignment",
     "sample_layers",
     "sampler_generator",
+    "scaled_projector",
+    "second_moment_update",
     "short_side_basis",
     "systematic_sample",
 ]

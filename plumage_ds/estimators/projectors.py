@@ -31,8 +31,39 @@ class Projection:
     deterministic: bool = False
 
 
+def plumage_design(
+    G: Tensor, rank: int, *, svd_method: str = "gram", uniform_mix: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """PLUMAGE's sampling design from one gradient: ``(U, p)``.
+
+    ``U``  # (s, s) the short-side singular basis of ``G`` (stored orientation), ``p``  # (s,)
+    float64 min-variance inclusion probabilities (water-filled ``p ∝ σ``, capped at 1), mixed with
+    ``ε = uniform_mix`` of uniform probability (:func:`mix_uniform`). ``Σ p = min(r, s)``.
+    """
+    U, sigma = short_side_basis(G, svd_method)  # U (s, s), sigma (s,)
+    return U, mix_uniform(inclusion_probabilities(sigma, rank), uniform_mix)
+
+
+def projection_from_design(U: Tensor, p: Tensor, generator: torch.Generator, *, device=None) -> Projection:
+    """Draw ``S`` (exactly ``Σp`` indices, ``Pr(i ∈ S) = p_i``) and return ``P = U[:, S]``, ``d = p_S``.
+
+    ``E[P D⁻¹ Pᵀ] = Σ_{p_i > 0} u_i u_iᵀ``: the identity when every ``p_i > 0``, so ``E[Ĝ] = G`` for
+    any ``G``. One uniform from ``generator`` (:func:`systematic_sample`).
+    """
+    S = systematic_sample(p, generator)  # (r,)
+    device = U.device if device is None else device
+    P = U[:, S.to(U.device)].to(device=device, dtype=torch.float32).contiguous()  # (s, r)
+    d = p[S.to(p.device)].to(device=device, dtype=torch.float32)  # (r,)
+    return Projection(P=P, d=d, deterministic=is_deterministic(p))
+
+
 def plumage_projection(
-    G: Tensor, rank: int, generator: torch.Generator, *, svd_method: str = "gram", uniform_mix: float = 0.0
+    G: Tensor,
+    rank: int,
+    generator: torch.Generator,
+    *,
+    svd_method: str = "gram",
+    uniform_mix: float = 0.0,
 ) -> Projection:
     """PLUMAGE: SVD → min-variance probabilities → systematic sample (``E[Ĝ] = G``).
 
@@ -42,18 +73,16 @@ def plumage_projection(
     projected with the same ``P`` (no direction has ``p = 0``), at a small cost in
     variance on ``G`` itself.
     """
-    return plumage_from_basis(*short_side_basis(G, svd_method), rank, generator, uniform_mix=uniform_mix)
+    U, p = plumage_design(G, rank, svd_method=svd_method, uniform_mix=uniform_mix)
+    return projection_from_design(U, p, generator)
 
 
 def plumage_from_basis(
     U: Tensor, sigma: Tensor, rank: int, generator: torch.Generator, *, uniform_mix: float = 0.0
 ) -> Projection:
-    """PLUMAGE's draw from a short-side basis ``U``  # (s, s) and spectrum ``sigma``  # (s,)."""
-    p = mix_uniform(inclusion_probabilities(sigma, rank), uniform_mix)  # (s,)
-    S = systematic_sample(p, generator)  # (r,)
-    P = U[:, S.to(U.device)].contiguous()  # (s, r)
-    d = p[S].to(device=U.device, dtype=torch.float32)  # (r,)
-    return Projection(P=P, d=d, deterministic=is_deterministic(p))
+    """PLUMAGE's draw from a known short-side basis ``U``  # (s, s) and spectrum ``sigma``  # (s,)
+    (e.g. from a Gram matrix summed over row shards)."""
+    return projection_from_design(U, mix_uniform(inclusion_probabilities(sigma, rank), uniform_mix), generator)
 
 
 def galore_projection(G: Tensor, rank: int, *, svd_method: str = "svd") -> Projection:

@@ -11,7 +11,9 @@ hook and the config. Each :class:`EstimatorSpec` says
   the same ``P`` from the shared seed with no communication;
 * ``default_realign`` — map the Adam moments into the new basis when ``P`` changes
   (``M ← B M``, ``V ← (B∘B) V``, ``B = P_newᵀ P_old``);
-* ``default_svd_method`` — ``"gram"`` or ``"svd"`` for estimators that take an SVD, ``None`` otherwise;
+* ``default_svd_method`` — ``"gram"`` or ``"svd"`` for estimators that take an SVD, ``None`` otherwise
+  (``plumage``: ``gram``, about 2× faster, and its estimate and realignment do not depend on the
+  signs of the singular vectors; ``galore``: ``svd``, to reproduce galore-torch);
 * ``unbiased`` — ``E[Ĝ] = G`` over the estimator's randomness;
 * ``uses_uniform_mix`` — whether the ``uniform_mix`` floor on inclusion probabilities applies;
 * :meth:`EstimatorSpec.build` — how to build ``(P, d)`` for one matrix.
@@ -55,6 +57,7 @@ class EstimatorSpec:
     unbiased: bool
     uses_uniform_mix: bool
     summary: str
+    in_optimizer: bool = True  # PlumageAdamW/GUM run it (False: the DDP comm hook only, so far)
 
     @property
     def has_projector(self) -> bool:
@@ -113,14 +116,21 @@ ESTIMATORS: dict[str, EstimatorSpec] = {
             summary="r singular directions sampled with min-variance probabilities, E[Ĝ] = G",
         ),
         EstimatorSpec(
+            # svd: GaLore keeps its moments across refreshes without realignment, so the singular
+            # vectors' SIGNS are part of the algorithm; only torch.linalg.svd's (galore-torch's) match it
             name="galore", family="lowrank_adam", needs_gradient=True, default_realign=False,
-            default_svd_method="gram", unbiased=False, uses_uniform_mix=False,
+            default_svd_method="svd", unbiased=False, uses_uniform_mix=False,
             summary="top-r singular directions (biased), no realignment, as GaLore",
         ),
         EstimatorSpec(
             name="haar", family="lowrank_adam", needs_gradient=False, default_realign=True,
             default_svd_method=None, unbiased=True, uses_uniform_mix=False,
             summary="uniformly random orthonormal P from the shared seed, (s/r) P Pᵀ G; no SVD",
+        ),
+        EstimatorSpec(
+            name="optimal", family="lowrank_adam", needs_gradient=True, default_realign=True,
+            default_svd_method="gram", unbiased=True, uses_uniform_mix=True, in_optimizer=False,
+            summary="r directions sampled with π ∝ √λ(Σ), Σ a running mean of G Gᵀ over refreshes (comm hook)",
         ),
         EstimatorSpec(
             name="gum", family="gum", needs_gradient=True, default_realign=False, default_svd_method="gram",

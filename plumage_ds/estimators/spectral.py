@@ -1,8 +1,12 @@
 """Short-side handling and the spectral decomposition used at refresh.
 
 The one place that decides orientation: a weight ``W`` of shape ``(m, n)`` is
-projected from the **left** when ``m <= n`` (``P`` is ``(m, r)``, ``R = Pᵀ G`` is
+projected from the **left** when ``m < n`` (``P`` is ``(m, r)``, ``R = Pᵀ G`` is
 ``(r, n)``), otherwise from the right, which is the left projection of ``Gᵀ``.
+A square matrix goes right, as in GaLore (galore-torch projects from the right iff
+``m >= n``): for top-``r`` both sides give the same ``PPᵀG``, but Adam runs on different
+coordinates (``r × n`` vs ``m × r``), so the tie rule decides whether ``estimator="galore"``
+reproduces GaLore on square weights (attention projections).
 Everything downstream works on the *oriented* matrix ``G_o`` of shape
 ``(s, l)`` with ``s = min(m, n) <= l``.
 """
@@ -14,10 +18,10 @@ from torch import Tensor
 
 
 def is_left(shape: tuple[int, ...] | torch.Size) -> bool:
-    """True when ``P`` multiplies from the left (``m <= n``)."""
+    """True when ``P`` multiplies from the left (``m < n``; square matrices go right, as in GaLore)."""
     if len(shape) != 2:
         raise ValueError(f"Invalid shape={tuple(shape)}: low-rank projection needs a 2-D matrix")
-    return shape[0] <= shape[1]
+    return shape[0] < shape[1]
 
 
 def oriented_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:

@@ -22,9 +22,9 @@ this rank's local views:
 * ``*_replicated`` (plain tensors; ZeRO-3 chunks reuse them): every rank holds ``P``; the
   owner holds ``M, V`` ``(r, l)``; ``R_k = Pᵀ G_k`` is reduced to the owner and ``N`` gathered
   back (:class:`LocalDistributor`: all on one process);
-* ``*_fsdp`` (FSDP2 rows ``W_k``, ``G_k``): left projection (``m <= n``): ``P_k`` = this rank's
+* ``*_fsdp`` (FSDP2 rows ``W_k``, ``G_k``): left projection (``m < n``): ``P_k`` = this rank's
   rows of ``P``, ``Σ_k P_kᵀ G_k`` reduce-scattered by columns, ``M, V`` ``(r, n/S)``, ``N``
-  all-gathered, ``ΔW_k = P_k N``; right projection (``m > n``): ``R_k = (G_k P)ᵀ`` is local,
+  all-gathered, ``ΔW_k = P_k N``; right projection (``m >= n``): ``R_k = (G_k P)ᵀ`` is local,
   ``M, V`` ``(r, m_k)`` follow the weight's rows, ``ΔW_k = (P N_k)ᵀ``; ``P`` ``(n, r)`` row-sharded
   and all-gathered each step (``right_projectors="sharded"``) or kept whole on every rank
   (``"replicated"``: no optimizer communication on ordinary steps). Compressed HSDP averages
@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ..config import RIGHT_PROJECTORS, validate_lowrank_options
 from ..estimators import deorient, get_estimator, gram_basis, orient, realign_moments, realignment, sampler_generator
-from ..estimators.registry import resolve_realign
+from ..estimators.registry import estimator_problem, resolve_realign
 from .adam import adam_direction, adam_moments, adam_step_size
 from .base import CollectiveStepError, MatrixOptimizer, _Entry
 from .distributor import Distributor
@@ -246,7 +246,9 @@ class PlumageAdamW(MatrixOptimizer):
         dinv_placement: where ``D⁻¹`` enters: ``"coords"``, ``"lift"`` or ``"none"``.
         realign: realign moments when ``P`` changes (``None``: on for plumage/haar,
             off for galore, as GaLore does not).
-        svd_method: ``"gram"`` (eigh of the short-side Gram matrix) or ``"svd"``.
+        svd_method: ``"gram"`` (eigh of the short-side Gram matrix) or ``"svd"``;
+            ``None``: the estimator's default (``svd`` for GaLore, whose moments keep
+            the singular vectors' signs; ``gram`` otherwise; see the estimator registry).
         uniform_mix: PLUMAGE only: mix ε of uniform probability into the
             sampling design so no direction has ``p = 0`` (keeps the estimate
             unbiased for later gradients between refreshes; 0 = the paper's design).
@@ -264,7 +266,7 @@ class PlumageAdamW(MatrixOptimizer):
             gradient. Target-gradient memory between backward and ``step()`` falls from
             ``m·n`` to ``r·l`` per matrix on ordinary steps; the trajectory is unchanged (the
             projection is linear). Call ``zero_grad()`` (as usual) before each backward.
-        right_projectors: FSDP2 only, right-projected matrices (``m > n``): ``"sharded"``
+        right_projectors: FSDP2 only, right-projected matrices (``m >= n``): ``"sharded"``
             (default: ``P`` ``(n, r)`` row-sharded, state per rank ~1/S, one all-gather of ``P``
             per step) or ``"replicated"`` (whole ``P`` on every rank, no optimizer
             communication on ordinary steps).
@@ -297,7 +299,7 @@ class PlumageAdamW(MatrixOptimizer):
         scale: float = 1.0,
         dinv_placement: str = "none",
         realign: Optional[bool] = None,
-        svd_method: str = "gram",
+        svd_method: Optional[str] = None,
         uniform_mix: float = 0.0,
         seed: int = 0,
         strict: bool = False,
@@ -310,6 +312,8 @@ class PlumageAdamW(MatrixOptimizer):
         distributor: Optional[Distributor] = None,
     ) -> None:
         defaults = self._adam_defaults(lr, betas, eps, weight_decay)
+        if svd_method is None and estimator_problem(estimator, "lowrank_adam") is None:
+            svd_method = get_estimator(estimator).default_svd_method or "gram"  # haar takes no SVD
         defaults.update(
             rank=rank,
             update_interval=update_interval,
@@ -346,6 +350,11 @@ class PlumageAdamW(MatrixOptimizer):
 
     def _validate_group(self, g: dict) -> None:
         validate_lowrank_options(**{k: g[k] for k in _LOWRANK_KEYS if k != "realign"})
+        if not get_estimator(g["estimator"]).in_optimizer:
+            raise ValueError(
+                f"Invalid estimator={g['estimator']!r}: available in the DDP comm hook only so far "
+                "(plumage_ds.distributed.comm_hook); the optimizer takes 'plumage', 'galore' or 'haar'"
+            )
         if g["realign"] is not None and not isinstance(g["realign"], bool):
             raise ValueError(f"Invalid realign={g['realign']!r}: must be True, False or None")
         if g.get("lowrank") is not None and not isinstance(g["lowrank"], bool):

@@ -7,7 +7,7 @@ the production optimizer, so that the two can check each other.
 Math for a low-rank target ``W`` of shape ``(m, n)`` with gradient ``G``
 (shapes in the *oriented* frame: ``s = min(m, n)``, ``l = max(m, n)``)::
 
-    G_o = orient(G)                       # (s, l); Gᵀ when m > n (right projection)
+    G_o = orient(G)                       # (s, l); Gᵀ when m >= n (right projection)
     every τ steps (refresh k = step // τ):
         P, d = spec.build(G)              # P (s, r) orthonormal, d (r,) inclusion probs
         M, V = B M, (B∘B) V  with B = P_newᵀ P_old   (realignment, if enabled)
@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..config import validate_adam_options, validate_lowrank_options
 from ..estimators import deorient, is_left, orient, realign_moments, realignment, sampler_generator
-from ..estimators.registry import get_estimator, resolve_realign
+from ..estimators.registry import get_estimator, resolve_realign, resolve_svd_method
 
 __all__ = ["ReferencePlumageAdam"]
 
@@ -64,9 +64,10 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
         scale: float = 1.0,
         dinv_placement: str = "none",
         realign: bool | None = None,
-        svd_method: str = "gram",
+        svd_method: str | None = None,
         seed: int = 0,
     ):
+        svd_method = resolve_svd_method(estimator, svd_method) or "gram"  # haar takes no SVD
         validate_adam_options(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         validate_lowrank_options(
             rank=rank,
@@ -170,7 +171,7 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
 
     def _lowrank_direction(self, group: dict, state: dict, G: Tensor, matrix_id: int) -> Tensor:
         """Refresh if due, advance the compressed moments, return ``deorient(P N)`` (m, n)."""
-        left = is_left(G.shape)  # m <= n: P multiplies from the left
+        left = is_left(G.shape)  # m < n: P multiplies from the left
         if "step" not in state:
             state["step"] = 0
 

@@ -164,6 +164,11 @@ def check_job(cfg: JobConfig, world_size: Optional[int] = None):
     batch = cfg.data.batch_size * cfg.train.grad_accum * world
     if cfg.train.eval_batches * cfg.data.batch_size < 1 or batch < 1:
         raise ConfigError("data.batch_size", cfg.data.batch_size, "must be >= 1")
+    spec = cfg.optimizer.spec
+    if not spec.in_optimizer and cfg.train.engine != "ddp_hook":
+        from plumage_ds.train.engines.base import unsupported
+
+        raise unsupported(cfg.train.engine, spec.name, "it runs in the DDP comm hook only so far (train.engine=ddp_hook)")
     engine_class(cfg.train.engine).check(cfg, world)
     return tokenizer
 

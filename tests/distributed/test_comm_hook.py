@@ -3,12 +3,13 @@
 Two spawned runs (W=2 and W=4) carry all distributed checks, to keep the file fast on 2 cores:
 
 * unbiasedness on real DDP buckets (recorded from a real DDP run, replayed through the hook
-  with many seeds): Haar and PLUMAGE means converge to the all-reduced gradient within a
+  with many seeds): Haar, PLUMAGE, PLUMAGE redrawn per step with int8 coefficients and the
+  optimal design with fp16-integer coefficients converge to the all-reduced gradient within a
   CLT bound, top-r (biased) does not;
 * ``r >= s``: bit-identical to a plain all-reduce by the compression rule, and equal up to
   float rounding through the compressed path (``min_compression_rate=1``) in real DDP;
 * replicas identical after N steps with a ``no_sync()`` micro-batch in every step, several
-  buckets, both estimators, W=2 and W=4;
+  buckets, every variant of ``VARIANTS``, W=2 and W=4;
 * counted bytes per step equal the formula (docs/comm_hook.md);
 * the state pickles with a process group set, and a resumed run continues bit-identically.
 """
@@ -75,8 +76,21 @@ def ddp(model, bucket_mb=BUCKET_MB):
     return torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
 
 
-def step_bytes_formula(shapes, phase: str, world: int, rank: int, min_rate: float = 2.0) -> float:
-    """Bytes this rank sends in one iteration (ring model, fp32), as stated in docs/comm_hook.md."""
+VARIANTS = {
+    "haar": dict(estimator="haar"),
+    # uniform_mix > 0: P from an earlier gradient stays unbiased for later ones (p > 0 everywhere)
+    "plumage": dict(estimator="plumage", uniform_mix=0.1),
+    # redraw S from the broadcast design every 2 steps; coefficients as int8 / fp16 integers
+    "plumage-resample-int8": dict(estimator="plumage", uniform_mix=0.1, resample_interval=2, quantize="int8"),
+    "optimal-fp16": dict(estimator="optimal", uniform_mix=0.1, quantize="fp16"),
+}
+COEFF_BYTES = {None: 4, "int8": 1, "fp16": 2}
+
+
+def step_bytes_formula(
+    shapes, phase: str, world: int, rank: int, min_rate: float = 2.0, *, quantize=None, resample=False, **_
+) -> float:
+    """Bytes this rank sends in one iteration (ring model, fp32 gradients), as stated in docs/comm_hook.md."""
     ar, bc = 2.0 * (world - 1) / world, (world - 1) / world
     total = 0.0
     for shape in shapes:
@@ -90,9 +104,10 @@ def step_bytes_formula(shapes, phase: str, world: int, rank: int, min_rate: floa
         if phase == "warmup" or not compressed:
             total += ar * numel * 4
         elif phase == "refresh":
-            total += ar * numel * 4 + bc * (s * r + r) * 4
+            k = s if resample else r  # the design [U, p] or the draw [P, d]
+            total += ar * numel * 4 + bc * (s * k + k) * 4
         else:
-            total += ar * r * l * 4
+            total += ar * r * l * COEFF_BYTES[quantize] + (ar * r * 4 if quantize else 0.0)  # + row scales
     return total
 
 
@@ -171,15 +186,14 @@ def _unbiasedness(rank, world):
         assert st.phase() == "lowrank"
         out[f"exact_path_{est}"] = float((_replay(st, g1) - target).abs().max())
 
-    for est in ("haar", "plumage", "galore"):
+    for est in ("haar", "plumage", "galore", "plumage-resample-int8", "optimal-fp16"):
         total = torch.zeros_like(target, dtype=torch.float64)
         total_sq = torch.zeros_like(total)
         n = N_SEEDS if est != "galore" else 2
+        kw = VARIANTS.get(est, {"estimator": est})
         for seed in range(n):
-            # uniform_mix > 0: P from an earlier gradient stays unbiased for g1 (p > 0 everywhere)
-            mix = {"uniform_mix": 0.1} if est == "plumage" else {}
-            st = PlumageHookState(model, estimator=est, rank=4, update_interval=100, start_iter=0, seed=seed, **mix)
-            if est != "haar":
+            st = PlumageHookState(model, rank=4, update_interval=100, start_iter=0, seed=seed, **kw)
+            if kw["estimator"] != "haar":
                 _replay(st, g0)  # refresh on an earlier averaged gradient
             ghat = _replay(st, g1).double()
             total += ghat
@@ -217,15 +231,16 @@ def _unbiasedness(rank, world):
     return out
 
 
-def _train(rank, world, est, steps, *, save_at=None, resume=None, make_model=tiny_model):
+def _train(rank, world, variant, steps, *, save_at=None, resume=None, make_model=tiny_model):
     """Steps of AdamW with one ``no_sync`` micro-batch + one synced micro-batch each."""
     model = make_model(seed=0 if resume is None else 123)
     dmodel = ddp(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     first = 0
     if resume is None:
-        interval = 3 if est == "plumage" else 2  # refresh every 3 steps / a Haar redraw every 2
-        state = PlumageHookState(dmodel, estimator=est, rank=4, update_interval=interval, start_iter=1, seed=7)
+        # refresh every 3 steps; a Haar redraw every 2 (its interval is update_interval too)
+        interval = 2 if VARIANTS[variant]["estimator"] == "haar" else 3
+        state = PlumageHookState(dmodel, rank=4, update_interval=interval, start_iter=1, seed=7, **VARIANTS[variant])
     else:
         blob, model_sd, opt_sd, first = resume
         model.load_state_dict(torch.load(io.BytesIO(model_sd), weights_only=True))
@@ -269,7 +284,7 @@ def _train(rank, world, est, steps, *, save_at=None, resume=None, make_model=tin
 def _replica_runs(rank, world, with_resume, make_model=tiny_model):
     out = {}
     steps = 7 if with_resume else 5
-    for est in ("haar", "plumage"):
+    for est in VARIANTS:
         full = _train(rank, world, est, steps, save_at=3 if with_resume else None, make_model=make_model)
         out[est] = {k: v for k, v in full.items() if k != "saved"}
         if with_resume:
@@ -293,7 +308,7 @@ def w2():
 
 
 def _check_replicas(results, world, resumed):
-    for est in ("haar", "plumage"):
+    for est in VARIANTS:
         r0 = results[0]["replicas"][est]
         for r in results:
             rep = r["replicas"][est]
@@ -301,7 +316,7 @@ def _check_replicas(results, world, resumed):
         assert torch.isfinite(r0["params"]).all()
         expect_phases = (
             ["warmup", "refresh", "lowrank", "lowrank", "refresh", "lowrank", "lowrank"]
-            if est == "plumage"
+            if VARIANTS[est]["estimator"] != "haar"
             else ["warmup"] + ["lowrank"] * 6
         )
         expect_phases = expect_phases[: len(r0["phases"])]
@@ -311,7 +326,7 @@ def _check_replicas(results, world, resumed):
         modes = r0["modes"]
         assert {m for m, _ in modes.values()} == {"lowrank", "dense"}
         for phase, got in zip(r0["phases"], r0["step_bytes"]):
-            want = step_bytes_formula(r0["shapes"], phase, world, rank=4)
+            want = step_bytes_formula(r0["shapes"], phase, world, rank=4, **VARIANTS[est])
             assert got == pytest.approx(want, rel=1e-12), (est, phase, got, want)
         if resumed:
             assert r0["resumed_equal"], est
@@ -322,7 +337,7 @@ def _check_replicas(results, world, resumed):
 def test_unbiased_on_real_buckets_and_galore_biased(w2):
     u = w2[0]["unbiased"]
     assert u["buckets"] > 2
-    for est in ("haar", "plumage"):
+    for est in ("haar", "plumage", "plumage-resample-int8", "optimal-fp16"):
         # E‖mean − G‖² = tr(Cov)/N for an unbiased estimator; allow 2x for sampling noise
         assert u[est]["err2"] <= 2.0 * u[est]["clt2"], (est, u[est])
         assert u[est]["clt2"] > 0
@@ -371,7 +386,7 @@ def test_invalid_arguments_and_unbound_state():
     with pytest.raises(ValueError, match=r"^Invalid estimator='powersgd': must be one of \['adamw', 'plumage', "):
         PlumageHookState(model, estimator="powersgd")
     # a registered estimator the hook cannot compress with
-    with pytest.raises(ValueError, match=r"^Invalid estimator='adamw': must be one of \['plumage', 'galore', 'haar'\]$"):
+    with pytest.raises(ValueError, match=r"^Invalid estimator='adamw': must be one of \['plumage', 'galore', 'haar', 'optimal'\]$"):
         PlumageHookState(model, estimator="adamw")
     with pytest.raises(ValueError, match=r"^Invalid config key 'tau': renamed to 'update_interval'$"):
         PlumageHookState(model, tau=0)
@@ -379,6 +394,16 @@ def test_invalid_arguments_and_unbound_state():
         PlumageHookState(model, estimator="topr")
     with pytest.raises(ValueError, match=r"^Invalid comm_hook.min_compression_rate=0.5: must be a number >= 1$"):
         PlumageHookState(model, min_compression_rate=0.5)
+    with pytest.raises(ValueError, match=r"^Invalid comm_hook.quantize='int4': must be one of \['int8', 'fp16'\]$"):
+        PlumageHookState(model, quantize="int4")
+    with pytest.raises(ValueError, match=r"^Invalid comm_hook.resample_interval=2: only 'plumage' and 'optimal' keep"):
+        PlumageHookState(model, estimator="haar", resample_interval=2)
+    with pytest.raises(ValueError, match=r"^Invalid comm_hook.resample_interval=True: must be an integer >= 0$"):
+        PlumageHookState(model, resample_interval=True)
+    with pytest.raises(ValueError, match=r"^Invalid comm_hook.sigma_weight=0.0: must be in \(0, 1\]"):
+        PlumageHookState(model, estimator="optimal", sigma_weight=0.0)
+    with pytest.raises(ValueError, match=r"^Invalid comm_hook.sigma_weight=0.5: only 'optimal' keeps Σ, not 'plumage'$"):
+        PlumageHookState(model, sigma_weight=0.5)
     state = PlumageHookState(model, rank=4)
     blob = pickle.dumps(state)  # no process group: still plain data
     restored = pickle.loads(blob)
@@ -395,5 +420,7 @@ def test_invalid_arguments_and_unbound_state():
     assert modes["norm.weight"] == ("dense", "1-D tensor")
     assert modes["proj.bias"] == ("dense", "1-D tensor")
     assert modes["proj.weight"] == ("lowrank", "plumage r=4 of s=32, l=64: 8x fewer bytes")
+    quantized = PlumageHookState(model, rank=16, resample_interval=1, quantize="int8").param_modes()["proj.weight"]
+    assert quantized == ("lowrank", "plumage r=16 of s=32, l=64, resampled, int8: 8x fewer bytes")
     narrow = PlumageHookState(model, rank=20).param_modes()["proj.weight"]
     assert narrow == ("dense", "compression rate s/r=32/20 < min_compression_rate=2")

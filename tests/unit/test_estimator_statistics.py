@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from montecarlo import Z, Summary, lift_batch, systematic_from_uniforms
+from montecarlo import draw_uniforms as _draw_uniforms
 
 from plumage_ds.estimators import (
     estimate,
@@ -45,7 +47,6 @@ N_CHECK = 64  # draws re-run through the real, unbatched pipeline
 RANK = 4
 SEED = 2025
 PLUMAGE_ID, UNIFORM_ID, HAAR_ID = 11, 12, 13  # matrix ids → independent draw streams
-Z = 5.0  # CLT bound in standard errors: per-entry two-sided tail ~6e-7 (×384 entries ~2e-4)
 # The 5-SE tolerance on E‖Ĝ−G‖² must itself be a few percent of the theory, or the match would be
 # vacuous. Measured: ≈1% for PLUMAGE (its error terms σ_i²/p_i² ≈ 1/c² barely vary), ≈3% for
 # uniform sampling and Haar on the power spectrum (whether σ_1 is caught dominates their spread).
@@ -55,13 +56,11 @@ SHAPES = [(16, 24), (24, 16)]  # left (m < n) and right (m > n) projection
 SPECTRA = ["power", "geometric"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Thousands of tiny ops: one intra-op thread is faster and immune to oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def draw_uniforms(matrix_id: int, n: int) -> torch.Tensor:
+    return _draw_uniforms(SEED, matrix_id, n)
 
 
 def make_matrix(shape: tuple[int, int], spectrum: str) -> torch.Tensor:
@@ -74,47 +73,6 @@ def make_matrix(shape: tuple[int, int], spectrum: str) -> torch.Tensor:
     i = torch.arange(1, d + 1, dtype=torch.float64)
     sigma = i**-1.5 if spectrum == "power" else 0.7 ** (i - 1)
     return ((U * sigma) @ V.mT).float()
-
-
-@functools.lru_cache(maxsize=None)
-def draw_uniforms(matrix_id: int, n: int) -> torch.Tensor:
-    """The single uniform ``systematic_sample`` consumes from each ``sampler_generator(SEED, id, k)``."""
-    return torch.stack(
-        [torch.rand((), generator=sampler_generator(SEED, matrix_id, k), dtype=torch.float64) for k in range(n)]
-    )
-
-
-def systematic_from_uniforms(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Batched systematic sampling written from DESIGN §2.1 item 3: ``(N,) u → (N, k)`` indices."""
-    k = round(float(p.sum()))
-    cum = torch.cumsum(p.double(), 0)
-    points = u[:, None] + torch.arange(k, dtype=torch.float64)
-    return torch.searchsorted(cum, points.contiguous(), right=True)
-
-
-def lift_batch(G_o: torch.Tensor, U: torch.Tensor, p: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-    """``Ĝ_k = P_k D_k⁻¹ P_kᵀ G_o`` for every draw: ``(N, s, l)`` fp32, same arithmetic as ``estimate``."""
-    P = U.mT[S].mT  # (N, s, r)
-    d = p[S].float()  # (N, r)
-    return P @ ((P.mT @ G_o) / d[..., None])
-
-
-@dataclass
-class Summary:
-    mean: torch.Tensor  # (s, l) float64
-    std: torch.Tensor  # (s, l) float64, per-entry empirical std of one draw
-    sq_err: torch.Tensor  # (N,) float64: ‖Ĝ_k − G_o‖²
-
-    @classmethod
-    def of(cls, G_hat: torch.Tensor, G_o: torch.Tensor) -> Summary:
-        x = G_hat.double()
-        err = x - G_o.double()
-        return cls(mean=x.mean(0), std=x.std(0), sq_err=(err**2).sum((1, 2)))
-
-    def mse_and_tolerance(self) -> tuple[float, float]:
-        """Empirical ``E‖Ĝ − G‖²`` and its ``Z``-standard-error CLT tolerance."""
-        n = self.sq_err.numel()
-        return float(self.sq_err.mean()), Z * float(self.sq_err.std()) / math.sqrt(n)
 
 
 @dataclass

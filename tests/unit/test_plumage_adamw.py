@@ -64,10 +64,19 @@ def test_matches_reference(estimator: str, dinv_placement: str) -> None:
             torch.testing.assert_close(s1["exp_avg"], s2["exp_avg"], rtol=1e-5, atol=1e-7)
 
 
-def test_galore_peer_matches_galore_torch() -> None:
-    """estimator="galore" equals galore-torch's GaLoreAdamW step for step (1e-6), 4 refreshes."""
+def _mlp_with_square(seed: int = 0) -> nn.Module:
+    """Right (20×12, 24×8), left (8×20) and square (20×20: GaLore projects it from the right)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 8), nn.Tanh(), nn.Linear(8, 24)
+    )
+
+
+def test_galore_default_settings_match_galore_torch() -> None:
+    """estimator="galore" with default settings equals galore-torch's GaLoreAdamW step for step
+    (1e-6) over 4 refreshes, on left, right and square weights (no svd_method given)."""
     galore_torch = pytest.importorskip("galore_torch")  # test-only peer, installed by [dev]
-    m1, m2 = _mlp(), _mlp()
+    m1, m2 = _mlp_with_square(), _mlp_with_square()
     mats = [p for p in m1.parameters() if p.dim() == 2]
     others = [p for p in m1.parameters() if p.dim() != 2]
     with warnings.catch_warnings():
@@ -79,16 +88,16 @@ def test_galore_peer_matches_galore_torch() -> None:
             weight_decay=0.0,
             no_deprecation_warning=True,
         )
-    ours = PlumageAdamW(
-        m2.parameters(), lr=1e-2, eps=1e-6, rank=3, update_interval=3, estimator="galore", scale=0.25, svd_method="svd"
-    )
+    ours = PlumageAdamW(m2.parameters(), lr=1e-2, eps=1e-6, rank=3, update_interval=3, estimator="galore", scale=0.25)
+    assert {g["svd_method"] for g in ours.param_groups} == {"svd"}  # the per-estimator default
+    assert {(m > n) - (m < n) for m, n in (p.shape for p in mats)} == {-1, 0, 1}  # m < n, m = n, m > n
     diffs = []
     for step in range(12):
         _train(m1, peer, range(step, step + 1))
         _train(m2, ours, range(step, step + 1))
         diffs.append(_max_diff(m1, m2))
     assert max(diffs) < 1e-6, diffs
-    assert _max_diff(m1, _mlp()) > 1e-2  # the weights really moved
+    assert _max_diff(m1, _mlp_with_square()) > 1e-2  # the weights really moved
 
 
 def test_realignment_keeps_moments_when_projector_is_unchanged() -> None:

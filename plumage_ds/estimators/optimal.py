@@ -1,0 +1,136 @@
+"""The optimal random projection for *stochastic* gradients, and a running estimate of ``Σ``.
+
+Pure tensor math (no ``torch.distributed``, no global RNG), in the oriented frame of
+:mod:`plumage_ds.estimators.spectral` (``G_o`` is ``(s, l)``, short side first).
+
+For gradients ``G`` drawn from some distribution, the estimator ``Ĝ = P D⁻¹ Pᵀ G`` with
+``P = Q[:, J]``, ``D = diag(π_J)`` and ``Pr(i ∈ J) = π_i`` is unbiased for **every** ``G``
+(``E_J[P D⁻¹ Pᵀ] = Σ_i π_i q_i q_iᵀ / π_i = I``) as long as every ``π_i > 0``, and
+
+    E_G E_J ‖Ĝ − G‖² = Σ_i (1/π_i − 1) · q_iᵀ Σ q_i,      Σ = E[G_o G_oᵀ]  # (s, s)
+
+With ``Q`` the eigenvectors of ``Σ`` (eigenvalues ``λ_i``) this is ``Σ_i (1/π_i − 1) λ_i``, minimised
+under ``Σ π_i = r``, ``0 < π_i <= 1`` by the water-filled square roots ``π_i = min(1, c·√λ_i)``
+(the same water-filling as PLUMAGE's :func:`inclusion_probabilities`, fed ``√λ`` instead of ``σ``).
+Special cases:
+
+* ``Σ = G Gᵀ`` for one fixed ``G``: ``√λ_i = σ_i(G)`` and ``Q = U``, PLUMAGE's design;
+* no information about ``Σ`` (``Sigma=None``): the Haar–Stiefel projection (``π_i = r/s`` and a
+  uniformly random basis);
+* ``Σ ∝ I``: ``π_i = r/s`` in a fixed basis, the same error ``(s/r − 1)‖G‖²`` as Haar.
+
+In the paper's notation the projector is ``V = Q_J diag(√(c/π_J))`` with ``E[V Vᵀ] = c·I`` and
+``Ĝ = V Vᵀ G / c``; :func:`scaled_projector` builds that ``V`` from a :class:`Projection`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .probabilities import inclusion_probabilities, mix_uniform
+from .projectors import Projection, haar_projection, projection_from_design
+from .spectral import is_left, orient
+
+
+def second_moment_update(Sigma: Optional[Tensor], G: Tensor, weight: float) -> Tensor:
+    """``Σ ← (1 − w)·Σ + w·G_o G_oᵀ``  # (s, s) float64; ``Sigma=None`` starts at ``G_o G_oᵀ``.
+
+    ``w = 1/k`` at the ``k``-th gradient gives the running mean of ``G_o G_oᵀ`` (an unbiased
+    estimate of ``E[G_o G_oᵀ]`` when the gradients are draws around one point); a constant ``w``
+    an exponential average that forgets old gradients as training moves. ``G`` is in its stored
+    orientation. The state is this one tensor (symmetric positive semi-definite); the cost is one
+    ``s × s × l`` product per call.
+    """
+    if G.dim() != 2:
+        raise ValueError(f"Invalid G.shape={tuple(G.shape)}: the second moment needs a matrix")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 < weight <= 1.0:
+        raise ValueError(f"Invalid {weight=}: must be in (0, 1]")
+    G_o = orient(G.detach().double(), is_left(G.shape))  # (s, l)
+    outer = G_o @ G_o.mT  # (s, s)
+    if Sigma is None:
+        return outer
+    s = G_o.shape[0]
+    if tuple(Sigma.shape) != (s, s):
+        raise ValueError(f"Invalid Sigma.shape={tuple(Sigma.shape)}: must be ({s}, {s}) for G.shape={tuple(G.shape)}")
+    return (1.0 - weight) * Sigma.to(device=outer.device, dtype=torch.float64) + weight * outer
+
+
+def optimal_probabilities(Sigma: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``(Q, π)``: eigenvectors of ``Σ`` (columns, ``(s, s)``) and ``π ∝ √λ`` water-filled, capped at 1.
+
+    ``Σ`` is symmetrised and decomposed in float64; eigenvalues at or below ``s·eps·λ_max``
+    (rounding noise, including negative ones) count as 0. ``π`` is float64 ``(s,)`` with ``Σ π = min(rank, s)``; ``π_i = 0`` exactly where
+    ``λ_i = 0`` (no gradient ever has mass there), and if fewer than ``rank`` eigenvalues are
+    positive the top ones get ``π = 1`` (see :func:`inclusion_probabilities`).
+    """
+    if Sigma.dim() != 2 or Sigma.shape[0] != Sigma.shape[1] or Sigma.shape[0] == 0:
+        raise ValueError(f"Invalid Sigma.shape={tuple(Sigma.shape)}: must be a non-empty square matrix")
+    S64 = Sigma.detach().to(dtype=torch.float64)
+    if not bool(torch.isfinite(S64).all()):
+        raise ValueError("Invalid Sigma: contains non-finite values")
+    evals, Q = torch.linalg.eigh(0.5 * (S64 + S64.mT))
+    evals, Q = torch.flip(evals, [0]), torch.flip(Q, [1])  # descending
+    # eigenvalues below the float64 resolution of eigh (s·eps·λ_max) are rounding noise of a
+    # rank-deficient Σ: zero, so no sampling mass goes to directions no gradient had
+    floor = evals.shape[0] * torch.finfo(torch.float64).eps * float(evals[0].clamp(min=0.0))
+    evals = torch.where(evals > floor, evals, torch.zeros_like(evals))
+    return Q, inclusion_probabilities(torch.sqrt(evals), rank)
+
+
+def optimal_projection(
+    Sigma: Optional[Tensor],
+    rank: int,
+    generator: torch.Generator,
+    *,
+    short_dim: Optional[int] = None,
+    uniform_mix: float = 0.0,
+    device=None,
+) -> Projection:
+    """The minimum-variance unbiased design for gradients with second moment ``Σ``.
+
+    ``P = Q[:, J]``  # (s, r), ``d = π_J``  # (r,), ``J`` drawn by exactly-``r`` systematic
+    sampling (:func:`systematic_sample`) with marginals ``π`` (:func:`optimal_probabilities`,
+    then :func:`mix_uniform` with ``ε = uniform_mix``). ``E[P D⁻¹ Pᵀ] = I`` wherever ``π > 0``, so
+    ``E[Ĝ] = G`` for every ``G`` in the span of ``Σ`` (for *every* ``G`` when ``ε > 0``).
+
+    ``Sigma=None`` means no spectral information: the Haar–Stiefel draw
+    ``haar_projection(short_dim, rank, generator)`` (``short_dim`` is then required).
+    """
+    if Sigma is None:
+        if short_dim is None:
+            raise ValueError("Invalid short_dim=None: Sigma=None (Haar) needs the short side s")
+        return haar_projection(short_dim, rank, generator, device=device)
+    if short_dim is not None and short_dim != Sigma.shape[0]:
+        raise ValueError(f"Invalid {short_dim=}: Sigma is {tuple(Sigma.shape)}")
+    Q, pi = optimal_design(Sigma, rank, uniform_mix=uniform_mix)
+    return projection_from_design(Q, pi, generator, device=device)
+
+
+def optimal_design(Sigma: Tensor, rank: int, *, uniform_mix: float = 0.0) -> tuple[Tensor, Tensor]:
+    """``(Q, π)`` of :func:`optimal_probabilities` with ``ε = uniform_mix`` of uniform probability mixed in."""
+    Q, pi = optimal_probabilities(Sigma, rank)
+    return Q, mix_uniform(pi, uniform_mix)
+
+
+def expected_error(Q: Tensor, pi: Tensor, M: Tensor) -> float:
+    """Exact ``E_J ‖P D⁻¹ Pᵀ G − G‖²`` averaged over gradients with second moment ``M = E[G_o G_oᵀ]``.
+
+    ``Q``  # (s, s) orthonormal basis of the design, ``pi``  # (s,) its marginals, ``M``  # (s, s)
+    (for one gradient, ``M = G_o G_oᵀ``). With ``a_i = q_iᵀ M q_i`` (the mass along ``q_i``):
+    ``Σ_{π_i > 0} (1/π_i − 1)·a_i + Σ_{π_i = 0} a_i`` — the second sum is the squared *bias* of
+    directions that are never sampled.
+    """
+    Q64, pi64 = Q.detach().double(), pi.detach().double().to(Q.device)
+    a = ((Q64.mT @ M.detach().double().to(Q.device)) * Q64.mT).sum(1)  # (s,) q_iᵀ M q_i
+    picked = pi64 > 0
+    return float((a[picked] * (1.0 / pi64[picked] - 1.0)).sum() + a[~picked].sum())
+
+
+def scaled_projector(proj: Projection, c: float = 1.0) -> Tensor:
+    """The paper's ``V = P diag(√(c/d))``  # (s, r): ``E[V Vᵀ] = c·I`` and ``V Vᵀ G / c = P D⁻¹ Pᵀ G``."""
+    if not c > 0:
+        raise ValueError(f"Invalid {c=}: must be > 0")
+    return proj.P * torch.sqrt(c / proj.d)[None, :]

@@ -1,0 +1,89 @@
+"""``benchmarks/quality.py`` end to end on ``configs/tiny.yaml``: sweep, seeds, table, PNG, resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def quality(repo_root):
+    spec = importlib.util.spec_from_file_location("quality", repo_root / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["quality"] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("quality", None)
+
+
+def test_harness_end_to_end_and_resume(quality, tiny_config_path, tmp_path, capsys):
+    """2 seeds, 12 steps: a 2-point LR sweep picks PLUMAGE's LR, an ablation arm reuses it, the gap
+    closed is 1 for AdamW and 0 for GaLore on every seed, the PNG is written; a rerun starts nothing."""
+    out = tmp_path / "q"
+    argv = [
+        "--config", str(tiny_config_path), "--out", str(out), "--steps", "12", "--seeds", "2", "--jobs", "2",
+        "--nice", "0", "--quiet", "--estimators", "adamw,galore,plumage",
+        "--lr", "adamw=1e-3", "--lr", "galore=1e-3", "--lr-grid", "plumage=1e-3:3e-3",
+        "--arm", "plumage-norealign=plumage,optimizer.realign=false", "--lr-from", "plumage-norealign=plumage",
+    ]
+    assert quality.main(argv) == 0
+    first = capsys.readouterr().out
+    assert "9 runs started, 1 reused" in first  # 2 sweep + 4 arms × 2 seeds − the reused sweep run
+    res = json.loads((out / "results.json").read_text())["corpora"]["embedded"]
+    arms = res["arms"]
+    assert set(arms) == {"adamw", "galore", "plumage", "plumage-norealign"}
+    assert set(arms["plumage"]["sweep"]) == {"0.001", "0.003"}
+    best = min(arms["plumage"]["sweep"], key=arms["plumage"]["sweep"].get)
+    assert arms["plumage"]["lr"] == float(best) == arms["plumage-norealign"]["lr"]
+    assert arms["galore"]["overrides"] == ["optimizer.svd_method=svd"]
+    assert arms["adamw"]["gap_closed"] == [1.0, 1.0] and arms["galore"]["gap_closed"] == [0.0, 0.0]
+    assert arms["galore"]["delta_vs_galore"] == [0.0, 0.0]
+    for name in ("plumage", "plumage-norealign"):
+        assert len(arms[name]["final_eval"]) == 2 and all(math.isfinite(x) for x in arms[name]["final_eval"])
+        assert arms[name]["refresh_spike"]["n"] == 2  # refresh at step 6 (step 3 lacks a full window), 2 seeds
+    assert arms["plumage"]["final_eval"] != arms["plumage-norealign"]["final_eval"]  # the override took effect
+    table = (out / "quality.md").read_text()
+    for name in arms:
+        assert re.search(rf"^\| {re.escape(name)} \|", table, re.M), table
+    png = out / res["png"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+    assert quality.main(argv) == 0  # resumable: every run is finished, nothing starts
+    assert "0 runs started, 10 reused" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["corpora"]["embedded"]["arms"] == arms
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--corpus", "bogus"], "Invalid corpus='bogus': must be 'embedded', 'manpages' or 'text:DIR'"),
+        (["--arm", "x"], "Invalid --arm 'x': expected NAME=ESTIMATOR"),
+        (["--lr-from", "plumage=nope"], "Invalid --lr-from plumage=nope: must name an arm with its own LR"),
+        (["--lr", "nope=1e-3"], "Invalid --lr: unknown arm(s) ['nope']"),
+        (["--seeds", "2", "--sweep-seeds", "3"], "Invalid --sweep-seeds=3: more than --seeds=2"),
+    ],
+)
+def test_bad_arguments_exit_2(quality, tmp_path, capsys, argv, message):
+    assert quality.main(["--out", str(tmp_path), "--quiet", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_corpus_overrides_map_text_folders(quality, tmp_path):
+    assert quality.corpus_overrides("embedded", tmp_path) == []
+    assert quality.corpus_overrides(f"text:{tmp_path}", tmp_path) == ["data.source=text", f"data.root={tmp_path.resolve()}"]
+
+
+def test_refresh_spikes_pair_against_adamw(quality):
+    """A jump of +0.5 right after each refresh (τ = 10) on top of AdamW's curve reads as +0.5."""
+    adamw = quality.Outcome("completed", 1.0, train_curve=[(t, 3.0 - 0.01 * t + 0.1 * (t % 3)) for t in range(1, 41)])
+    jump = {t for k in (10, 20, 30) for t in range(k + 2, k + 2 + quality.SPIKE_WINDOW)}
+    arm = quality.Outcome(
+        "completed", 1.0, train_curve=[(t, v + (0.5 if t in jump else 0.0)) for t, v in adamw.train_curve], update_interval=10
+    )
+    assert quality.refresh_spikes(arm, adamw) == pytest.approx([0.5, 0.5, 0.5])
+    assert quality.refresh_spikes(adamw, adamw) == []

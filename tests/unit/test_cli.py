@@ -14,7 +14,7 @@ import torch
 
 from plumage_ds.cli import apply_overrides, load_job_config, main, parse_value
 from plumage_ds.config import JobConfig, load_config, to_dict
-from plumage_ds.estimators.registry import estimator_names
+from plumage_ds.estimators.registry import ESTIMATORS, estimator_names
 from plumage_ds.train.compare import compare_rows, gap_closed
 from plumage_ds.train.loop import MIN_LR_RATIO, lr_multiplier
 
@@ -76,7 +76,7 @@ def test_train_subprocess_and_weights_load_in_transformers(tmp_path, tiny_config
     assert type(model).__name__ == "LlamaForCausalLM"
 
 
-@pytest.mark.parametrize("estimator", estimator_names())
+@pytest.mark.parametrize("estimator", [n for n in estimator_names() if ESTIMATORS[n].in_optimizer])
 def test_train_in_process_every_estimator(tmp_path, tiny_config_path, estimator):
     out = tmp_path / estimator
     sets = [f"optimizer.estimator={estimator}", "train.steps=3"]
@@ -84,6 +84,12 @@ def test_train_in_process_every_estimator(tmp_path, tiny_config_path, estimator)
     summary = check_completed_run(out, load_job_config(str(tiny_config_path), sets))
     modes = {r["mode"] for r in summary["matrices"]}
     assert modes == {"adamw"} if estimator == "adamw" else estimator in modes
+
+
+def test_hook_only_estimator_is_refused_on_other_engines(tmp_path, tiny_config_path):
+    """``optimal`` runs in the comm hook only so far: a clear error (exit 2), not a crash at the first step."""
+    args = ["train", "--config", tiny_config_path, "--out", tmp_path / "o", "--set", "optimizer.estimator=optimal"]
+    assert run_main(*args) == 2
 
 
 def test_same_seed_same_losses(tmp_path, tiny_config_path):

@@ -107,13 +107,15 @@ def test_roundtrip_and_types():
 
 
 def test_registry_facts():
-    assert list(ESTIMATORS) == ["adamw", "plumage", "galore", "haar", "gum"]
-    assert [n for n, s in ESTIMATORS.items() if s.needs_gradient] == ["plumage", "galore", "gum"]
+    assert list(ESTIMATORS) == ["adamw", "plumage", "galore", "haar", "optimal", "gum"]
+    assert [n for n, s in ESTIMATORS.items() if s.needs_gradient] == ["plumage", "galore", "optimal", "gum"]
+    assert [n for n, s in ESTIMATORS.items() if not s.in_optimizer] == ["optimal"]  # the comm hook only, so far
+    assert resolve_svd_method("galore", None) == "svd"  # galore-torch's signs
     assert [resolve_realign(n, None) for n in ("plumage", "galore", "haar")] == [True, False, True]
     assert resolve_realign("galore", True) is True
     assert resolve_svd_method("haar", None) is None and resolve_svd_method("plumage", None) == "gram"
     assert not get_estimator("galore").unbiased and get_estimator("plumage").unbiased
-    with pytest.raises(ValueError, match=r"^Invalid estimator='adamw': must be one of \['plumage', 'galore', 'haar'\]$"):
+    with pytest.raises(ValueError, match=r"^Invalid estimator='adamw': must be one of \['plumage', 'galore', 'haar', 'optimal'\]$"):
         get_estimator("adamw", family="lowrank_adam")
     G = torch.randn(6, 10)
     gen = torch.Generator().manual_seed(0)

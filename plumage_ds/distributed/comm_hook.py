@@ -96,6 +96,7 @@ from plumage_ds.estimators.rounding import (
 )
 
 from plumage_ds.estimators.registry import estimator_names, get_estimator, resolve_svd_method
+from plumage_ds.optim.param_groups import select_targets
 
 __all__ = ["HOOK_ESTIMATORS", "PlumageHookState", "hook_config", "plumage_hook"]
 
@@ -195,6 +196,8 @@ class PlumageHookState:
         "designs",
         "sigma",
         "deterministic",
+        "targets",
+        "skipped_refreshes",
         "_param_index",
         "_collectives",
         "_owners",
@@ -242,6 +245,11 @@ class PlumageHookState:
         self.designs: dict[int, tuple[int, Tensor, Tensor]] = {}  # resample: pid -> (refresh, U (s, s), p (s,))
         self.sigma: dict[int, tuple[int, Tensor]] = {}  # optimal, on the owner: pid -> (count, Σ (s, s) fp64)
         self.deterministic: set[int] = set()  # pids whose current PLUMAGE design has no randomness
+        # the optimizers' selection rule (target_modules: regexes, "all-linear", None = the default)
+        module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        chosen = {id(p) for _, p, _ in select_targets(module, cfg.target_modules)}
+        self.targets: set[int] = {i for i, (_, p) in enumerate(named) if id(p) in chosen}
+        self.skipped_refreshes = 0  # refreshes left out because the averaged gradient held NaN/Inf
         self._param_index = {id(p): i for i, (_, p) in enumerate(named)}
         self._collectives: Optional[Collectives] = None
         self._owners: Optional[list[int]] = None
@@ -293,9 +301,10 @@ class PlumageHookState:
         return min(self.rank, min(self.matrix_shape(pid)))
 
     def is_compressed(self, pid: int) -> bool:
-        """The compression rule: ``ndim >= 2`` and ``s / min(rank, s) >= min_compression_rate``."""
+        """The compression rule: a target (``target_modules``), ``ndim >= 2`` and
+        ``s / min(rank, s) >= min_compression_rate``."""
         mshape = self.matrix_shape(pid)
-        if mshape is None or 0 in mshape:
+        if mshape is None or 0 in mshape or pid not in self.targets:
             return False
         s = min(mshape)
         return s / min(self.rank, s) >= self.min_compression_rate
@@ -307,6 +316,8 @@ class PlumageHookState:
             mshape = self.matrix_shape(pid)
             if mshape is None:
                 out[name] = ("dense", f"{len(self.param_shapes[pid])}-D tensor")
+            elif pid not in self.targets:
+                out[name] = ("dense", "not a target (target_modules)")
             elif not self.is_compressed(pid):
                 s = min(mshape)
                 out[name] = (
@@ -436,24 +447,26 @@ def _oriented_views(state: PlumageHookState, pid: int, grad: Tensor) -> Tensor:
     return orient(grad.view(mshape), is_left(mshape))
 
 
-def _owner_design(state: PlumageHookState, pid: int, G: Tensor, refresh_idx: int) -> tuple[Tensor, Tensor]:
-    """Owner: the refreshed matrix's ``(U, p)`` (resample) or ``(P, d)`` (one draw), fp32 on ``G``'s device."""
+def _owner_design(state: PlumageHookState, pid: int, G: Tensor, refresh_idx: int) -> tuple[Tensor, Tensor, Optional[tuple]]:
+    """Owner: the refreshed matrix's ``(U, p)`` (resample) or ``(P, d)`` (one draw), fp32 on ``G``'s
+    device, and (``optimal``) the updated ``(count, Σ)`` to keep once the refresh succeeded everywhere."""
     r = state.effective_rank(pid)
+    sigma = None
     if not get_estimator(state.estimator).unbiased:  # galore: top-r
         proj = galore_projection(G, state.rank, svd_method=state.svd_method)
-        return proj.P, proj.d
+        return proj.P, proj.d, None
     if state.estimator == "optimal":
         count, Sigma = state.sigma.get(pid, (0, None))
         weight = state.sigma_weight if state.sigma_weight is not None else 1.0 / (count + 1)
         Sigma = second_moment_update(Sigma, G, weight)  # (s, s) float64
-        state.sigma[pid] = (count + 1, Sigma)
+        sigma = (count + 1, Sigma)
         U, p = optimal_design(Sigma, r, uniform_mix=state.uniform_mix)
     else:
         U, p = plumage_design(G, r, svd_method=state.svd_method, uniform_mix=state.uniform_mix)
     if state.resample:
-        return U.to(device=G.device, dtype=torch.float32), p.to(device=G.device, dtype=torch.float32)
+        return U.to(device=G.device, dtype=torch.float32), p.to(device=G.device, dtype=torch.float32), sigma
     proj = projection_from_design(U, p, sampler_generator(state.seed, pid, refresh_idx), device=G.device)
-    return proj.P, proj.d
+    return proj.P, proj.d, sigma
 
 
 def _refresh(state: PlumageHookState, comms: Collectives, pids: list[int], grads: list[Tensor]) -> None:
@@ -463,11 +476,25 @@ def _refresh(state: PlumageHookState, comms: Collectives, pids: list[int], grads
     owner), not ``W`` times. Without ``resample`` the packed ``[P, d]`` (``s·r + r`` floats per
     matrix) is broadcast; with it the whole design ``[U, p]`` (``s·s + s``), from which every rank
     redraws ``S`` on its own; both are small next to the ``s·l`` all-reduce of the same step.
+
+    Failures: a matrix whose averaged gradient holds NaN/Inf (the same on every rank) is not
+    refreshed — it keeps its projection, or stays uncompressed until a finite refresh — and the
+    exact average goes to the optimizer, whose own policy handles it. An owner whose decomposition
+    fails broadcasts NaN instead; every rank sees it and raises the same error, with the hook state
+    unchanged (nothing is kept before every block arrived finite).
     """
     refresh_idx = (state.iter - state.start_iter) // state.tau
     owners = state.owners()
-    items = [(pid, g) for pid, g in zip(pids, grads) if state.is_compressed(pid)]
+    items = []
+    for pid, g in zip(pids, grads):
+        if not state.is_compressed(pid):
+            continue
+        if bool(torch.isfinite(g).all()):
+            items.append((pid, g))
+        else:
+            state.skipped_refreshes += 1
     device = grads[0].device if grads else torch.device("cpu")
+    staged, sigmas = [], {}
     for owner in range(comms.world_size):
         mine = [(pid, g) for pid, g in items if owners[pid] == owner]
         if not mine:
@@ -477,32 +504,46 @@ def _refresh(state: PlumageHookState, comms: Collectives, pids: list[int], grads
             s = min(state.matrix_shape(pid))
             sizes.append((s, s if state.resample else state.effective_rank(pid)))
         packed = torch.empty(sum(s * k + k for s, k in sizes), dtype=torch.float32, device=device)
+        failure = None
         if comms.rank == owner:
             off = 0
             for (pid, g), (s, k) in zip(mine, sizes):
-                A, v = _owner_design(state, pid, g.view(state.matrix_shape(pid)), refresh_idx)
-                packed[off : off + s * k].copy_(A.reshape(-1))
-                packed[off + s * k : off + s * k + k].copy_(v)
+                try:
+                    A, v, sigma = _owner_design(state, pid, g.view(state.matrix_shape(pid)), refresh_idx)
+                    packed[off : off + s * k].copy_(A.reshape(-1))
+                    packed[off + s * k : off + s * k + k].copy_(v)
+                    if sigma is not None:
+                        sigmas[pid] = sigma
+                except Exception as err:  # noqa: BLE001 - every rank raises below
+                    packed[off : off + s * k + k].fill_(float("nan"))
+                    failure = failure or err
                 off += s * k + k
         comms.broadcast(packed, src=owner, tag="projector")
         off = 0
         for (pid, _), (s, k) in zip(mine, sizes):
-            A = packed[off : off + s * k].view(s, k).clone()
-            v = packed[off + s * k : off + s * k + k].clone()
+            block = packed[off : off + s * k + k]
+            if not bool(torch.isfinite(block).all()):
+                raise RuntimeError(
+                    f"plumage_hook: the refresh of {state.param_names[pid]!r} failed on its owner, rank {owner}; "
+                    "the hook state is unchanged"
+                ) from failure
+            staged.append((pid, s, block[: s * k].view(s, k).clone(), block[s * k :].clone()))
             off += s * k + k
-            if state.resample:
-                state.designs[pid] = (refresh_idx, A, v.double())
-                state.projections.pop(pid, None)
-                picked = v[v > 0]
-            else:
-                state.projections[pid] = (refresh_idx, A, v)
-                picked = v
-            # every positive probability equal to 1 at r < s: no randomness left in the design
-            r = state.effective_rank(pid)
-            if get_estimator(state.estimator).unbiased and r < s and bool((picked == 1).all()):
-                state.deterministic.add(pid)
-            else:
-                state.deterministic.discard(pid)
+    for pid, s, A, v in staged:
+        if state.resample:
+            state.designs[pid] = (refresh_idx, A, v.double())
+            state.projections.pop(pid, None)
+            picked = v[v > 0]
+        else:
+            state.projections[pid] = (refresh_idx, A, v)
+            picked = v
+        # every positive probability equal to 1 at r < s: no randomness left in the design
+        r = state.effective_rank(pid)
+        if get_estimator(state.estimator).unbiased and r < s and bool((picked == 1).all()):
+            state.deterministic.add(pid)
+        else:
+            state.deterministic.discard(pid)
+    state.sigma.update(sigmas)
 
 
 def _allreduce_coefficients(

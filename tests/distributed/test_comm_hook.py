@@ -54,6 +54,8 @@ class TorchLM(torch.nn.Module):
     """A one-block causal transformer from ``torch.nn`` only (the W=4 run skips importing
     ``transformers`` in 4 processes on 2 cores); same ``model(input_ids=...).logits`` API."""
 
+    hook_targets = [r"^block"]  # no LLaMA/GPT-2 names: the block's attention and MLP matrices, explicitly
+
     def __init__(self, seed: int = 0):
         super().__init__()
         torch.manual_seed(seed)
@@ -90,14 +92,15 @@ COEFF_BYTES = {None: 4, "int8": 1, "fp16": 2}
 def step_bytes_formula(
     shapes, phase: str, world: int, rank: int, min_rate: float = 2.0, *, quantize=None, resample_interval=0, **_
 ) -> float:
-    """Bytes this rank sends in one iteration (ring model, fp32 gradients), as stated in docs/comm_hook.md."""
+    """Bytes this rank sends in one iteration (ring model, fp32 gradients), as stated in docs/comm_hook.md;
+    ``shapes``: ``(shape, is_target)`` per parameter."""
     resample = resample_interval > 0
     ar, bc = 2.0 * (world - 1) / world, (world - 1) / world
     total = 0.0
-    for shape in shapes:
+    for shape, target in shapes:
         numel = torch.Size(shape).numel()
         compressed = False
-        if len(shape) >= 2:
+        if target and len(shape) >= 2:
             m, n = shape[0], numel // shape[0]
             s, l = min(m, n), max(m, n)
             r = min(rank, s)
@@ -241,7 +244,8 @@ def _train(rank, world, variant, steps, *, save_at=None, resume=None, make_model
     if resume is None:
         # refresh every 3 steps; a Haar redraw every 2 (its interval is update_interval too)
         interval = 2 if VARIANTS[variant]["estimator"] == "haar" else 3
-        state = PlumageHookState(dmodel, rank=4, update_interval=interval, start_iter=1, seed=7, **VARIANTS[variant])
+        state = PlumageHookState(dmodel, rank=4, update_interval=interval, start_iter=1, seed=7,
+                                 target_modules=getattr(model, "hook_targets", None), **VARIANTS[variant])
     else:
         blob, model_sd, opt_sd, first = resume
         model.load_state_dict(torch.load(io.BytesIO(model_sd), weights_only=True))
@@ -273,7 +277,7 @@ def _train(rank, world, variant, steps, *, save_at=None, resume=None, make_model
         "params": flat,
         "phases": phases,
         "step_bytes": step_bytes,
-        "shapes": [tuple(p.shape) for p in model.parameters()],
+        "shapes": [(tuple(p.shape), pid in state.targets) for pid, p in enumerate(model.parameters())],
         "modes": state.param_modes(),
         "saved": saved,
     }
@@ -295,8 +299,87 @@ def _replica_runs(rank, world, with_resume, make_model=tiny_model):
     return out
 
 
+def _hook_faults(rank, world):
+    """NaN on rank 1 at an ordinary (iteration 3) and at a refresh step (iteration 4; refreshes at
+    1, 4, 7), with PlumageAdamW behind the hook (both policies); then an ``eigh`` that fails on
+    rank 0 only during a refresh. Every case must end on both ranks, nothing changed."""
+    import plumage_ds.estimators.spectral as spectral
+    from plumage_ds import PlumageAdamW
+
+    out = {}
+
+    def snapshot(model, state):
+        return ([p.detach().clone() for p in model.parameters()],
+                {pid: (d, P.clone(), v.clone()) for pid, (d, P, v) in state.projections.items()})  # fmt: skip
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and a[1].keys() == b[1].keys() and all(
+            a[1][k][0] == b[1][k][0] and torch.equal(a[1][k][1], b[1][k][1]) for k in a[1])  # fmt: skip
+
+    for policy in ("skip", "raise"):
+        for bad in (3, 4):
+            model = tiny_model()
+            dmodel = ddp(model)
+            state = PlumageHookState(dmodel, rank=4, update_interval=3, start_iter=1, seed=7, uniform_mix=0.1)
+            dmodel.register_comm_hook(state, plumage_hook)
+            opt = PlumageAdamW(model.parameters(), lr=1e-2, rank=4, update_interval=3, nonfinite=policy)
+            res = {"raised": None}
+            for step in range(7):
+                loss = causal_lm_loss(dmodel, batch(step, 0, rank))
+                if step == bad and rank == 1:
+                    loss = loss * float("nan")
+                opt.zero_grad()
+                loss.backward()
+                if step == bad:
+                    before = snapshot(model, state)
+                try:
+                    opt.step()
+                except FloatingPointError as err:
+                    res["raised"] = str(err)
+                if step == bad:
+                    res["unchanged"] = same(before, snapshot(model, state))
+                    if res["raised"]:
+                        break
+            res["finite"] = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+            res["skipped"] = opt.skipped_steps
+            res["skipped_refreshes"] = state.skipped_refreshes
+            out[f"nan_{policy}_{bad}"] = res
+            del dmodel
+            gc.collect()
+
+    model = tiny_model()
+    dmodel = ddp(model)
+    state = PlumageHookState(dmodel, rank=4, update_interval=3, start_iter=1, seed=7, uniform_mix=0.1)
+    dmodel.register_comm_hook(state, plumage_hook)
+    for step in range(4):  # iterations 0..3; iteration 4 refreshes
+        dmodel.zero_grad()
+        causal_lm_loss(dmodel, batch(step, 0, rank)).backward()
+    before = (state.iter, {k: v[1].clone() for k, v in state.projections.items()})
+    healthy = spectral.torch.linalg.eigh
+    if rank == 0:
+        def broken(*a, **k):
+            raise torch.linalg.LinAlgError("eigh failed to converge (injected)")
+
+        spectral.torch.linalg.eigh = broken
+    try:
+        dmodel.zero_grad()
+        causal_lm_loss(dmodel, batch(4, 0, rank)).backward()
+        error = None
+    except RuntimeError as err:
+        error = str(err)
+    finally:
+        spectral.torch.linalg.eigh = healthy
+    after = (state.iter, {k: v[1].clone() for k, v in state.projections.items()})
+    out["failed_refresh"] = {"error": error, "unchanged": before[0] == after[0] and before[1].keys() == after[1].keys()
+                             and all(torch.equal(before[1][k], after[1][k]) for k in before[1])}  # fmt: skip
+    del dmodel
+    gc.collect()
+    return out
+
+
 def _worker_w2(rank, world):
-    return {"unbiased": _unbiasedness(rank, world), "replicas": _replica_runs(rank, world, True)}
+    return {"unbiased": _unbiasedness(rank, world), "replicas": _replica_runs(rank, world, True),
+            "faults": _hook_faults(rank, world)}  # fmt: skip
 
 
 def _worker_w4(rank, world):
@@ -323,9 +406,11 @@ def _check_replicas(results, world, resumed):
         expect_phases = expect_phases[: len(r0["phases"])]
         assert len(expect_phases) >= 5
         assert r0["phases"] == expect_phases
-        # several buckets with compressed and dense parameters
+        # several buckets with compressed and dense parameters; the embedding and head are not targets
         modes = r0["modes"]
         assert {m for m, _ in modes.values()} == {"lowrank", "dense"}
+        embed = "model.embed_tokens.weight" if "model.embed_tokens.weight" in modes else "embed.weight"
+        assert modes[embed] == ("dense", "not a target (target_modules)")
         for phase, got in zip(r0["phases"], r0["step_bytes"]):
             want = step_bytes_formula(r0["shapes"], phase, world, rank=4, **VARIANTS[est])
             assert got == pytest.approx(want, rel=1e-12), (est, phase, got, want)
@@ -348,7 +433,9 @@ def test_unbiased_on_real_buckets_and_galore_biased(w2):
     # CLT criterion rejects it, and its bias is a sizeable part of the gradient.
     assert u["galore"]["clt2"] == pytest.approx(0.0, abs=1e-20)
     assert u["galore"]["err2"] > 1e6 * max(u["galore"]["clt2"], 1e-30)
-    assert u["galore"]["err2"] > 0.3 * u["galore"]["norm2"]
+    # only the attention/MLP matrices are compressed (the default selection): their truncation still
+    # costs several percent of the whole gradient (8.5 % measured)
+    assert u["galore"]["err2"] > 0.05 * u["galore"]["norm2"]
 
 
 @pytest.mark.distributed
@@ -405,7 +492,9 @@ def test_invalid_arguments_and_unbound_state():
         PlumageHookState(model, estimator="optimal", sigma_weight=0.0)
     with pytest.raises(ValueError, match=r"^Invalid comm_hook.sigma_weight=0.5: only 'optimal' keeps Σ, not 'plumage'$"):
         PlumageHookState(model, sigma_weight=0.5)
-    state = PlumageHookState(model, rank=4)
+    with pytest.raises(ValueError, match=r"target_modules=None \(the default selection\) selected no matrix"):
+        PlumageHookState(model, rank=4)  # no attention/MLP names: the default selection finds nothing
+    state = PlumageHookState(model, rank=4, target_modules=["proj"])
     blob = pickle.dumps(state)  # no process group: still plain data
     restored = pickle.loads(blob)
     assert restored.param_names == state.param_names and restored.rank == 4
@@ -421,7 +510,34 @@ def test_invalid_arguments_and_unbound_state():
     assert modes["norm.weight"] == ("dense", "1-D tensor")
     assert modes["proj.bias"] == ("dense", "1-D tensor")
     assert modes["proj.weight"] == ("lowrank", "plumage r=4 of s=32, l=64: 8x fewer bytes")
-    quantized = PlumageHookState(model, rank=16, resample_interval=1, quantize="int8").param_modes()["proj.weight"]
+    quantized = PlumageHookState(model, rank=16, resample_interval=1, quantize="int8", target_modules="proj").param_modes()["proj.weight"]
     assert quantized == ("lowrank", "plumage r=16 of s=32, l=64, resampled, int8: 8x fewer bytes")
-    narrow = PlumageHookState(model, rank=20).param_modes()["proj.weight"]
+    narrow = PlumageHookState(model, rank=20, target_modules="proj").param_modes()["proj.weight"]
     assert narrow == ("dense", "compression rate s/r=32/20 < min_compression_rate=2")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("bad", [3, 4], ids=["ordinary", "refresh"])
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_nan_on_one_rank_passes_through_and_the_optimizer_decides(w2, policy, bad):
+    """The hook averages the NaN exactly (no hang), never refreshes from it; PlumageAdamW behind it
+    skips (or raises) on both ranks; parameters and the hook's projections unchanged."""
+    for res in w2:
+        run = res["faults"][f"nan_{policy}_{bad}"]
+        assert run["unchanged"] and run["finite"], run
+        if policy == "skip":
+            assert run["raised"] is None and run["skipped"] == 1
+        else:
+            assert run["raised"].startswith("Non-finite gradient in [")
+        if bad == 4:  # the refresh saw NaN in every compressed matrix: none refreshed from it
+            assert run["skipped_refreshes"] > 0
+        else:
+            assert run["skipped_refreshes"] == 0
+
+
+@pytest.mark.distributed
+def test_refresh_failing_on_its_owner_raises_on_every_rank(w2):
+    errors = [res["faults"]["failed_refresh"]["error"] for res in w2]
+    assert errors[0] is not None and errors[0] == errors[1], errors
+    assert "plumage_hook: the refresh of" in errors[0] and "failed on its owner, rank 0" in errors[0]
+    assert all(res["faults"]["failed_refresh"]["unchanged"] for res in w2)

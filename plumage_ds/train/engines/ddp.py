@@ -45,7 +45,7 @@ class DDPEngine(Engine):
         return contextlib.nullcontext() if last or not hasattr(self.module, "no_sync") else self.module.no_sync()
 
 
-_HOOK_UNUSED = {"dinv_placement": "none", "scale": 1.0, "realign": None, "strict": False, "target_modules": None}
+_HOOK_UNUSED = {"dinv_placement": "none", "scale": 1.0, "realign": None, "strict": False}
 
 
 class DDPHookEngine(DDPEngine):
@@ -61,7 +61,7 @@ class DDPHookEngine(DDPEngine):
                 raise ConfigError(
                     f"optimizer.{key}", getattr(cfg, key),
                     "does not apply to train.engine='ddp_hook' (the hook hands torch AdamW the decompressed "
-                    "gradient; it compresses every matrix that passes comm_hook.min_compression_rate)",
+                    "gradient; it compresses the target_modules matrices that pass comm_hook.min_compression_rate)",
                 )
 
     def setup(self, model) -> None:

@@ -65,6 +65,7 @@ requested rank go uncompressed; :meth:`PlumageHookState.param_modes` reports eac
 
 import dataclasses
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -108,6 +109,17 @@ RESAMPLE_TAG = 1 << 40
 refresh draws use the refresh index itself), so the two streams never share a seed."""
 
 _ROUNDING_TAG = 0x5EA1
+
+STACK_ELEMENTS = {"cpu": 1 << 12}
+"""Largest ``G_o`` (elements) whose projection and lift are stacked with its same-shape peers into
+one ``bmm``, per device type. CPU: 4096. Measured on one thread (projection + lift of 8–32 same-shape
+matrices, ``G_o`` a transposed view as in a bucket): stacked took 0.52× the per-matrix time at
+32 × 86, 0.90–1.06× at 64 × 172, and 3–5× *longer* from 256 × 688 on (copying the stack of ``G``
+costs more than the calls it saves). Other devices: :data:`STACK_ELEMENTS_DEFAULT` (small kernels
+there are launch-bound; not measured: no GPU was available)."""
+STACK_ELEMENTS_DEFAULT = 1 << 22
+STACK_BATCH_BYTES = 64 << 20
+"""Cap on the stacked ``G_o`` of one ``bmm`` (bounds the transient copy)."""
 
 _HOOK_KEYS = tuple(f.name for f in dataclasses.fields(CommHookConfig))
 
@@ -189,6 +201,7 @@ class PlumageHookState:
         "resample",
         "quantize",
         "sigma_weight",
+        "async_comm",
         "iter",
         "param_names",
         "param_shapes",
@@ -235,6 +248,7 @@ class PlumageHookState:
         self.resample = hook.resample_interval > 0
         self.quantize = hook.quantize
         self.sigma_weight = hook.sigma_weight
+        self.async_comm = hook.async_comm
         self.iter = 0
         named = _named_trainable(model)
         if not named:
@@ -362,6 +376,13 @@ class PlumageHookState:
             self._collectives = Collectives(self.process_group)
         return self._collectives
 
+    def uses_async(self) -> bool:
+        """Whether ordinary and warm-up steps return a Future chained on an async all-reduce:
+        ``comm_hook.async_comm``, or (``None``) whether the group's backend is NCCL."""
+        if self.async_comm is not None:
+            return self.async_comm
+        return dist.get_backend(self.process_group) == "nccl"
+
     def comm_stats(self) -> dict:
         """Bytes per ``tag/kind``: ``last_step`` (last completed iteration) and ``total``."""
         return self.collectives().comm_stats()
@@ -424,9 +445,11 @@ class PlumageHookState:
             self.collectives().end_step()
 
 
-def _future(t: Tensor) -> torch.futures.Future:
-    fut = torch.futures.Future(devices=[t.device]) if t.is_cuda else torch.futures.Future()
-    fut.set_result(t)
+def _new_future(device: torch.device, value: Optional[Tensor] = None) -> torch.futures.Future:
+    """A Future on ``device`` (CUDA: DDP's wait then orders its stream after ours), completed with ``value`` if given."""
+    fut = torch.futures.Future(devices=[device]) if device.type == "cuda" else torch.futures.Future()
+    if value is not None:
+        fut.set_result(value)
     return fut
 
 
@@ -546,59 +569,167 @@ def _refresh(state: PlumageHookState, comms: Collectives, pids: list[int], grads
     state.sigma.update(sigmas)
 
 
-def _allreduce_coefficients(
-    state: PlumageHookState, comms: Collectives, packed: Tensor, rows: list[tuple[int, int]], pids: list[int]
-) -> Tensor:
-    """``mean_k R_k`` of the packed ``R_k`` blocks (``rows``: ``(r, l)`` of matrix ``pids[i]``).
+def _stack_groups(mats: list[tuple], device: torch.device) -> list[list[int]]:
+    """Indices of ``mats`` (``(pid, G_o, P, d)``) grouped for :func:`_project` / :func:`_lift`.
 
-    fp32: one all-reduce (``lowrank_grad``), in place. Quantized: one max-all-reduce of the per-row
-    scales (``lowrank_scale``), stochastic rounding of each matrix with a generator seeded from
-    ``(seed, iter, rank, param_id)`` (independent of how DDP groups parameters into buckets, so a
-    resumed run rounds identically), one all-reduce of the integers in their container
-    (``lowrank_grad``), then the exact dequantization. Unbiased either way.
+    Same-shape matrices whose ``G_o`` has at most :data:`STACK_ELEMENTS` elements (per device type)
+    form stacks of at most :data:`STACK_BATCH_BYTES` of ``G_o``; every other matrix is a group of
+    one. Groups come in order of first appearance, so without stacking the order is the bucket's.
     """
-    world = comms.world_size
-    if state.quantize is None:
-        packed.div_(world)
-        comms.all_reduce(packed, tag="lowrank_grad")
-        return packed
-    blocks, off = [], 0
-    for r, l in rows:
-        blocks.append(packed[off : off + r * l].view(r, l))
-        off += r * l
-    scales = torch.cat([row_scales(R) for R in blocks])  # (Σ r,)
+    limit = STACK_ELEMENTS.get(device.type, STACK_ELEMENTS_DEFAULT)
+    keyed: dict = {}
+    for i, (_, G, P, _) in enumerate(mats):
+        key = (tuple(G.shape), tuple(P.shape)) if G.numel() <= limit else i
+        keyed.setdefault(key, []).append(i)
+    groups = []
+    for idx in keyed.values():
+        per = max(1, STACK_BATCH_BYTES // (4 * mats[idx[0]][1].numel()))
+        groups += [idx[k : k + per] for k in range(0, len(idx), per)]
+    return groups
+
+
+def _project(out: Tensor, mats: list[tuple], groups: list[list[int]]) -> list[Tensor]:
+    """``R_k = Pᵀ G_o``  # (r, l) fp32 of every matrix, written into ``out`` group after group
+    (one ``bmm`` per stacked group); returns the ``(r, l)`` views of ``out`` in ``mats`` order."""
+    views: list = [None] * len(mats)
+    off = 0
+    for grp in groups:
+        _, G, P, _ = mats[grp[0]]
+        r, l = P.shape[1], G.shape[1]
+        blk = out[off : off + len(grp) * r * l].view(len(grp), r, l)  # (B, r, l)
+        if len(grp) == 1:
+            torch.matmul(P.mT, G.float(), out=blk[0])
+        else:
+            PT = torch.stack([mats[i][2].mT for i in grp])  # (B, r, s)
+            torch.bmm(PT, torch.stack([mats[i][1].float() for i in grp]), out=blk)
+        for k, i in enumerate(grp):
+            views[i] = blk[k]
+        off += len(grp) * r * l
+    return views
+
+
+def _lift(mats: list[tuple], groups: list[list[int]], Rs: list[Tensor]) -> None:
+    """``G_o ← P D⁻¹ R`` for every matrix (``Rs``: ``mean_k R_k``  # (r, l), in ``mats`` order),
+    written into the bucket through the ``G_o`` views; one ``bmm`` per stacked group."""
+    for grp in groups:
+        if len(grp) == 1:
+            i = grp[0]
+            _, G, P, d = mats[i]
+            G.copy_(P @ (Rs[i] / d[:, None]))
+            continue
+        P = torch.stack([mats[i][2] for i in grp])  # (B, s, r)
+        L = torch.bmm(P, torch.stack([Rs[i] / mats[i][3][:, None] for i in grp]))  # (B, s, l)
+        for k, i in enumerate(grp):
+            mats[i][1].copy_(L[k])
+
+
+def _quantize(state: PlumageHookState, comms: Collectives, Rs: list[Tensor], pids: list[int]) -> tuple[Tensor, Tensor, int]:
+    """``(q, scales, levels)``: every ``R_k`` stochastically rounded onto the shared grid, packed.
+
+    One max-all-reduce of the per-row scales (``lowrank_scale``, synchronous on both paths: ``q``
+    needs it), then rounding with a generator seeded from ``(seed, iter, rank, param_id)``
+    (independent of how DDP groups parameters into buckets, so a resumed run rounds identically).
+    """
+    scales = torch.cat([row_scales(R) for R in Rs])  # (Σ r,)
     comms.all_reduce(scales, tag="lowrank_scale", op=dist.ReduceOp.MAX)
-    levels = quantization_levels(state.quantize, world)
+    levels = quantization_levels(state.quantize, comms.world_size)
     q, at = [], 0
-    for R, pid in zip(blocks, pids):
-        gen = torch.Generator(device=packed.device)
+    for R, pid in zip(Rs, pids):
+        gen = torch.Generator(device=R.device)
         gen.manual_seed(derive_seed(state.seed, _ROUNDING_TAG, state.iter, comms.rank, pid))
         q.append(quantize_rows(R, scales[at : at + R.shape[0]], levels, gen, state.quantize).reshape(-1))
         at += R.shape[0]
-    q = torch.cat(q)
-    comms.all_reduce(q, tag="lowrank_grad")
-    out, off, at = torch.empty_like(packed), 0, 0
-    for r, l in rows:
-        out[off : off + r * l].view(r, l).copy_(dequantize_rows(q[off : off + r * l].view(r, l), scales[at : at + r], levels, world))
+    return torch.cat(q), scales, levels
+
+
+def _dequantize(q_sum: Tensor, scales: Tensor, levels: int, world: int, Rs: list[Tensor]) -> list[Tensor]:
+    """``mean_k R_k`` per matrix (shapes of ``Rs``) from the summed integers: exact, unbiased."""
+    out, off, at = [], 0, 0
+    for R in Rs:
+        r, l = R.shape
+        out.append(dequantize_rows(q_sum[off : off + r * l].view(r, l), scales[at : at + r], levels, world))
         off += r * l
         at += r
     return out
 
 
+def _pack_into(flat: Tensor, tensors: list[Tensor]) -> None:
+    off = 0
+    for t in tensors:
+        flat[off : off + t.numel()].copy_(t.reshape(-1))
+        off += t.numel()
+
+
+def _unpack_from(flat: Tensor, tensors: list[Tensor]) -> None:
+    off = 0
+    for t in tensors:
+        t.copy_(flat[off : off + t.numel()].view_as(t))
+        off += t.numel()
+
+
+def _when_all(futs: list[torch.futures.Future], finish, device: torch.device) -> torch.futures.Future:
+    """A Future holding ``finish(*tensors)`` once every all-reduce Future of ``futs`` completed.
+
+    The last completion runs ``finish``; no callback ever waits on an unfinished Future (a blocking
+    wait inside a gloo callback can hang DDP with several buckets), and ``wait()`` on the finished
+    ones only orders the current stream after theirs (CUDA).
+    """
+    out = _new_future(device)
+    left, lock = [len(futs)], threading.Lock()
+
+    def done(_):
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        try:
+            out.set_result(finish(*[f.wait()[0] for f in futs]))
+        except Exception as err:  # noqa: BLE001 - DDP re-raises it from backward
+            out.set_exception(err)
+
+    for f in futs:
+        f.add_done_callback(done)
+    return out
+
+
+def _communicate(state: PlumageHookState, bucket, transfers: list[tuple[Tensor, str]], finish) -> torch.futures.Future:
+    """Sum-all-reduce each ``(tensor, tag)`` of ``transfers``, then ``finish(*tensors)`` → the bucket buffer.
+
+    Synchronous (:meth:`PlumageHookState.uses_async` false): blocking collectives, ``finish`` inside the
+    hook, a completed Future. Asynchronous: the all-reduces start with ``async_op=True`` and ``finish``
+    is chained on their Futures (``Future.then``), so DDP overlaps them with the rest of the backward.
+    Both run the same operations on the same tensors: the results are bitwise equal. The step's
+    accounting closes at launch (``_end_bucket``): ``finish`` never reads ``state.iter``.
+    """
+    comms = state.collectives()
+    if not state.uses_async():
+        for t, tag in transfers:
+            comms.all_reduce(t, tag=tag)
+        out = finish(*[t for t, _ in transfers])
+        state._end_bucket(bucket)
+        return _new_future(out.device, out)
+    futs = [comms.all_reduce_future(t, tag=tag) for t, tag in transfers]
+    state._end_bucket(bucket)
+    if len(futs) == 1:
+        return futs[0].then(lambda fut: finish(fut.value()[0]))
+    return _when_all(futs, finish, bucket.buffer().device)
+
+
 def plumage_hook(state: PlumageHookState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
     """DDP comm hook: unbiased low-rank all-reduce, ``E[Ĝ] = mean_k G_k``, no error feedback.
 
-    Per bucket, synchronously (see the module docstring for the full list):
+    Per bucket (see the module docstring for the full list):
 
     * warm-up / nothing to compress: ``all_reduce(buffer / W)``;
-    * refresh (``plumage``/``optimal``/``galore``): ``all_reduce(buffer / W)`` — exact for this
-      step — then per owner one ``broadcast`` of the packed ``[P, d]`` (or design ``[U, p]``) it
-      computed from that average;
-    * ordinary step: ``all_reduce(pack(Pᵀ G_k) / W)`` for the compressed matrices (quantized:
-      a max-all-reduce of row scales, then the integers) and ``all_reduce(pack(rest) / W)``;
+    * refresh (``plumage``/``optimal``/``galore``), always synchronous: ``all_reduce(buffer / W)`` —
+      exact for this step — then per owner one ``broadcast`` of the packed ``[P, d]`` (or design
+      ``[U, p]``) it computed from that average;
+    * ordinary step: ONE ``all_reduce([pack(Pᵀ G_k), pack(rest)] / W)`` (fp32 coefficients and an
+      fp32 bucket; quantized: a max-all-reduce of row scales, the integers, and the rest on its own);
       then ``G_o ← P D⁻¹ R`` in the bucket buffer.
 
-    Returns an already-completed Future holding the bucket buffer.
+    Synchronous (gloo default) it returns an already-completed Future; asynchronous (NCCL default,
+    ``comm_hook.async_comm``) a Future chained on the all-reduce, bitwise the same result.
     """
     buffer = bucket.buffer()
     grads = _bucket_views(bucket, buffer)
@@ -610,46 +741,50 @@ def plumage_hook(state: PlumageHookState, bucket: dist.GradBucket) -> torch.futu
     if phase == "lowrank" and not all(state._has_projection(pids[i]) for i in compressed):
         phase = "refresh"  # no projection yet (e.g. a state created mid-run): same decision on every rank
 
+    if phase == "refresh" and compressed:  # synchronous on both paths: the owners need the average now
+        buffer.div_(world)
+        comms.all_reduce(buffer, tag="refresh_grad")
+        _refresh(state, comms, [pids[i] for i in compressed], [grads[i] for i in compressed])
+        state._end_bucket(bucket)
+        return _new_future(buffer.device, buffer)
     if phase != "lowrank" or not compressed:
         buffer.div_(world)
-        comms.all_reduce(buffer, tag="refresh_grad" if phase == "refresh" else "dense_grad")
-        if phase == "refresh" and compressed:
-            _refresh(state, comms, [pids[i] for i in compressed], [grads[i] for i in compressed])
-        state._end_bucket(bucket)
-        return _future(buffer)
+        return _communicate(state, bucket, [(buffer, "refresh_grad" if phase == "refresh" else "dense_grad")],
+                            lambda avg: avg)  # fmt: skip
 
     # ordinary low-rank step
-    views, projs, sizes = [], [], []
+    mats = []  # (pid, G_o (s, l) view into the bucket, P (s, r), d (r,))
     for i in compressed:
-        pid = pids[i]
-        P, d = state._current(pid, buffer.device)
-        G_o = _oriented_views(state, pid, grads[i])  # (s, l)
-        views.append(G_o)
-        projs.append((P, d))
-        sizes.append(P.shape[1] * G_o.shape[1])
-    packed = torch.empty(sum(sizes), dtype=torch.float32, device=buffer.device)
-    off = 0
-    for G_o, (P, _), n in zip(views, projs, sizes):
-        torch.matmul(P.mT, G_o.float(), out=packed[off : off + n].view(P.shape[1], G_o.shape[1]))  # R_k (r, l)
-        off += n
-    rows = [(P.shape[1], G_o.shape[1]) for G_o, (P, _) in zip(views, projs)]
-    packed = _allreduce_coefficients(state, comms, packed, rows, [pids[i] for i in compressed])
-
+        P, d = state._current(pids[i], buffer.device)
+        mats.append((pids[i], _oriented_views(state, pids[i], grads[i]), P, d))
+    groups = _stack_groups(mats, buffer.device)
     compressed_set = set(compressed)
-    dense_idx = [i for i in range(len(pids)) if i not in compressed_set]
-    if dense_idx:
-        flat = torch.cat([grads[i].reshape(-1) for i in dense_idx]).div_(world)
-        comms.all_reduce(flat, tag="dense_grad")
-        off = 0
-        for i in dense_idx:
-            n = grads[i].numel()
-            grads[i].copy_(flat[off : off + n].view_as(grads[i]))
-            off += n
+    dense = [grads[i] for i in range(len(pids)) if i not in compressed_set]
+    n_coef = sum(P.shape[1] * G.shape[1] for _, G, P, _ in mats)
+    n_dense = sum(g.numel() for g in dense)
+    # the rest rides in the coefficients' buffer when both are fp32 (a bf16 rest would double its bytes)
+    packed_rest = state.quantize is None and buffer.dtype == torch.float32
+    coef = torch.empty(n_coef + (n_dense if packed_rest else 0), dtype=torch.float32, device=buffer.device)
+    Rs = _project(coef, mats, groups)  # R_k (r, l) views of coef
+    if packed_rest:
+        _pack_into(coef[n_coef:], dense)
+    transfers = []
+    if state.quantize is None:
+        transfers.append((coef.div_(world), "lowrank_grad"))
+    else:
+        q, scales, levels = _quantize(state, comms, Rs, [m[0] for m in mats])
+        transfers.append((q, "lowrank_grad"))
+    if dense and not packed_rest:
+        rest = torch.empty(n_dense, dtype=buffer.dtype, device=buffer.device)
+        _pack_into(rest, dense)
+        transfers.append((rest.div_(world), "dense_grad"))
 
-    off = 0
-    for G_o, (P, d), n in zip(views, projs, sizes):
-        R = packed[off : off + n].view(P.shape[1], G_o.shape[1])  # mean_k Pᵀ G_k (r, l)
-        G_o.copy_(P @ (R / d[:, None]))  # Ĝ_o = P D⁻¹ R
-        off += n
-    state._end_bucket(bucket)
-    return _future(buffer)
+    def finish(avg: Tensor, rest: Optional[Tensor] = None) -> Tensor:
+        if packed_rest:
+            _unpack_from(avg[n_coef:], dense)
+        elif rest is not None:
+            _unpack_from(rest, dense)
+        _lift(mats, groups, Rs if state.quantize is None else _dequantize(avg, scales, levels, world, Rs))
+        return buffer
+
+    return _communicate(state, bucket, transfers, finish)

@@ -110,13 +110,15 @@ refresh draws use the refresh index itself), so the two streams never share a se
 
 _ROUNDING_TAG = 0x5EA1
 
-STACK_ELEMENTS = {"cpu": 1 << 12}
+STACK_ELEMENTS = {"cpu": 0}
 """Largest ``G_o`` (elements) whose projection and lift are stacked with its same-shape peers into
-one ``bmm``, per device type. CPU: 4096. Measured on one thread (projection + lift of 8–32 same-shape
-matrices, ``G_o`` a transposed view as in a bucket): stacked took 0.52× the per-matrix time at
-32 × 86, 0.90–1.06× at 64 × 172, and 3–5× *longer* from 256 × 688 on (copying the stack of ``G``
-costs more than the calls it saves). Other devices: :data:`STACK_ELEMENTS_DEFAULT` (small kernels
-there are launch-bound; not measured: no GPU was available)."""
+one ``bmm``, per device type. CPU: 0 (never). Measured on one thread (projection + lift of 8–32
+same-shape matrices, ``G_o`` a transposed view as in a bucket): stacked took 0.52× the per-matrix
+time at 32 × 86, 0.90–1.06× at 64 × 172, and 3–5× *longer* from 256 × 688 on (copying the stack of
+``G`` costs more than the calls it saves) — so it would only help toy models, and it rounds
+differently from the per-matrix products (≈ 1e-8), which per matrix keep the bits of the
+two-collective hook. Other devices: :data:`STACK_ELEMENTS_DEFAULT` (small kernels there are
+launch-bound; not measured: no GPU was available)."""
 STACK_ELEMENTS_DEFAULT = 1 << 22
 STACK_BATCH_BYTES = 64 << 20
 """Cap on the stacked ``G_o`` of one ``bmm`` (bounds the transient copy)."""

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from ..config import NONFINITE_POLICIES, validate_adam_options
 from ..estimators import is_left, oriented_shape
-from .adam import adam_direction, adam_moments, adam_step_size
+from .adam import adam_step_size
+from .batched import adam_direction_foreach, adam_moments_foreach, group_indices, nonfinite_flags
 from .distributor import Distributor, LocalDistributor
 from .sharding import FSDP_ROWS, REPLICATED, ZERO3_FLAT, chunk_bounds, is_dtensor, local, sharding_case, wrap_like
 
@@ -387,11 +388,16 @@ class MatrixOptimizer(torch.optim.Optimizer):
         parameter raises: the engine probably took the parameters away.
         """
         n = len(self._entries)
-        has, bad = [], []
-        for e in self._entries:
-            pending = [t for t in (local(e.param.grad), self._projected.get(e.index)) if t is not None]
-            has.append(bool(pending))
-            bad.append(any(t.numel() > 0 and not bool(torch.isfinite(t).all()) for t in pending))
+        pending, owner_of = [], []  # every gradient tensor of the step, and its entry's position
+        for i, e in enumerate(self._entries):
+            for t in (local(e.param.grad), self._projected.get(e.index)):
+                if t is not None:
+                    pending.append(t)
+                    owner_of.append(i)
+        has, bad = [False] * n, [False] * n
+        for i, flag in zip(owner_of, nonfinite_flags(pending)):
+            has[i] = True
+            bad[i] = bad[i] or flag
         agreed = self._distributor.any_true(has + bad)
         has_grad, nonfinite = agreed[:n], agreed[n:]
         if not any(has_grad):
@@ -430,33 +436,42 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def _dense_adamw(
         self, dense: list[_Entry], g_owned: list[Optional[Tensor]], clip: float, staged: dict
     ) -> list[Optional[Tensor]]:
-        """AdamW on the pieces this rank owns: their new fp32 weights (``None`` elsewhere).
+        """AdamW on the pieces this rank holds: their new fp32 weights (``None`` where it holds none).
 
-        Out of place: new moments go to ``staged[e.index]``; nothing is written to the state.
+        ``g_owned[i]`` is this rank's piece of the averaged gradient, shaped like
+        :meth:`_dense_piece`. Out of place: new moments go to ``staged[e.index]``; nothing is
+        written to the state. Batched: one ``_foreach`` chain per set of equal hyperparameters.
         """
-        new_dense: list[Optional[Tensor]] = []
-        for e, G in zip(dense, g_owned):
-            if G is None:
-                new_dense.append(None)
-                continue
-            st = self.state.get(e.param, {})
-            g = e.group
-            beta1, beta2 = g["betas"]
+        new_dense: list[Optional[Tensor]] = [None] * len(dense)
+        live = [i for i, G in enumerate(g_owned) if G is not None]
+        keys = []
+        for i in live:
+            g = dense[i].group
+            keys.append((g["lr"], g["weight_decay"], g["betas"], g["eps"], self._step_of(dense[i])))
+        for part in group_indices(keys):
+            idx = [live[j] for j in part]
+            lr, wd, (beta1, beta2), eps, step = keys[part[0]]
+            G = [g_owned[i] for i in idx]
             if clip != 1.0:
-                G = G * clip
-            M = st.get("exp_avg")
-            if M is None:
-                M = V = torch.zeros_like(G)
-            else:
-                V = st["exp_avg_sq"]
-            M, V = adam_moments(M, V, G, beta1, beta2)
-            N = adam_direction(M, V, g["eps"])
-            W = local(e.param).detach().float().mul(1.0 - g["lr"] * g["weight_decay"]).sub_(
-                N, alpha=adam_step_size(g["lr"], self._step_of(e) + 1, beta1, beta2)
-            )
-            staged.setdefault(e.index, {}).update(exp_avg=M, exp_avg_sq=V)
-            new_dense.append(W)
+                G = list(torch._foreach_mul(G, clip))
+            M_old, V_old = [], []
+            for i, g in zip(idx, G):
+                st = self.state.get(dense[i].param, {})
+                zeros = torch.zeros_like(g) if "exp_avg" not in st else None
+                M_old.append(st.get("exp_avg", zeros))
+                V_old.append(st.get("exp_avg_sq", zeros))
+            M, V = adam_moments_foreach(M_old, V_old, G, beta1, beta2)
+            N = adam_direction_foreach(M, V, eps)
+            W = list(torch._foreach_mul([self._dense_piece(dense[i]).float() for i in idx], 1.0 - lr * wd))
+            torch._foreach_sub_(W, N, alpha=adam_step_size(lr, step + 1, beta1, beta2))
+            for i, m, v, w in zip(idx, M, V, W):
+                staged.setdefault(dense[i].index, {}).update(exp_avg=m, exp_avg_sq=v)
+                new_dense[i] = w
         return new_dense
+
+    def _dense_piece(self, e: _Entry) -> Tensor:
+        """This rank's piece of a dense weight, which its AdamW updates (the local tensor by default)."""
+        return local(e.param).detach()
 
     def _commit(self, active: list[_Entry], staged: dict) -> None:
         """Write the staged state of a completed step and advance the step counters."""

@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""The optimizer step's cost against the number of matrices, batched and per matrix (one process, CPU).
+
+    PYTHONPATH=. python benchmarks/bench_hot_path.py                       # curve + stacking sweep, ~3 min
+    PYTHONPATH=. python benchmarks/bench_hot_path.py --spectral 4096x4096 4096x11008   # SVD/eigh cost, minutes
+
+``--curve``: ``PlumageAdamW.step()`` alone (gradients set by hand, no model) on ``N`` target matrices of
+one shape, ``N`` from 8 to 512, ordinary steps (no refresh): the batched path (default) and the
+same code under :func:`plumage_ds.optim.batched.per_matrix` (a matrix at a time), interleaved,
+median over repetitions. The ratio ``ms / N`` is the cost per matrix: flat when the step has no
+per-matrix overhead left.
+
+``--sweep``: for one shape family ``(s, 2.7·s)`` with ``r = s/4``, the projection ``Pᵀ G`` and the lift
+``P N`` of 16 matrices through :func:`~plumage_ds.optim.batched.matmuls` with and without stacking:
+where stacking stops paying (what sets ``STACK_ELEMENTS`` on CPU).
+
+``--spectral``: time of one full-spectrum decomposition of an ``m × n`` gradient: fp32 ``torch.linalg.svd``
+(what galore-torch runs) and the Gram route (``G Gᵀ`` and ``eigh`` in float64, the default here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def curve(shape: tuple[int, int], counts: list[int], rank: int, reps: int) -> list[dict]:
+    from plumage_ds import PlumageAdamW
+    from plumage_ds.optim import batched
+
+    rows = []
+    for n in counts:
+        g = torch.Generator().manual_seed(n)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=g) * 0.02) for _ in range(n)]
+        grads = [torch.randn(shape, generator=g) for _ in range(n)]
+        opt = PlumageAdamW(params, lr=1e-3, rank=rank, update_interval=10**9)  # one refresh (step 0), then ordinary
+        for p, G in zip(params, grads):
+            p.grad = G
+        opt.step()
+
+        def step():
+            opt.step()
+
+        def step_per_matrix():
+            with batched.per_matrix():
+                opt.step()
+
+        res = {"batched": [], "per_matrix": []}
+        for _ in range(3):  # interleaved rounds
+            res["batched"].append(_median_ms(step, reps))
+            res["per_matrix"].append(_median_ms(step_per_matrix, reps))
+        b, p = min(res["batched"]), min(res["per_matrix"])
+        rows.append({"n": n, "batched_ms": b, "per_matrix_ms": p})
+        print(f"# {shape} N={n}: batched {b:.2f} ms, per matrix {p:.2f} ms", file=sys.stderr)
+    return rows
+
+
+def sweep(sides: list[int], count: int, reps: int) -> list[dict]:
+    from plumage_ds.optim import batched
+
+    rows = []
+    for s in sides:
+        l, r = int(2.6875 * s), s // 4
+        g = torch.Generator().manual_seed(s)
+        P = [torch.linalg.qr(torch.randn(s, r, generator=g))[0] for _ in range(count)]
+        G = [torch.randn(s, l, generator=g) for _ in range(count)]
+        N = [torch.randn(r, l, generator=g) for _ in range(count)]
+        Pt = [p.mT for p in P]
+        old = dict(batched.STACK_ELEMENTS)
+        out = {}
+        try:
+            for mode in ("stacked", "single"):
+                batched.STACK_ELEMENTS["cpu"] = 1 << 40 if mode == "stacked" else 0
+                out[mode] = (_median_ms(lambda: batched.matmuls(Pt, G), reps), _median_ms(lambda: batched.matmuls(P, N), reps))
+        finally:
+            batched.STACK_ELEMENTS.clear()
+            batched.STACK_ELEMENTS.update(old)
+        rows.append({"s": s, "l": l, "r": r, "elements": s * l, "stacked": out["stacked"], "single": out["single"]})
+        print(f"# s={s}: stacked {out['stacked']}, single {out['single']}", file=sys.stderr)
+    return rows
+
+
+def spectral(shapes: list[tuple[int, int]]) -> list[dict]:
+    from plumage_ds.estimators import short_side_basis
+
+    rows = []
+    for m, n in shapes:
+        G = torch.randn(m, n, generator=torch.Generator().manual_seed(0))
+        t0 = time.perf_counter()
+        short_side_basis(G, "svd")
+        t_svd = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        short_side_basis(G, "gram")
+        t_gram = time.perf_counter() - t0
+        rows.append({"shape": (m, n), "svd_s": t_svd, "gram_s": t_gram})
+        print(f"# {m}x{n}: svd {t_svd:.1f} s, gram {t_gram:.1f} s", file=sys.stderr)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--curve-shapes", nargs="+", default=["64x172", "512x1376"])
+    p.add_argument("--counts", type=int, nargs="+", default=[8, 32, 128, 512])
+    p.add_argument("--big-counts", type=int, nargs="+", default=[7, 14, 28],
+                   help="counts for shapes above 2^16 elements (their step is compute-bound)")
+    p.add_argument("--sweep-sides", type=int, nargs="+", default=[32, 64, 128, 192, 256, 384, 512])
+    p.add_argument("--spectral", nargs="*", default=None, help="shapes MxN for the SVD/eigh timing (skipped if absent)")
+    p.add_argument("--skip-curve", action="store_true")
+    p.add_argument("--skip-sweep", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)\n")
+    if not args.skip_curve:
+        print("| shape | N matrices | batched step (ms) | per matrix (ms) | per-matrix / batched | batched µs per matrix |")
+        print("|---|---|---|---|---|---|")
+        for text in args.curve_shapes:
+            m, n = map(int, text.split("x"))
+            counts = args.counts if m * n <= 1 << 16 else args.big_counts
+            for row in curve((m, n), counts, max(1, min(m, n) // 4), args.reps):
+                print(f"| {m}×{n} | {row['n']} | {row['batched_ms']:.2f} | {row['per_matrix_ms']:.2f} "
+                      f"| {row['per_matrix_ms'] / row['batched_ms']:.2f} | {1e3 * row['batched_ms'] / row['n']:.1f} |")
+        print()
+    if not args.skip_sweep:
+        print("| s × l (r = s/4) | elements of G | Pᵀ G stacked / single (ms, 16 matrices) | P N stacked / single (ms) |")
+        print("|---|---|---|---|")
+        for row in sweep(args.sweep_sides, 16, args.reps):
+            (ps, ls), (pp, lp) = row["stacked"], row["single"]
+            print(f"| {row['s']} × {row['l']} | {row['elements']:,} | {ps:.2f} / {pp:.2f} ({ps / pp:.2f}) "
+                  f"| {ls:.2f} / {lp:.2f} ({ls / lp:.2f}) |")
+        print()
+    if args.spectral:
+        print("| gradient | fp32 svd (s) | Gram + float64 eigh (s) | svd / gram |")
+        print("|---|---|---|---|")
+        for row in spectral([tuple(map(int, s.split("x"))) for s in args.spectral]):
+            m, n = row["shape"]
+            print(f"| {m} × {n} | {row['svd_s']:.1f} | {row['gram_s']:.1f} | {row['svd_s'] / row['gram_s']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""LLaMA-shaped models of ~50M and ~120M parameters on CPU: PlumageAdamW vs torch AdamW vs galore-torch.
+
+    PYTHONPATH=. nice -n 10 python benchmarks/bench_scale.py                    # both models, ~25 min on 2 cores
+    PYTHONPATH=. nice -n 10 python benchmarks/bench_scale.py --models 50m --rounds 2
+
+Models (``transformers.LlamaConfig``, fp32, vocabulary 32,000, built from the config):
+
+* ``50m``: hidden 512, intermediate 1376, 6 layers, 8 heads: 51.7M parameters, 42 target matrices;
+* ``120m``: hidden 768, intermediate 2048, 10 layers, 12 heads: 120.0M parameters, 70 target matrices.
+
+Methods, each in a fresh process per round (so that peak RSS is its own), rounds interleaved
+(``adamw, plumage, galore_torch, adamw, ...``) so that the load of the shared machine hits them alike:
+
+* ``adamw``: ``torch.optim.AdamW(foreach=True)`` on every parameter;
+* ``plumage``: :class:`~plumage_ds.PlumageAdamW` (PLUMAGE, Gram route), rank ``s/4`` on every
+  attention/MLP matrix, AdamW on the embedding, LM head and norms;
+* ``galore_torch``: ``galore_torch.GaLoreAdamW`` with the same targets, rank and interval (``proj_type="std"``).
+
+Each process runs ``--steps`` training steps (random tokens, batch ``--batch`` × ``--seq``, one thread) with
+the projector refreshed every ``--tau-run`` steps, and times forward+backward and ``step()``
+separately. Reported per method (median over the steps of a kind, then over rounds):
+
+* **optimizer step**: ordinary steps (no refresh; step 0 excluded, it allocates the state);
+* **refresh**: extra time of a refresh step over an ordinary one (step 0 excluded);
+* **amortised step** at ``τ = --tau`` (200): ``fwd+bwd + step + refresh/τ``, with the forward+backward
+  time pooled over the methods of the round (it is the same computation; its per-method medians are
+  printed too); the ratio to AdamW is taken within each round, then the median over rounds;
+* **optimizer state**: bytes of the state tensors (galore-torch's projector matrices included);
+* **peak RSS** of the process (``ru_maxrss``: model, gradients, activations, state, torch itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
+
+MODELS = {
+    "50m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
+                num_key_value_heads=8, vocab_size=32000),
+    "120m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=10, num_attention_heads=12,
+                 num_key_value_heads=12, vocab_size=32000),
+}
+METHODS = ("adamw", "plumage", "galore_torch")
+TARGETS = r"self_attn|mlp"
+LR = 1e-3
+
+
+def _build(model_name: str, seq: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import torch
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**MODELS[model_name], max_position_embeddings=seq, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+def _optimizer(method: str, model, rank: int, tau: int):
+    import torch
+
+    from plumage_ds import PlumageAdamW, lowrank_param_groups
+
+    if method == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=LR, foreach=True)
+    groups, _ = lowrank_param_groups(model, target_modules=[TARGETS], rank=rank)
+    if method == "plumage":
+        return PlumageAdamW(groups, lr=LR, rank=rank, update_interval=tau)
+    import galore_torch
+
+    targets = [p for g in groups if g.get("lowrank") for p in g["params"]]
+    others = [p for g in groups if not g.get("lowrank") for p in g["params"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return galore_torch.GaLoreAdamW(
+            [{"params": others}, {"params": targets, "rank": rank, "update_proj_gap": tau, "scale": 1.0, "proj_type": "std"}],
+            lr=LR, no_deprecation_warning=True,
+        )
+
+
+def _state_bytes(opt) -> int:
+    import torch
+
+    total = 0
+    for st in opt.state.values():
+        for v in st.values():
+            if torch.is_tensor(v):
+                total += v.numel() * v.element_size()
+            elif hasattr(v, "ortho_matrix") and torch.is_tensor(v.ortho_matrix):  # galore-torch's projector
+                total += v.ortho_matrix.numel() * v.ortho_matrix.element_size()
+    return total
+
+
+def child(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model = _build(args.model, args.seq)
+    n_params = sum(p.numel() for p in model.parameters())
+    rank = MODELS[args.model]["hidden_size"] // 4
+    opt = _optimizer(args.method, model, rank, args.tau_run)
+    g = torch.Generator().manual_seed(0)
+    vocab = MODELS[args.model]["vocab_size"]
+    fb, step_t = [], []
+    for step in range(args.steps):
+        x = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
+        t0 = time.perf_counter()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        t1 = time.perf_counter()
+        opt.step()
+        t2 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        fb.append(t1 - t0)
+        step_t.append(t2 - t1)
+    refresh = [s for s in range(1, args.steps) if s % args.tau_run == 0]
+    ordinary = [s for s in range(1, args.steps) if s % args.tau_run != 0]
+    if args.method == "adamw":
+        ordinary, refresh = list(range(1, args.steps)), []
+    n_targets = 0
+    if args.method == "plumage":
+        n_targets = sum(1 for r in opt.matrix_report() if r["mode"] != "adamw")
+    return {
+        "model": args.model, "method": args.method, "params": n_params, "rank": rank, "targets": n_targets,
+        "fwd_bwd": statistics.median(fb[1:]),
+        "opt_step": statistics.median(step_t[s] for s in ordinary),
+        "refresh_step": statistics.median(step_t[s] for s in refresh) if refresh else None,
+        "state_bytes": _state_bytes(opt),
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "steps": step_t, "fwd_bwd_all": fb, "loss": float(loss),
+    }
+
+
+def _run_child(model: str, method: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--model", model, "--method", method, "--steps", str(args.steps),
+           "--tau-run", str(args.tau_run), "--batch", str(args.batch), "--seq", str(args.seq),
+           "--threads", str(args.threads)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:,.1f} MiB"
+
+
+def report(results: dict, args) -> str:
+    lines = [
+        f"batch {args.batch}×{args.seq} tokens, {args.threads} thread, {args.steps} steps per process, refresh every "
+        f"{args.tau_run} steps in the run, amortised at τ = {args.tau}, {args.rounds} interleaved rounds",
+        "",
+        "| model | method | fwd+bwd (s) | optimizer step (ms) | vs AdamW | vs galore-torch | refresh (ms) "
+        "| vs galore-torch | amortised step (s) | vs AdamW | state (MiB) | vs AdamW | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model, rounds in results.items():
+        pooled = [statistics.median(r[m]["fwd_bwd"] for m in METHODS) for r in rounds]
+
+        def amortised(r, m, fb):
+            row = r[m]
+            extra = 0.0 if row["refresh_step"] is None else (row["refresh_step"] - row["opt_step"]) / args.tau
+            return fb + row["opt_step"] + extra
+
+        for m in METHODS:
+            med = lambda key: statistics.median(r[m][key] for r in rounds)  # noqa: E731
+            ratio = lambda key, base: statistics.median(r[m][key] / r[base][key] for r in rounds)  # noqa: E731
+            am = [amortised(r, m, fb) for r, fb in zip(rounds, pooled)]
+            am_ratio = statistics.median(amortised(r, m, fb) / amortised(r, "adamw", fb) for r, fb in zip(rounds, pooled))
+            refresh = "–" if rounds[0][m]["refresh_step"] is None else f"{1e3 * (med('refresh_step') - med('opt_step')):.0f}"
+            refresh_vs = "–"
+            if m != "adamw" and rounds[0][m]["refresh_step"] is not None:
+                refresh_vs = f"{statistics.median((r[m]['refresh_step'] - r[m]['opt_step']) / (r['galore_torch']['refresh_step'] - r['galore_torch']['opt_step']) for r in rounds):.2f}"
+            r0 = rounds[0][m]
+            lines.append(
+                f"| {model} ({r0['params'] / 1e6:.1f}M) | {m} | {med('fwd_bwd'):.2f} | {1e3 * med('opt_step'):.0f} "
+                f"| {ratio('opt_step', 'adamw'):.2f} | {ratio('opt_step', 'galore_torch'):.2f} | {refresh} | {refresh_vs} "
+                f"| {statistics.median(am):.3f} | {am_ratio:.3f} | {r0['state_bytes'] / 2**20:,.1f} "
+                f"| {r0['state_bytes'] / rounds[0]['adamw']['state_bytes']:.3f} | {r0['peak_rss'] / 2**20:,.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=7)
+    p.add_argument("--tau-run", type=int, default=3, help="refresh interval inside the timed run")
+    p.add_argument("--tau", type=int, default=200, help="refresh interval the amortised step assumes")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--method", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    results: dict = {}
+    for model in args.models:
+        results[model] = []
+        for rnd in range(args.rounds):
+            order = METHODS if rnd % 2 == 0 else tuple(reversed(METHODS))
+            rows = {}
+            for m in order:
+                t0 = time.perf_counter()
+                rows[m] = _run_child(model, m, args)
+                print(f"# {model} round {rnd} {m}: opt {1e3 * rows[m]['opt_step']:.0f} ms, fwd+bwd "
+                      f"{rows[m]['fwd_bwd']:.2f} s ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+            results[model].append(rows)
+    print(report(results, args))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Batched kernels of the optimizer step: same-shape matrices stacked, lists through ``torch._foreach_*``.
+
+Pure tensor code (no ``torch.distributed``). The optimizers call these on lists that hold one
+tensor per matrix; the number of kernels launched does not grow with the number of matrices
+where the matrices are small (there, per-call overhead dominates), and big matrices run one
+``matmul`` each (there, stacking would only add a copy of the operands):
+
+* :func:`matmuls`: ``[A_i @ B_i]``; pairs of the same shapes, dtype and device whose operands
+  hold at most :data:`STACK_ELEMENTS` elements each are stacked into ``bmm`` calls of at most
+  :data:`STACK_BATCH_BYTES` of stacked operands;
+* :func:`adam_moments_foreach`, :func:`adam_direction_foreach`: the arithmetic of
+  :mod:`plumage_ds.optim.adam` on lists (same operations, same order, so results match the
+  per-tensor functions);
+* :func:`apply_updates`: ``W ← W·(1 − decay) − Δ`` in fp32 with one rounding into ``W``'s dtype;
+* :func:`nonfinite_flags`, :func:`sq_norm_sum`: per-tensor "holds NaN/Inf" and ``Σ ‖t‖²`` (float64)
+  with one host synchronisation each.
+
+:func:`per_matrix` switches stacking and grouping off (groups of one matrix): the per-matrix
+path that the tests compare the batched one against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Any, Callable, Hashable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+STACK_ELEMENTS = {"cpu": 1 << 16}
+"""Largest operand (elements) of a matrix that is stacked with its peers, per device type.
+
+CPU (measured, docs/benchmarks.md): up to ``2¹⁶`` elements (e.g. ``128 × 344``) stacking +
+``bmm`` beats a ``matmul`` per matrix; above, the copy into the stack costs more than the
+per-call overhead it saves. Other devices use :data:`STACK_ELEMENTS_DEFAULT`."""
+STACK_ELEMENTS_DEFAULT = 1 << 22
+STACK_BATCH_BYTES = 64 << 20
+"""Cap on the stacked operands of one ``bmm`` (bounds the transient copy)."""
+
+_PER_MATRIX = False
+
+
+@contextlib.contextmanager
+def per_matrix() -> Iterator[None]:
+    """Within the block every group holds one matrix (no stacking, one ``_foreach`` list per tensor)."""
+    global _PER_MATRIX
+    old, _PER_MATRIX = _PER_MATRIX, True
+    try:
+        yield
+    finally:
+        _PER_MATRIX = old
+
+
+def group_indices(keys: Sequence[Hashable]) -> list[list[int]]:
+    """Indices grouped by equal key, in first-appearance order (singletons under :func:`per_matrix`)."""
+    if _PER_MATRIX:
+        return [[i] for i in range(len(keys))]
+    groups: dict = defaultdict(list)
+    for i, k in enumerate(keys):
+        groups[k].append(i)
+    return list(groups.values())
+
+
+def _stack_limit(device: torch.device) -> int:
+    return 0 if _PER_MATRIX else STACK_ELEMENTS.get(device.type, STACK_ELEMENTS_DEFAULT)
+
+
+def matmuls(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> list[Tensor]:
+    """``[A_i @ B_i]`` with small same-shape pairs stacked into ``bmm`` (see the module docstring).
+
+    The results of a stacked group are views of one ``(B, p, q)`` tensor.
+    """
+    out: list = [None] * len(As)
+    keys = [(tuple(A.shape), tuple(B.shape), A.dtype, A.device) for A, B in zip(As, Bs)]
+    for idx in group_indices(keys):
+        A0, B0 = As[idx[0]], Bs[idx[0]]
+        biggest = max(A0.numel(), B0.numel())
+        if len(idx) == 1 or biggest > _stack_limit(A0.device):
+            for i in idx:
+                out[i] = As[i] @ Bs[i]
+            continue
+        per = max(1, STACK_BATCH_BYTES // max(1, (A0.numel() + B0.numel()) * A0.element_size()))
+        for start in range(0, len(idx), per):
+            part = idx[start : start + per]
+            C = torch.bmm(torch.stack([As[i] for i in part]), torch.stack([Bs[i] for i in part]))
+            for i, c in zip(part, C.unbind(0)):
+                out[i] = c
+    return out
+
+
+def map_stacked(fn: Callable[[Tensor], Any], tensors: Sequence[Tensor]) -> list:
+    """``[fn(t) for t in tensors]`` where ``fn`` runs once per stack of small same-shape tensors.
+
+    ``fn`` takes a leading batch dimension and returns a tensor or a tuple of tensors that carry
+    it (``torch.linalg.eigh``-like); each item gets its slice (a view).
+    """
+    out: list = [None] * len(tensors)
+    keys = [(tuple(t.shape), t.dtype, t.device) for t in tensors]
+    for idx in group_indices(keys):
+        t0 = tensors[idx[0]]
+        if len(idx) == 1 or t0.numel() > _stack_limit(t0.device):
+            for i in idx:
+                out[i] = fn(tensors[i])
+            continue
+        per = max(1, STACK_BATCH_BYTES // max(1, t0.numel() * t0.element_size()))
+        for start in range(0, len(idx), per):
+            part = idx[start : start + per]
+            res = fn(torch.stack([tensors[i] for i in part]))
+            for k, i in enumerate(part):
+                out[i] = tuple(x[k] for x in res) if isinstance(res, tuple) else res[k]
+    return out
+
+
+def adam_moments_foreach(
+    M: list[Tensor], V: list[Tensor], R: list[Tensor], beta1: float, beta2: float
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Out of place, as :func:`~plumage_ds.optim.adam.adam_moments`: ``M' = β1 M + (1−β1) R``,
+    ``V' = β2 V + (1−β2) R∘R`` (new tensors)."""
+    M = torch._foreach_mul(M, beta1)
+    torch._foreach_add_(M, R, alpha=1.0 - beta1)
+    V = torch._foreach_mul(V, beta2)
+    torch._foreach_addcmul_(V, R, R, value=1.0 - beta2)
+    return list(M), list(V)
+
+
+def adam_direction_foreach(M: list[Tensor], V: list[Tensor], eps: float) -> list[Tensor]:
+    """``N = M / (sqrt(V) + eps)`` (new tensors), as :func:`~plumage_ds.optim.adam.adam_direction`."""
+    denom = torch._foreach_sqrt(V)
+    torch._foreach_add_(denom, eps)
+    return list(torch._foreach_div(M, denom))
+
+
+def apply_updates(params: Sequence[Tensor], deltas: Sequence[Tensor], decays: Sequence[float]) -> None:
+    """``W ← W·(1 − decay) − Δ`` for every pair, fp32 math rounded once into ``W``'s dtype."""
+    keys = [(p.dtype, p.device, float(d)) for p, d in zip(params, decays)]
+    for idx in group_indices(keys):
+        W = [params[i] for i in idx]
+        D = [deltas[i] for i in idx]
+        decay = float(decays[idx[0]])
+        if W[0].dtype == torch.float32:
+            if decay:
+                torch._foreach_mul_(W, 1.0 - decay)
+            torch._foreach_sub_(W, D)
+            continue
+        W32 = [torch.empty_like(w, dtype=torch.float32) for w in W]
+        torch._foreach_copy_(W32, W)
+        if decay:
+            torch._foreach_mul_(W32, 1.0 - decay)
+        torch._foreach_sub_(W32, D)
+        torch._foreach_copy_(W, W32)
+
+
+def nonfinite_flags(tensors: Sequence[Tensor]) -> list[bool]:
+    """``[t holds NaN or ±Inf]`` (max-abs norms of every non-empty tensor, one host synchronisation)."""
+    live = [i for i, t in enumerate(tensors) if t.numel() > 0]
+    flags = [False] * len(tensors)
+    if not live:
+        return flags
+    norms = torch._foreach_norm([tensors[i] for i in live], ord=float("inf"))
+    for i, ok in zip(live, torch.isfinite(torch.stack([n.float() for n in norms])).tolist()):
+        flags[i] = not ok
+    return flags
+
+
+def sq_norm_sum(tensors: Sequence[Tensor]) -> float:
+    """``Σ ‖t‖²`` in float64 (one host synchronisation; 0.0 for an empty list)."""
+    live = [t for t in tensors if t.numel() > 0]
+    if not live:
+        return 0.0
+    norms = torch._foreach_norm(live, 2, dtype=torch.float64)
+    return float(torch.stack(list(norms)).pow(2).sum())

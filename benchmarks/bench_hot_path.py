@@ -10,9 +10,9 @@ same code under :func:`plumage_ds.optim.batched.per_matrix` (a matrix at a time)
 median over repetitions. The ratio ``ms / N`` is the cost per matrix: flat when the step has no
 per-matrix overhead left.
 
-``--sweep``: for one shape family ``(s, 2.7·s)`` with ``r = s/4``, the projection ``Pᵀ G`` and the lift
-``P N`` of 16 matrices through :func:`~plumage_ds.optim.batched.matmuls` with and without stacking:
-where stacking stops paying (what sets ``STACK_ELEMENTS`` on CPU).
+``--sweep``: for one shape family ``(s, 2.6875·s)`` with ``r = s/4``, the projection ``Pᵀ G``, the lift
+``P N`` and the Gram ``eigh`` of 16 and 128 matrices through :mod:`plumage_ds.optim.batched` stacked
+and one call per matrix (what sets ``STACK_ELEMENTS`` for CPU).
 
 ``--spectral``: time of one full-spectrum decomposition of an ``m × n`` gradient: fp32 ``torch.linalg.svd``
 (what galore-torch runs) and the Gram route (``G Gᵀ`` and ``eigh`` in float64, the default here).
@@ -32,12 +32,15 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 
-def _median_ms(fn, reps: int) -> float:
+def _median_ms(fn, reps: int, device: torch.device = torch.device("cpu")) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()  # warm-up
     times = []
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 
@@ -73,29 +76,46 @@ def curve(shape: tuple[int, int], counts: list[int], rank: int, reps: int) -> li
     return rows
 
 
-def sweep(sides: list[int], count: int, reps: int) -> list[dict]:
+def sweep(sides: list[int], count: int, reps: int, device: torch.device = torch.device("cpu")) -> list[dict]:
+    """Projection ``Pᵀ G``, lift ``P N`` and Gram ``eigh`` of ``count`` matrices ``(s, 2.6875·s)``, ``r = s/4``,
+    stacked (one ``bmm`` / batched ``eigh``) and one call per matrix: ``(proj, lift, eigh)`` ms each way."""
+    from plumage_ds.estimators import gram_basis
     from plumage_ds.optim import batched
 
     rows = []
     for s in sides:
         l, r = int(2.6875 * s), s // 4
         g = torch.Generator().manual_seed(s)
-        P = [torch.linalg.qr(torch.randn(s, r, generator=g))[0] for _ in range(count)]
-        G = [torch.randn(s, l, generator=g) for _ in range(count)]
-        N = [torch.randn(r, l, generator=g) for _ in range(count)]
+        P = [torch.linalg.qr(torch.randn(s, r, generator=g))[0].to(device) for _ in range(count)]
+        G = [torch.randn(s, l, generator=g).to(device) for _ in range(count)]
+        N = [torch.randn(r, l, generator=g).to(device) for _ in range(count)]
+        S = [(x.double() @ x.double().mT) for x in G]
         Pt = [p.mT for p in P]
         old = dict(batched.STACK_ELEMENTS)
         out = {}
         try:
             for mode in ("stacked", "single"):
-                batched.STACK_ELEMENTS["cpu"] = 1 << 40 if mode == "stacked" else 0
-                out[mode] = (_median_ms(lambda: batched.matmuls(Pt, G), reps), _median_ms(lambda: batched.matmuls(P, N), reps))
+                batched.STACK_ELEMENTS[device.type] = 1 << 40 if mode == "stacked" else 0
+                out[mode] = (
+                    _median_ms(lambda: batched.matmuls(Pt, G), reps, device),
+                    _median_ms(lambda: batched.matmuls(P, N), reps, device),
+                    _median_ms(lambda: batched.map_stacked(gram_basis, S), max(1, reps // 2), device),
+                )
         finally:
             batched.STACK_ELEMENTS.clear()
             batched.STACK_ELEMENTS.update(old)
         rows.append({"s": s, "l": l, "r": r, "elements": s * l, "stacked": out["stacked"], "single": out["single"]})
         print(f"# s={s}: stacked {out['stacked']}, single {out['single']}", file=sys.stderr)
     return rows
+
+
+def sweep_table(rows: list[dict], count: int) -> str:
+    lines = [f"| s × l (r = s/4) | elements of G | Pᵀ G: stacked / one by one (ms, {count} matrices) "
+             "| P N: stacked / one by one | Gram eigh: batched / one by one |", "|---|---|---|---|---|"]
+    for row in rows:
+        cells = [f"{a:.2f} / {b:.2f} ({a / b:.2f})" for a, b in zip(row["stacked"], row["single"])]
+        lines.append(f"| {row['s']} × {row['l']} | {row['elements']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def spectral(shapes: list[tuple[int, int]]) -> list[dict]:
@@ -123,7 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--counts", type=int, nargs="+", default=[8, 32, 128, 512])
     p.add_argument("--big-counts", type=int, nargs="+", default=[7, 14, 28],
                    help="counts for shapes above 2^16 elements (their step is compute-bound)")
-    p.add_argument("--sweep-sides", type=int, nargs="+", default=[32, 64, 128, 192, 256, 384, 512])
+    p.add_argument("--sweep-sides", type=int, nargs="+", default=[32, 64, 128, 256, 512])
+    p.add_argument("--sweep-counts", type=int, nargs="+", default=[16, 128])
     p.add_argument("--spectral", nargs="*", default=None, help="shapes MxN for the SVD/eigh timing (skipped if absent)")
     p.add_argument("--skip-curve", action="store_true")
     p.add_argument("--skip-sweep", action="store_true")
@@ -141,13 +162,9 @@ def main(argv=None) -> int:
                       f"| {row['per_matrix_ms'] / row['batched_ms']:.2f} | {1e3 * row['batched_ms'] / row['n']:.1f} |")
         print()
     if not args.skip_sweep:
-        print("| s × l (r = s/4) | elements of G | Pᵀ G stacked / single (ms, 16 matrices) | P N stacked / single (ms) |")
-        print("|---|---|---|---|")
-        for row in sweep(args.sweep_sides, 16, args.reps):
-            (ps, ls), (pp, lp) = row["stacked"], row["single"]
-            print(f"| {row['s']} × {row['l']} | {row['elements']:,} | {ps:.2f} / {pp:.2f} ({ps / pp:.2f}) "
-                  f"| {ls:.2f} / {lp:.2f} ({ls / lp:.2f}) |")
-        print()
+        for count in args.sweep_counts:
+            print(sweep_table(sweep(args.sweep_sides, count, args.reps), count))
+            print()
     if args.spectral:
         print("| gradient | fp32 svd (s) | Gram + float64 eigh (s) | svd / gram |")
         print("|---|---|---|---|")

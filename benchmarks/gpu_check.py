@@ -20,6 +20,9 @@ when ``--device cuda`` finds no CUDA device):
    ``torch.optim.AdamW(fused=True)``, galore-torch ``GaLoreAdamW`` and ``PlumageAdamW``. Per optimizer: the
    median ordinary ``step()`` and the extra time of a refresh step (CUDA-synchronised wall time), and
    the peak ``torch.cuda.max_memory_allocated`` over its steps (weights, gradients and state).
+3. **Stacking on this device.** ``Pᵀ G``, ``P N`` and the Gram ``eigh`` of 16 same-shape matrices, stacked
+   and one call per matrix (``benchmarks/bench_hot_path.py``'s sweep): what ``STACK_ELEMENTS`` should be
+   for the device (``plumage_ds/optim/batched.py``; CPU measured, GPU not yet).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_hot_path
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -233,7 +237,14 @@ def main(argv=None) -> int:
         refresh = "–" if r["refresh_ms"] is None else f"{r['refresh_ms']:.1f}"
         peak = "– (CPU)" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f} GiB"
         print(f"| {r['method']} | {r['step_ms']:.2f} | {ratio} | {refresh} | {peak} |")
-    print(f"\n(speed: {time.perf_counter() - t0:.0f} s)")
+    print(f"\n(speed: {time.perf_counter() - t0:.0f} s)\n")
+
+    from bench_hot_path import sweep, sweep_table
+
+    t0 = time.perf_counter()
+    count = 4 if args.tiny else 16
+    print(sweep_table(sweep([8, 16] if args.tiny else [64, 256, 1024, 2048], count, 3 if args.tiny else 5, device), count))
+    print(f"\n(stacking: {time.perf_counter() - t0:.0f} s)")
     return 0 if all(ok for *_, ok in rows) else 1
 
 

@@ -1,13 +1,17 @@
 """Batched kernels of the optimizer step: same-shape matrices stacked, lists through ``torch._foreach_*``.
 
 Pure tensor code (no ``torch.distributed``). The optimizers call these on lists that hold one
-tensor per matrix; the number of kernels launched does not grow with the number of matrices
-where the matrices are small (there, per-call overhead dominates), and big matrices run one
-``matmul`` each (there, stacking would only add a copy of the operands):
+tensor per matrix. Elementwise work (Adam moments, directions, weight updates, norms, finiteness)
+always goes through ``_foreach`` ops on whole lists. Products and decompositions are stacked per
+shape where that pays on the device: on accelerators, where each small kernel costs a launch,
+same-shape matrices go through one ``bmm`` / batched ``eigh``; on CPU a ``matmul`` per matrix
+costs ~3 µs of overhead and stacking (a copy of every operand) was slower at every size measured
+(docs/benchmarks.md, "Hot path"), so CPU keeps one call per matrix:
 
 * :func:`matmuls`: ``[A_i @ B_i]``; pairs of the same shapes, dtype and device whose operands
-  hold at most :data:`STACK_ELEMENTS` elements each are stacked into ``bmm`` calls of at most
-  :data:`STACK_BATCH_BYTES` of stacked operands;
+  hold at most :data:`STACK_ELEMENTS` elements each (per device type) are stacked into ``bmm``
+  calls of at most :data:`STACK_BATCH_BYTES` of stacked operands;
+* :func:`map_stacked`: the same for a batch-capable function (``eigh``, ``svd``);
 * :func:`adam_moments_foreach`, :func:`adam_direction_foreach`: the arithmetic of
   :mod:`plumage_ds.optim.adam` on lists (same operations, same order, so results match the
   per-tensor functions);
@@ -28,12 +32,12 @@ from typing import Any, Callable, Hashable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-STACK_ELEMENTS = {"cpu": 1 << 16}
+STACK_ELEMENTS = {"cpu": 0}
 """Largest operand (elements) of a matrix that is stacked with its peers, per device type.
 
-CPU (measured, docs/benchmarks.md): up to ``2¹⁶`` elements (e.g. ``128 × 344``) stacking +
-``bmm`` beats a ``matmul`` per matrix; above, the copy into the stack costs more than the
-per-call overhead it saves. Other devices use :data:`STACK_ELEMENTS_DEFAULT`."""
+CPU: 0 (never; measured slower from ``32 × 86`` to ``512 × 1376``, 16 to 256 matrices). Other
+devices use :data:`STACK_ELEMENTS_DEFAULT` (``2²²``, 16 MiB of fp32 per operand: launch-bound
+kernels below; not yet measured on a GPU — ``benchmarks/gpu_check.sh`` prints both ways)."""
 STACK_ELEMENTS_DEFAULT = 1 << 22
 STACK_BATCH_BYTES = 64 << 20
 """Cap on the stacked operands of one ``bmm`` (bounds the transient copy)."""
@@ -71,6 +75,8 @@ def matmuls(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> list[Tensor]:
 
     The results of a stacked group are views of one ``(B, p, q)`` tensor.
     """
+    if not As or _stack_limit(As[0].device) == 0:
+        return [A @ B for A, B in zip(As, Bs)]
     out: list = [None] * len(As)
     keys = [(tuple(A.shape), tuple(B.shape), A.dtype, A.device) for A, B in zip(As, Bs)]
     for idx in group_indices(keys):
@@ -95,6 +101,8 @@ def map_stacked(fn: Callable[[Tensor], Any], tensors: Sequence[Tensor]) -> list:
     ``fn`` takes a leading batch dimension and returns a tensor or a tuple of tensors that carry
     it (``torch.linalg.eigh``-like); each item gets its slice (a view).
     """
+    if not tensors or _stack_limit(tensors[0].device) == 0:
+        return [fn(t) for t in tensors]
     out: list = [None] * len(tensors)
     keys = [(tuple(t.shape), t.dtype, t.device) for t in tensors]
     for idx in group_indices(keys):

@@ -1,7 +1,8 @@
 """The batched hot path (same-shape matrices stacked, ``torch._foreach_*``) equals the per-matrix path.
 
 ``plumage_ds.optim.batched.per_matrix()`` runs the very same optimizer code with groups of one
-matrix (no stacking, one ``_foreach`` list per tensor); the batched run must follow it to 1e-6
+matrix (no stacking, one ``_foreach`` list per tensor); the batched run — with stacking switched
+on for CPU as it is on accelerators (``stacking`` fixture) — must follow it to 1e-6
 for mixed shapes, both orientations, every estimator, ``svd_method`` and ``dinv_placement``,
 several hyperparameter groups, clipping and weight decay, across refreshes. The oracle tests
 (``test_plumage_adamw.py``, ``test_reference.py``) compare the batched path with the readable
@@ -70,6 +71,13 @@ def _train(opt_factory, steps: int = 7, per_matrix: bool = False) -> tuple[Mixed
     return model, opt
 
 
+@pytest.fixture
+def stacking(monkeypatch):
+    """Stack small same-shape matrices on CPU too (off by default there: measured slower), so that the
+    tests run the stacked code path that accelerators take."""
+    monkeypatch.setitem(batched.STACK_ELEMENTS, "cpu", 1 << 16)
+
+
 def _max_diff(a: nn.Module, b: nn.Module) -> float:
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
@@ -85,7 +93,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
-def test_batched_step_equals_per_matrix_step(case: dict) -> None:
+def test_batched_step_equals_per_matrix_step(case: dict, stacking) -> None:
     # stacked and single products round differently (~1e-7 relative); Adam turns that into larger
     # changes in directions whose R is near eps, and dinv_placement="lift" multiplies them by 1/p:
     # at lr 5e-3 the two paths stay within 6e-7 after 7 steps (lift) and 2e-7 otherwise
@@ -108,7 +116,7 @@ def test_batched_step_equals_per_matrix_step(case: dict) -> None:
     assert list(rows.values()).count(case["estimator"]) == 9  # every matrix took the low-rank path
 
 
-def test_gum_dense_path_batched_equals_per_matrix() -> None:
+def test_gum_dense_path_batched_equals_per_matrix(stacking) -> None:
     def factory(model):
         return GUM(_groups(model), lr=1e-2, rank=4, update_interval=3, gamma=2, weight_decay=0.1, seed=3)
 
@@ -117,7 +125,7 @@ def test_gum_dense_path_batched_equals_per_matrix() -> None:
     assert _max_diff(fast, slow) <= 1e-6
 
 
-def test_stacking_really_happens_and_matches_matmul() -> None:
+def test_stacking_really_happens_and_matches_matmul(stacking) -> None:
     """Small same-shape pairs go through one bmm (results are views of one stack); big ones do not."""
     g = torch.Generator().manual_seed(0)
     A = [torch.randn(4, 16, generator=g) for _ in range(5)] + [torch.randn(300, 300, generator=g)] * 2
@@ -130,6 +138,16 @@ def test_stacking_really_happens_and_matches_matmul() -> None:
     with batched.per_matrix():
         single = batched.matmuls(A, B)
     assert len({c.untyped_storage().data_ptr() for c in single[:5]}) == 5
+    spectra = batched.map_stacked(torch.linalg.eigh, [a @ a.mT for a in A])
+    for a, (evals, evecs) in zip(A, spectra):
+        torch.testing.assert_close(evals, torch.linalg.eigvalsh(a @ a.mT), rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_keeps_one_matmul_per_matrix() -> None:
+    """The default CPU policy (measured: stacking never paid there) makes no stack."""
+    A = [torch.randn(4, 16) for _ in range(5)]
+    out = batched.matmuls(A, [torch.randn(16, 3) for _ in range(5)])
+    assert len({c.untyped_storage().data_ptr() for c in out}) == 5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -34,6 +34,7 @@ def test_cpu_tiny_dry_run_prints_every_table(gpu_check, capsys) -> None:
             assert row.endswith("| yes |"), row
     for method in ("adamw", "galore_torch", "plumage"):
         assert any(line.startswith(f"| {method} | ") for line in out.splitlines()), method
+    assert "| Gram eigh: batched / one by one |" in out and "| 16 × 43 |" in out  # the stacking sweep
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -91,19 +91,21 @@ def sweep(sides: list[int], count: int, reps: int, device: torch.device = torch.
         N = [torch.randn(r, l, generator=g).to(device) for _ in range(count)]
         S = [(x.double() @ x.double().mT) for x in G]
         Pt = [p.mT for p in P]
-        old = dict(batched.STACK_ELEMENTS)
+        old = dict(batched.STACK_ELEMENTS), dict(batched.DECOMPOSITION_STACK_ELEMENTS)
         out = {}
         try:
             for mode in ("stacked", "single"):
-                batched.STACK_ELEMENTS[device.type] = 1 << 40 if mode == "stacked" else 0
+                for table in (batched.STACK_ELEMENTS, batched.DECOMPOSITION_STACK_ELEMENTS):
+                    table[device.type] = 1 << 40 if mode == "stacked" else 0
                 out[mode] = (
                     _median_ms(lambda: batched.matmuls(Pt, G), reps, device),
                     _median_ms(lambda: batched.matmuls(P, N), reps, device),
                     _median_ms(lambda: batched.map_stacked(gram_basis, S), max(1, reps // 2), device),
                 )
         finally:
-            batched.STACK_ELEMENTS.clear()
-            batched.STACK_ELEMENTS.update(old)
+            for table, saved in zip((batched.STACK_ELEMENTS, batched.DECOMPOSITION_STACK_ELEMENTS), old):
+                table.clear()
+                table.update(saved)
         rows.append({"s": s, "l": l, "r": r, "elements": s * l, "stacked": out["stacked"], "single": out["single"]})
         print(f"# s={s}: stacked {out['stacked']}, single {out['single']}", file=sys.stderr)
     return rows

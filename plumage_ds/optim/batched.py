@@ -6,7 +6,8 @@ always goes through ``_foreach`` ops on whole lists. Products and decompositions
 shape where that pays on the device: on accelerators, where each small kernel costs a launch,
 same-shape matrices go through one ``bmm`` / batched ``eigh``; on CPU a ``matmul`` per matrix
 costs ~3 µs of overhead and stacking (a copy of every operand) was slower at every size measured
-(docs/benchmarks.md, "Hot path"), so CPU keeps one call per matrix:
+(docs/benchmarks.md, "Hot path"), so CPU keeps one ``matmul`` per matrix and batches only the
+``eigh`` of small Gram matrices:
 
 * :func:`matmuls`: ``[A_i @ B_i]``; pairs of the same shapes, dtype and device whose operands
   hold at most :data:`STACK_ELEMENTS` elements each (per device type) are stacked into ``bmm``
@@ -17,7 +18,7 @@ costs ~3 µs of overhead and stacking (a copy of every operand) was slower at ev
   per-tensor functions);
 * :func:`apply_updates`: ``W ← W·(1 − decay) − Δ`` in fp32 with one rounding into ``W``'s dtype;
 * :func:`nonfinite_flags`, :func:`sq_norm_sum`: per-tensor "holds NaN/Inf" and ``Σ ‖t‖²`` (float64)
-  with one host synchronisation each.
+  with one host synchronisation each (in the common case).
 
 :func:`per_matrix` switches stacking and grouping off (groups of one matrix): the per-matrix
 path that the tests compare the batched one against.
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import Any, Callable, Hashable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -39,6 +40,10 @@ CPU: 0 (never; measured slower from ``32 × 86`` to ``512 × 1376``, 16 to 256 m
 devices use :data:`STACK_ELEMENTS_DEFAULT` (``2²²``, 16 MiB of fp32 per operand: launch-bound
 kernels below; not yet measured on a GPU — ``benchmarks/gpu_check.sh`` prints both ways)."""
 STACK_ELEMENTS_DEFAULT = 1 << 22
+DECOMPOSITION_STACK_ELEMENTS = {"cpu": 1 << 12}
+"""The same for :func:`map_stacked` (batched ``eigh`` / ``svd``). CPU: up to ``64 × 64`` Gram matrices a
+batched ``eigh`` was faster (0.54–0.82× the time of one call per matrix), from ``128 × 128`` on it was
+not (0.93–1.31×). Other devices: :data:`STACK_ELEMENTS_DEFAULT`."""
 STACK_BATCH_BYTES = 64 << 20
 """Cap on the stacked operands of one ``bmm`` (bounds the transient copy)."""
 
@@ -66,8 +71,9 @@ def group_indices(keys: Sequence[Hashable]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _stack_limit(device: torch.device) -> int:
-    return 0 if _PER_MATRIX else STACK_ELEMENTS.get(device.type, STACK_ELEMENTS_DEFAULT)
+def _stack_limit(device: torch.device, table: Optional[dict] = None) -> int:
+    table = STACK_ELEMENTS if table is None else table
+    return 0 if _PER_MATRIX else table.get(device.type, STACK_ELEMENTS_DEFAULT)
 
 
 def matmuls(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> list[Tensor]:
@@ -101,13 +107,13 @@ def map_stacked(fn: Callable[[Tensor], Any], tensors: Sequence[Tensor]) -> list:
     ``fn`` takes a leading batch dimension and returns a tensor or a tuple of tensors that carry
     it (``torch.linalg.eigh``-like); each item gets its slice (a view).
     """
-    if not tensors or _stack_limit(tensors[0].device) == 0:
+    if not tensors or _stack_limit(tensors[0].device, DECOMPOSITION_STACK_ELEMENTS) == 0:
         return [fn(t) for t in tensors]
     out: list = [None] * len(tensors)
     keys = [(tuple(t.shape), t.dtype, t.device) for t in tensors]
     for idx in group_indices(keys):
         t0 = tensors[idx[0]]
-        if len(idx) == 1 or t0.numel() > _stack_limit(t0.device):
+        if len(idx) == 1 or t0.numel() > _stack_limit(t0.device, DECOMPOSITION_STACK_ELEMENTS):
             for i in idx:
                 out[i] = fn(tensors[i])
             continue
@@ -160,14 +166,19 @@ def apply_updates(params: Sequence[Tensor], deltas: Sequence[Tensor], decays: Se
 
 
 def nonfinite_flags(tensors: Sequence[Tensor]) -> list[bool]:
-    """``[t holds NaN or ±Inf]`` (max-abs norms of every non-empty tensor, one host synchronisation)."""
+    """``[t holds NaN or ±Inf]`` with one host synchronisation in the common case.
+
+    One ``_foreach_norm`` (L2, the fast vectorised one) over every non-empty tensor: a finite norm
+    proves the tensor finite. A non-finite norm is either a NaN/Inf element or an overflow of
+    ``Σ x²`` (elements beyond ~1e19); those tensors alone are checked element by element.
+    """
     live = [i for i, t in enumerate(tensors) if t.numel() > 0]
     flags = [False] * len(tensors)
     if not live:
         return flags
-    norms = torch._foreach_norm([tensors[i] for i in live], ord=float("inf"))
+    norms = torch._foreach_norm([tensors[i] for i in live], 2)
     for i, ok in zip(live, torch.isfinite(torch.stack([n.float() for n in norms])).tolist()):
-        flags[i] = not ok
+        flags[i] = not ok and not bool(torch.isfinite(tensors[i]).all())
     return flags
 
 

@@ -76,6 +76,7 @@ def stacking(monkeypatch):
     """Stack small same-shape matrices on CPU too (off by default there: measured slower), so that the
     tests run the stacked code path that accelerators take."""
     monkeypatch.setitem(batched.STACK_ELEMENTS, "cpu", 1 << 16)
+    monkeypatch.setitem(batched.DECOMPOSITION_STACK_ELEMENTS, "cpu", 1 << 16)
 
 
 def _max_diff(a: nn.Module, b: nn.Module) -> float:
@@ -165,8 +166,10 @@ def test_apply_updates_equals_the_per_matrix_rule(dtype: torch.dtype) -> None:
 
 
 def test_nonfinite_flags_and_norms() -> None:
-    ts = [torch.ones(3), torch.tensor([1.0, float("nan")]), torch.empty(0), torch.tensor([float("-inf")]), torch.zeros(2, 2)]
-    assert batched.nonfinite_flags(ts) == [False, True, False, True, False]
+    huge = torch.full((4,), 3e38)  # finite, but its squared norm overflows
+    ts = [torch.ones(3), torch.tensor([1.0, float("nan")]), torch.empty(0), torch.tensor([float("-inf")]), huge,
+          torch.zeros(2, 2)]
+    assert batched.nonfinite_flags(ts) == [False, True, False, True, False, False]
     assert batched.sq_norm_sum([torch.full((4,), 2.0), torch.empty(0), torch.ones(2, 2)]) == 20.0
     assert batched.sq_norm_sum([]) == 0.0
 

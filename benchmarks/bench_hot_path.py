@@ -1,8 +1,7 @@
 #!/usr/bin/env python
 """The optimizer step's cost against the number of matrices, batched and per matrix (one process, CPU).
 
-    PYTHONPATH=. python benchmarks/bench_hot_path.py                       # curve + stacking sweep, ~3 min
-    PYTHONPATH=. python benchmarks/bench_hot_path.py --spectral 4096x4096 4096x11008   # SVD/eigh cost, minutes
+    PYTHONPATH=. python benchmarks/bench_hot_path.py                       # curve + stacking sweep, ~4 min
 
 ``--curve``: ``PlumageAdamW.step()`` alone (gradients set by hand, no model) on ``N`` target matrices of
 one shape, ``N`` from 8 to 512, ordinary steps (no refresh): the batched path (default) and the
@@ -13,9 +12,6 @@ per-matrix overhead left.
 ``--sweep``: for one shape family ``(s, 2.6875·s)`` with ``r = s/4``, the projection ``Pᵀ G``, the lift
 ``P N`` and the Gram ``eigh`` of 16 and 128 matrices through :mod:`plumage_ds.optim.batched` stacked
 and one call per matrix (what sets ``STACK_ELEMENTS`` for CPU).
-
-``--spectral``: time of one full-spectrum decomposition of an ``m × n`` gradient: fp32 ``torch.linalg.svd``
-(what galore-torch runs) and the Gram route (``G Gᵀ`` and ``eigh`` in float64, the default here).
 """
 
 from __future__ import annotations
@@ -120,23 +116,6 @@ def sweep_table(rows: list[dict], count: int) -> str:
     return "\n".join(lines)
 
 
-def spectral(shapes: list[tuple[int, int]]) -> list[dict]:
-    from plumage_ds.estimators import short_side_basis
-
-    rows = []
-    for m, n in shapes:
-        G = torch.randn(m, n, generator=torch.Generator().manual_seed(0))
-        t0 = time.perf_counter()
-        short_side_basis(G, "svd")
-        t_svd = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        short_side_basis(G, "gram")
-        t_gram = time.perf_counter() - t0
-        rows.append({"shape": (m, n), "svd_s": t_svd, "gram_s": t_gram})
-        print(f"# {m}x{n}: svd {t_svd:.1f} s, gram {t_gram:.1f} s", file=sys.stderr)
-    return rows
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)
@@ -147,7 +126,6 @@ def main(argv=None) -> int:
                    help="counts for shapes above 2^16 elements (their step is compute-bound)")
     p.add_argument("--sweep-sides", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     p.add_argument("--sweep-counts", type=int, nargs="+", default=[16, 128])
-    p.add_argument("--spectral", nargs="*", default=None, help="shapes MxN for the SVD/eigh timing (skipped if absent)")
     p.add_argument("--skip-curve", action="store_true")
     p.add_argument("--skip-sweep", action="store_true")
     args = p.parse_args(argv)
@@ -167,12 +145,6 @@ def main(argv=None) -> int:
         for count in args.sweep_counts:
             print(sweep_table(sweep(args.sweep_sides, count, args.reps), count))
             print()
-    if args.spectral:
-        print("| gradient | fp32 svd (s) | Gram + float64 eigh (s) | svd / gram |")
-        print("|---|---|---|---|")
-        for row in spectral([tuple(map(int, s.split("x"))) for s in args.spectral]):
-            m, n = row["shape"]
-            print(f"| {m} × {n} | {row['svd_s']:.1f} | {row['gram_s']:.1f} | {row['svd_s'] / row['gram_s']:.2f} |")
     return 0
 
 

@@ -176,8 +176,8 @@ def nonfinite_flags(tensors: Sequence[Tensor]) -> list[bool]:
     flags = [False] * len(tensors)
     if not live:
         return flags
-    norms = torch._foreach_norm([tensors[i] for i in live], 2)
-    for i, ok in zip(live, torch.isfinite(torch.stack([n.float() for n in norms])).tolist()):
+    norms = torch._foreach_norm([tensors[i] for i in live], 2, dtype=torch.float32)
+    for i, ok in zip(live, torch.isfinite(torch.stack(list(norms))).tolist()):
         flags[i] = not ok and not bool(torch.isfinite(tensors[i]).all())
     return flags
 

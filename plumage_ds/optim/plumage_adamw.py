@@ -21,7 +21,9 @@ this rank's local views:
 
 * ``*_replicated`` (plain tensors; ZeRO-3 chunks reuse them): every rank holds ``P``; the
   owner holds ``M, V`` ``(r, l)``; ``R_k = Pᵀ G_k`` is reduced to the owner and ``N`` gathered
-  back (:class:`LocalDistributor`: all on one process);
+  back; dense parameters are cut in ``W`` flat chunks, rank ``k`` holds the AdamW moments of
+  chunk ``k`` (reduce-scatter of the gradients, all-gather of the updated chunks)
+  (:class:`LocalDistributor`: all on one process);
 * ``*_fsdp`` (FSDP2 rows ``W_k``, ``G_k``): left projection (``m <= n``): ``P_k`` = this rank's
   rows of ``P``, ``Σ_k P_kᵀ G_k`` reduce-scattered by columns, ``M, V`` ``(r, n/S)``, ``N``
   all-gathered, ``ΔW_k = P_k N``; right projection (``m > n``): ``R_k = (G_k P)ᵀ`` is local,
@@ -29,6 +31,9 @@ this rank's local views:
   and all-gathered each step (``right_projectors="sharded"``) or kept whole on every rank
   (``"replicated"``: no optimizer communication on ordinary steps). Compressed HSDP averages
   ``R`` (not ``G``) across replicas.
+
+The arithmetic runs on lists (:mod:`plumage_ds.optim.batched`: ``_foreach`` ops, same-shape
+products and decompositions stacked where the device gains from it).
 
 A step is atomic: new ``P, d, M, V`` and weights are staged and committed after the step's
 last collective; a refresh failure on any rank raises :class:`CollectiveStepError` on every

@@ -152,8 +152,14 @@ def _run_child(model: str, method: str, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _mib(b: float) -> str:
-    return f"{b / 2**20:,.1f} MiB"
+def _amortised(row: dict, fwd_bwd: float, tau: int) -> float:
+    """``fwd+bwd + step + (refresh step − step)/τ`` (seconds)."""
+    extra = 0.0 if row["refresh_step"] is None else (row["refresh_step"] - row["opt_step"]) / tau
+    return fwd_bwd + row["opt_step"] + extra
+
+
+def _refresh(row: dict) -> float:
+    return row["refresh_step"] - row["opt_step"]
 
 
 def report(results: dict, args) -> str:
@@ -166,28 +172,30 @@ def report(results: dict, args) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, rounds in results.items():
-        pooled = [statistics.median(r[m]["fwd_bwd"] for m in METHODS) for r in rounds]
-
-        def amortised(r, m, fb):
-            row = r[m]
-            extra = 0.0 if row["refresh_step"] is None else (row["refresh_step"] - row["opt_step"]) / args.tau
-            return fb + row["opt_step"] + extra
+        pooled = [statistics.median(r[m]["fwd_bwd"] for m in METHODS) for r in rounds]  # same work for all
 
         for m in METHODS:
-            med = lambda key: statistics.median(r[m][key] for r in rounds)  # noqa: E731
-            ratio = lambda key, base: statistics.median(r[m][key] / r[base][key] for r in rounds)  # noqa: E731
-            am = [amortised(r, m, fb) for r, fb in zip(rounds, pooled)]
-            am_ratio = statistics.median(amortised(r, m, fb) / amortised(r, "adamw", fb) for r, fb in zip(rounds, pooled))
-            refresh = "–" if rounds[0][m]["refresh_step"] is None else f"{1e3 * (med('refresh_step') - med('opt_step')):.0f}"
-            refresh_vs = "–"
-            if m != "adamw" and rounds[0][m]["refresh_step"] is not None:
-                refresh_vs = f"{statistics.median((r[m]['refresh_step'] - r[m]['opt_step']) / (r['galore_torch']['refresh_step'] - r['galore_torch']['opt_step']) for r in rounds):.2f}"
-            r0 = rounds[0][m]
+            def med(f):
+                return statistics.median(f(r) for r in rounds)
+
+            def vs(f, base):
+                return statistics.median(f(r[m]) / f(r[base]) for r in rounds)
+
+            step = lambda row: row["opt_step"]  # noqa: E731
+            refresh, refresh_vs = "–", "–"
+            if m != "adamw":
+                refresh = f"{1e3 * med(lambda r: _refresh(r[m])):.0f}"
+                refresh_vs = f"{vs(_refresh, 'galore_torch'):.2f}"
+            amortised = [_amortised(r[m], fb, args.tau) for r, fb in zip(rounds, pooled)]
+            am_ratio = statistics.median(
+                _amortised(r[m], fb, args.tau) / _amortised(r["adamw"], fb, args.tau) for r, fb in zip(rounds, pooled)
+            )
+            r0, a0 = rounds[0][m], rounds[0]["adamw"]
             lines.append(
-                f"| {model} ({r0['params'] / 1e6:.1f}M) | {m} | {med('fwd_bwd'):.2f} | {1e3 * med('opt_step'):.0f} "
-                f"| {ratio('opt_step', 'adamw'):.2f} | {ratio('opt_step', 'galore_torch'):.2f} | {refresh} | {refresh_vs} "
-                f"| {statistics.median(am):.3f} | {am_ratio:.3f} | {r0['state_bytes'] / 2**20:,.1f} "
-                f"| {r0['state_bytes'] / rounds[0]['adamw']['state_bytes']:.3f} | {r0['peak_rss'] / 2**20:,.0f} |"
+                f"| {model} ({r0['params'] / 1e6:.1f}M) | {m} | {med(lambda r: r[m]['fwd_bwd']):.2f} "
+                f"| {1e3 * med(lambda r: r[m]['opt_step']):.0f} | {vs(step, 'adamw'):.2f} | {vs(step, 'galore_torch'):.2f} "
+                f"| {refresh} | {refresh_vs} | {statistics.median(amortised):.3f} | {am_ratio:.3f} "
+                f"| {r0['state_bytes'] / 2**20:,.1f} | {r0['state_bytes'] / a0['state_bytes']:.3f} | {r0['peak_rss'] / 2**20:,.0f} |"
             )
     return "\n".join(lines)
 

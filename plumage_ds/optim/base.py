@@ -24,7 +24,7 @@ from torch import Tensor
 from ..config import NONFINITE_POLICIES, validate_adam_options
 from ..estimators import is_left, oriented_shape
 from .adam import adam_step_size
-from .batched import adam_direction_foreach, adam_moments_foreach, group_indices, nonfinite_flags
+from .batched import adamw_chunks, group_indices, nonfinite_flags
 from .distributor import Distributor, LocalDistributor
 from .sharding import FSDP_ROWS, REPLICATED, ZERO3_FLAT, chunk_bounds, is_dtensor, local, sharding_case, wrap_like
 
@@ -433,6 +433,21 @@ class MatrixOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{self._display_name} does not support sparse gradients ({e.name})")
         return g.float() if g.dtype != torch.float32 else g
 
+    def _dense_groups(self, dense: list[_Entry], g_owned: list[Optional[Tensor]], clip: float) -> list[tuple]:
+        """``(positions, clipped gradients, (lr, wd, betas, eps, step))`` per set of equal hyperparameters
+        and step among the entries with a gradient piece here (read before the step counters move)."""
+        live = [i for i, G in enumerate(g_owned) if G is not None]
+        keys = []
+        for i in live:
+            g = dense[i].group
+            keys.append((g["lr"], g["weight_decay"], g["betas"], g["eps"], self._step_of(dense[i])))
+        groups = []
+        for part in group_indices(keys):
+            idx = [live[j] for j in part]
+            G = [g_owned[i] for i in idx]
+            groups.append((idx, list(torch._foreach_mul(G, clip)) if clip != 1.0 else G, keys[part[0]]))
+        return groups
+
     def _dense_adamw(
         self, dense: list[_Entry], g_owned: list[Optional[Tensor]], clip: float, staged: dict
     ) -> list[Optional[Tensor]]:
@@ -443,31 +458,32 @@ class MatrixOptimizer(torch.optim.Optimizer):
         written to the state. Batched: one ``_foreach`` chain per set of equal hyperparameters.
         """
         new_dense: list[Optional[Tensor]] = [None] * len(dense)
-        live = [i for i, G in enumerate(g_owned) if G is not None]
-        keys = []
-        for i in live:
-            g = dense[i].group
-            keys.append((g["lr"], g["weight_decay"], g["betas"], g["eps"], self._step_of(dense[i])))
-        for part in group_indices(keys):
-            idx = [live[j] for j in part]
-            lr, wd, (beta1, beta2), eps, step = keys[part[0]]
-            G = [g_owned[i] for i in idx]
-            if clip != 1.0:
-                G = list(torch._foreach_mul(G, clip))
-            M_old, V_old = [], []
-            for i, g in zip(idx, G):
-                st = self.state.get(dense[i].param, {})
-                zeros = torch.zeros_like(g) if "exp_avg" not in st else None
-                M_old.append(st.get("exp_avg", zeros))
-                V_old.append(st.get("exp_avg_sq", zeros))
-            M, V = adam_moments_foreach(M_old, V_old, G, beta1, beta2)
-            N = adam_direction_foreach(M, V, eps)
-            W = list(torch._foreach_mul([self._dense_piece(dense[i]).float() for i in idx], 1.0 - lr * wd))
-            torch._foreach_sub_(W, N, alpha=adam_step_size(lr, step + 1, beta1, beta2))
+        for idx, G, (lr, wd, (beta1, beta2), eps, step) in self._dense_groups(dense, g_owned, clip):
+            states = [self.state.get(dense[i].param, {}) for i in idx]
+            M, V, W = adamw_chunks(
+                [st.get("exp_avg") for st in states], [st.get("exp_avg_sq") for st in states], G,
+                [self._dense_piece(dense[i]).to(torch.float32, copy=True) for i in idx],
+                beta1=beta1, beta2=beta2, eps=eps, decay=lr * wd, step_size=adam_step_size(lr, step + 1, beta1, beta2),
+                in_place=False,
+            )
             for i, m, v, w in zip(idx, M, V, W):
                 staged.setdefault(dense[i].index, {}).update(exp_avg=m, exp_avg_sq=v)
                 new_dense[i] = w
         return new_dense
+
+    def _dense_adamw_in_place(self, dense: list[_Entry], groups: list[tuple]) -> None:
+        """AdamW of :meth:`_dense_groups` in place on the state and on fp32 weight pieces (views of
+        the parameters): for a commit with no collective left, it allocates no new moments."""
+        for idx, G, (lr, wd, (beta1, beta2), eps, step) in groups:
+            states = [self.state[dense[i].param] for i in idx]
+            M, V, _ = adamw_chunks(
+                [st.get("exp_avg") for st in states], [st.get("exp_avg_sq") for st in states], G,
+                [self._dense_piece(dense[i]) for i in idx],
+                beta1=beta1, beta2=beta2, eps=eps, decay=lr * wd, step_size=adam_step_size(lr, step + 1, beta1, beta2),
+                in_place=True,
+            )
+            for st, m, v in zip(states, M, V):
+                st["exp_avg"], st["exp_avg_sq"] = m, v
 
     def _dense_piece(self, e: _Entry) -> Tensor:
         """This rank's piece of a dense weight, which its AdamW updates (the local tensor by default)."""

@@ -16,7 +16,8 @@ costs ~3 µs of overhead and stacking (a copy of every operand) was slower at ev
 * :func:`adam_moments_foreach`, :func:`adam_direction_foreach`: the arithmetic of
   :mod:`plumage_ds.optim.adam` on lists (same operations, same order, so results match the
   per-tensor functions);
-* :func:`apply_updates`: ``W ← W·(1 − decay) − Δ`` in fp32 with one rounding into ``W``'s dtype;
+* :func:`apply_lifts`: ``W ← W·(1 − decay) − A B`` in place (``addmm_``, no ``ΔW`` allocated);
+* :func:`adamw_chunks`: AdamW on lists, in place or into staging buffers (same bits either way);
 * :func:`nonfinite_flags`, :func:`sq_norm_sum`: per-tensor "holds NaN/Inf" and ``Σ ‖t‖²`` (float64)
   with one host synchronisation each (in the common case).
 
@@ -145,24 +146,69 @@ def adam_direction_foreach(M: list[Tensor], V: list[Tensor], eps: float) -> list
     return list(torch._foreach_div(M, denom))
 
 
-def apply_updates(params: Sequence[Tensor], deltas: Sequence[Tensor], decays: Sequence[float]) -> None:
-    """``W ← W·(1 − decay) − Δ`` for every pair, fp32 math rounded once into ``W``'s dtype."""
-    keys = [(p.dtype, p.device, float(d)) for p, d in zip(params, decays)]
+def apply_lifts(params: Sequence[Tensor], As: Sequence[Tensor], Bs: Sequence[Tensor], decays: Sequence[float]) -> None:
+    """``W ← W·(1 − decay) − A B`` for every target, in place, without materialising ``ΔW = A B``
+    where possible: one ``addmm_`` per fp32 weight (``β = 1 − decay``, ``α = −1``: one pass over ``W``);
+    small same-shape groups are stacked into one ``bmm`` and subtracted with ``_foreach_sub_`` where
+    the device stacks; other dtypes (bf16) get the fp32 math rounded once into ``W``.
+    """
+    keys = [(tuple(W.shape), tuple(A.shape), W.dtype, W.device, float(d)) for W, A, d in zip(params, As, decays)]
     for idx in group_indices(keys):
-        W = [params[i] for i in idx]
-        D = [deltas[i] for i in idx]
+        W0 = params[idx[0]]
         decay = float(decays[idx[0]])
-        if W[0].dtype == torch.float32:
+        if W0.dtype != torch.float32:
+            for i in idx:
+                W32 = params[i].float()
+                W32.addmm_(As[i], Bs[i], beta=1.0 - decay, alpha=-1.0)
+                params[i].copy_(W32)
+            continue
+        if len(idx) > 1 and W0.numel() <= _stack_limit(W0.device):
+            W = [params[i] for i in idx]
             if decay:
                 torch._foreach_mul_(W, 1.0 - decay)
-            torch._foreach_sub_(W, D)
+            torch._foreach_sub_(W, matmuls([As[i] for i in idx], [Bs[i] for i in idx]))
             continue
-        W32 = [torch.empty_like(w, dtype=torch.float32) for w in W]
-        torch._foreach_copy_(W32, W)
-        if decay:
-            torch._foreach_mul_(W32, 1.0 - decay)
-        torch._foreach_sub_(W32, D)
-        torch._foreach_copy_(W, W32)
+        for i in idx:
+            params[i].addmm_(As[i], Bs[i], beta=1.0 - decay, alpha=-1.0)
+
+
+def adamw_chunks(
+    M: list[Optional[Tensor]], V: list[Optional[Tensor]], G: list[Tensor], W: list[Tensor], *,
+    beta1: float, beta2: float, eps: float, decay: float, step_size: float, in_place: bool,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """AdamW on lists (the arithmetic of :mod:`plumage_ds.optim.adam`): ``M' = β1 M + (1−β1) G``,
+    ``V' = β2 V + (1−β2) G²``, ``W' = W·(1 − decay) − step_size · M'/(sqrt(V') + eps)``.
+
+    ``M[i] is None``: zero moments (first step). ``in_place``: ``M, V, W`` are updated and returned
+    (zeros are allocated for missing moments). Otherwise ``M', V'`` are new tensors and ``W'`` is
+    written into ``W`` — pass fresh fp32 copies (the caller's staging buffers). Both ways run the
+    same operations, so they give the same bits.
+    """
+    M = _decayed(M, G, beta1, in_place)
+    V = _decayed(V, G, beta2, in_place)
+    torch._foreach_add_(M, G, alpha=1.0 - beta1)
+    torch._foreach_addcmul_(V, G, G, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(V)
+    torch._foreach_add_(denom, eps)
+    if decay:
+        torch._foreach_mul_(W, 1.0 - decay)
+    torch._foreach_addcdiv_(W, M, denom, value=-step_size)
+    return M, V, W
+
+
+def _decayed(T: list[Optional[Tensor]], like: list[Tensor], beta: float, in_place: bool) -> list[Tensor]:
+    """``β·T`` (in place, or new tensors); zeros where ``T[i] is None``."""
+    have = [i for i, t in enumerate(T) if t is not None]
+    out: list = [None] * len(T)
+    if have:
+        src = [T[i] for i in have]
+        if in_place:
+            torch._foreach_mul_(src, beta)
+        else:
+            src = list(torch._foreach_mul(src, beta))
+        for i, t in zip(have, src):
+            out[i] = t
+    return [torch.zeros_like(g) if t is None else t for t, g in zip(out, like)]
 
 
 def nonfinite_flags(tensors: Sequence[Tensor]) -> list[bool]:

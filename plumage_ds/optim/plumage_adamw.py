@@ -51,12 +51,12 @@ import torch
 from torch import Tensor
 
 from ..config import RIGHT_PROJECTORS, validate_lowrank_options
-from ..estimators import deorient, get_estimator, gram_basis, orient, sampler_generator, short_side_basis
+from ..estimators import get_estimator, gram_basis, orient, sampler_generator, short_side_basis
 from ..estimators.registry import resolve_realign
 from .adam import adam_step_size
 from .base import CollectiveStepError, MatrixOptimizer, _Entry
 from .batched import (
-    adam_direction_foreach, adam_moments_foreach, apply_updates, group_indices, map_stacked, matmuls, per_matrix,
+    adam_direction_foreach, adam_moments_foreach, apply_lifts, group_indices, map_stacked, matmuls, per_matrix,
     sq_norm_sum,
 )
 from .distributor import Distributor
@@ -91,10 +91,11 @@ def _compress_replicated(dist, entries, grads, P_use, averaged, projected) -> li
     return dist.reduce_to_owners(R, [e.owner for e in entries], "lowrank_grad")
 
 
-def _lift_replicated(dist, entries, N_owned, P_use) -> list[Tensor]:
-    """``ΔW = deorient(P N)``  # (m, n) on every rank, ``N`` all-gathered from the owners."""
+def _lift_replicated(dist, entries, N_owned, P_use) -> list[tuple[Tensor, Tensor]]:
+    """``ΔW = deorient(P N) = A B``  # (m, n) on every rank, ``N`` all-gathered from the owners:
+    ``(A, B) = (P, N)`` for left projections, ``(Nᵀ, Pᵀ)`` for right ones (applied at commit)."""
     N_all = dist.gather_from_owners(N_owned, [(e.r, e.l) for e in entries], [e.owner for e in entries], "lowrank_update")
-    return [deorient(D, e.left) for e, D in zip(entries, matmuls(P_use, N_all))]
+    return [(P, N) if e.left else (N.mT, P.mT) for e, N, P in zip(entries, N_all, P_use)]
 
 
 def _reduce_dense_replicated(dist, entries, grads) -> list[Tensor]:
@@ -164,17 +165,17 @@ def _compress_fsdp(dist, entries, grads, P_use, averaged, projected) -> list[Ten
     return R
 
 
-def _lift_fsdp(dist, entries, N_owned, P_use) -> list[Tensor]:
-    """``ΔW_k``  # (m_k, n): left ``P_k N`` (``N`` all-gathered by columns), right ``(P N_k)ᵀ``."""
+def _lift_fsdp(dist, entries, N_owned, P_use) -> list[tuple[Tensor, Tensor]]:
+    """``ΔW_k = A B``  # (m_k, n): left ``P_k N`` (``N`` all-gathered by columns), right ``N_kᵀ Pᵀ = (P N_k)ᵀ``."""
     left = [i for i, e in enumerate(entries) if e.left]
-    right = [i for i, e in enumerate(entries) if not e.left]
     N_full = dist.all_gather_cols([N_owned[i] for i in left], [entries[i].l for i in left], "lowrank_update")
-    delta: list = [None] * len(entries)
-    for i, D in zip(left, matmuls([P_use[i] for i in left], N_full)):
-        delta[i] = D
-    for i, D in zip(right, matmuls([P_use[i] for i in right], [N_owned[i] for i in right])):
-        delta[i] = D.mT
-    return delta
+    factors: list = [None] * len(entries)
+    for i, N in zip(left, N_full):
+        factors[i] = (P_use[i], N)
+    for i, e in enumerate(entries):
+        if not e.left:
+            factors[i] = (N_owned[i].mT, P_use[i].mT)
+    return factors
 
 
 def _reduce_dense_fsdp(dist, entries, grads) -> list[Tensor]:
@@ -485,16 +486,22 @@ class PlumageAdamW(MatrixOptimizer):
 
         # -- phase 4: Adam on the owned pieces (out of place) ----------------------
         N_owned = self._lowrank_adam(lowrank, R_owned, clip, staged, current)
-        new_dense = self._dense_adamw(dense, g_owned, clip, staged)
+        # dense AdamW: out of place when its result still has to travel; with no collective left
+        # (one rank), it runs in place at commit (same bits, no new moment tensors)
+        in_place = self._dense_in_place(dense)
+        dense_plan = self._dense_groups(dense, g_owned, clip) if in_place else []
+        new_dense = [] if in_place else self._dense_adamw(dense, g_owned, clip, staged)
 
         # -- phase 5: updates to every rank (the step's last collectives) ----------
-        deltas = ops["lift"](dist, lowrank, N_owned, P_use)
-        W_all = ops["gather_dense"](dist, dense, new_dense)
+        factors = ops["lift"](dist, lowrank, N_owned, P_use)  # ΔW = A B per target
+        W_all = [] if in_place else ops["gather_dense"](dist, dense, new_dense)
 
         # -- commit ------------------------------------------------------------------
         self._commit(lowrank + dense, staged)
         self._projected.clear()
-        self._apply_matrix_updates(lowrank, deltas)
+        self._apply_matrix_updates(lowrank, factors)
+        if in_place:
+            self._dense_adamw_in_place(dense, dense_plan)
         for e, W in zip(dense, W_all):
             self._apply_dense(e, W)
 
@@ -525,19 +532,29 @@ class PlumageAdamW(MatrixOptimizer):
                 N_owned[i] = n
         return N_owned
 
-    def _apply_matrix_updates(self, lowrank: list[_Entry], deltas: list[Tensor]) -> None:
-        """``W ← W·(1 − lr·wd) − ΔW`` for every target, batched; one by one through
-        :meth:`_apply_matrix_update` where a subclass places updates itself (ZeRO-3 chunks)."""
+    def _apply_matrix_updates(self, lowrank: list[_Entry], factors: list[tuple[Tensor, Tensor]]) -> None:
+        """``W ← W·(1 − lr·wd) − A B`` for every target, in place (:func:`~plumage_ds.optim.batched.apply_lifts`);
+        one by one through :meth:`_apply_matrix_update` where a subclass places updates itself (ZeRO-3 chunks)."""
         custom = type(self)._apply_matrix_update is not MatrixOptimizer._apply_matrix_update
         rest = []
         for i, e in enumerate(lowrank):
             if custom or e.case == ZERO3_FLAT:
-                self._apply_matrix_update(e.param, deltas[i], e.group["lr"] * e.group["weight_decay"])
+                A, B = factors[i]
+                self._apply_matrix_update(e.param, A @ B, e.group["lr"] * e.group["weight_decay"])
             else:
                 rest.append(i)
-        apply_updates(
-            [local(lowrank[i].param) for i in rest], [deltas[i] for i in rest],
+        apply_lifts(
+            [local(lowrank[i].param) for i in rest], [factors[i][0] for i in rest], [factors[i][1] for i in rest],
             [lowrank[i].group["lr"] * lowrank[i].group["weight_decay"] for i in rest],
+        )
+
+    def _dense_in_place(self, dense: list[_Entry]) -> bool:
+        """Whether dense AdamW can wait for the commit and run in place: no collective follows it
+        (one rank, no replicas) and every dense weight is fp32 (one rounding either way)."""
+        dist = self._distributor
+        return (
+            dist.world_size == 1 and getattr(dist, "replica_comm", None) is None
+            and all(local(e.param).dtype == torch.float32 for e in dense)
         )
 
     @staticmethod

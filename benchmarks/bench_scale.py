@@ -139,7 +139,7 @@ def child(args) -> dict:
         "refresh_step": statistics.median(step_t[s] for s in refresh) if refresh else None,
         "state_bytes": _state_bytes(opt),
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "steps": step_t, "fwd_bwd_all": fb, "loss": float(loss),
+        "steps": step_t, "fwd_bwd_all": fb, "loss": float(loss.detach()),
     }
 
 

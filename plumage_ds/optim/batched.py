@@ -102,28 +102,42 @@ def matmuls(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
+def stack_plan(keys: Sequence[Hashable], numels: Sequence[int], nbytes: Sequence[int], device: torch.device,
+               table: Optional[dict] = None) -> list[list[int]]:
+    """How same-key items are processed: lists of indices run together as one stack (items of at most
+    the device's stack limit of elements, at most :data:`STACK_BATCH_BYTES` per stack), singletons
+    otherwise, in first-appearance order."""
+    limit = _stack_limit(device, table)
+    plan: list[list[int]] = []
+    for idx in group_indices(keys):
+        if len(idx) == 1 or numels[idx[0]] > limit:
+            plan.extend([i] for i in idx)
+            continue
+        per = max(1, STACK_BATCH_BYTES // max(1, nbytes[idx[0]]))
+        plan.extend(idx[start : start + per] for start in range(0, len(idx), per))
+    return plan
+
+
 def map_stacked(fn: Callable[[Tensor], Any], tensors: Sequence[Tensor]) -> list:
-    """``[fn(t) for t in tensors]`` where ``fn`` runs once per stack of small same-shape tensors.
+    """``[fn(t) for t in tensors]`` where ``fn`` runs once per stack of small same-shape tensors
+    (:func:`stack_plan` with :data:`DECOMPOSITION_STACK_ELEMENTS`).
 
     ``fn`` takes a leading batch dimension and returns a tensor or a tuple of tensors that carry
     it (``torch.linalg.eigh``-like); each item gets its slice (a view).
     """
-    if not tensors or _stack_limit(tensors[0].device, DECOMPOSITION_STACK_ELEMENTS) == 0:
-        return [fn(t) for t in tensors]
     out: list = [None] * len(tensors)
+    if not tensors:
+        return out
     keys = [(tuple(t.shape), t.dtype, t.device) for t in tensors]
-    for idx in group_indices(keys):
-        t0 = tensors[idx[0]]
-        if len(idx) == 1 or t0.numel() > _stack_limit(t0.device, DECOMPOSITION_STACK_ELEMENTS):
-            for i in idx:
-                out[i] = fn(tensors[i])
+    plan = stack_plan(keys, [t.numel() for t in tensors], [t.numel() * t.element_size() for t in tensors],
+                      tensors[0].device, DECOMPOSITION_STACK_ELEMENTS)
+    for part in plan:
+        if len(part) == 1:
+            out[part[0]] = fn(tensors[part[0]])
             continue
-        per = max(1, STACK_BATCH_BYTES // max(1, t0.numel() * t0.element_size()))
-        for start in range(0, len(idx), per):
-            part = idx[start : start + per]
-            res = fn(torch.stack([tensors[i] for i in part]))
-            for k, i in enumerate(part):
-                out[i] = tuple(x[k] for x in res) if isinstance(res, tuple) else res[k]
+        res = fn(torch.stack([tensors[i] for i in part]))
+        for k, i in enumerate(part):
+            out[i] = tuple(x[k] for x in res) if isinstance(res, tuple) else res[k]
     return out
 
 

@@ -56,8 +56,8 @@ from ..estimators.registry import resolve_realign
 from .adam import adam_step_size
 from .base import CollectiveStepError, MatrixOptimizer, _Entry
 from .batched import (
-    adam_direction_foreach, adam_moments_foreach, apply_lifts, group_indices, map_stacked, matmuls, per_matrix,
-    sq_norm_sum,
+    DECOMPOSITION_STACK_ELEMENTS, adam_direction_foreach, adam_moments_foreach, apply_lifts, group_indices, matmuls,
+    sq_norm_sum, stack_plan,
 )
 from .distributor import Distributor
 from .sharding import FSDP_ROWS, REPLICATED, ZERO3_FLAT, chunk_bounds, local
@@ -595,24 +595,14 @@ class PlumageAdamW(MatrixOptimizer):
             if dist.replica_comm is not None:
                 for e, G in zip(refresh, grads):
                     staged.setdefault(e.index, {})["G"] = G
-        svd = [refresh[i] for i, e in enumerate(refresh) if get_estimator(e.group["estimator"]).needs_gradient]
-        basis = ops["refresh_basis"](dist, svd, [grads[i] for i, e in enumerate(refresh) if e in svd])
+        need = [i for i, e in enumerate(refresh) if get_estimator(e.group["estimator"]).needs_gradient]
+        svd = [refresh[i] for i in need]
+        basis = ops["refresh_basis"](dist, svd, [grads[i] for i in need])
         mine = [j for j, b in enumerate(basis) if b is not None]  # this rank owns their SVD
-        spectra, error = self._spectra([svd[j] for j in mine], [basis[j] for j in mine])
+        drawn, error = self._draw_projections([svd[j] for j in mine], [basis[j] for j in mine])
         new_on_owner: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(svd)
-        for j, spectrum in zip(mine, spectra):
-            e = svd[j]
-            device = basis[j][1].device
-            new_on_owner[j] = (torch.zeros(e.s, e.r, device=device), torch.ones(e.r, device=device))  # if it fails
-            if spectrum is None:
-                continue
-            try:
-                proj = get_estimator(e.group["estimator"]).build_from_basis(
-                    *spectrum, e.r, self._generator(e), uniform_mix=e.group["uniform_mix"]
-                )
-                new_on_owner[j] = (proj.P.float(), proj.d.float())
-            except Exception as err:  # noqa: BLE001 - agreed on below, raised on every rank
-                error = error or f"refresh of {e.name!r} failed: {type(err).__name__}: {err}"
+        for j, pd in zip(mine, drawn):
+            new_on_owner[j] = pd
         shared = ops["share_projectors"](dist, svd, new_on_owner)
         error = dist.agree_error(error, "refresh")
         if error is not None:
@@ -652,52 +642,76 @@ class PlumageAdamW(MatrixOptimizer):
             elif e.index in realigned:
                 new["exp_avg"], new["exp_avg_sq"] = realigned[e.index]
 
-    def _spectra(self, entries: list[_Entry], basis: list[tuple]) -> tuple[list, Optional[str]]:
-        """The owner's short-side bases ``(U  # (s, s), σ  # (s,))`` of ``entries`` and an error message.
+    def _draw_projections(self, entries: list[_Entry], basis: list[tuple]) -> tuple[list, Optional[str]]:
+        """The owner's new ``(P  # (s, r), d  # (r,))`` for ``entries`` and an error message (``None`` if all went well).
 
-        Batched per shape (:func:`~plumage_ds.optim.batched.map_stacked`): Gram matrices (given,
-        ``("gram", S)``, or ``G_o G_oᵀ`` in float64 from ``("grad", G)`` with ``svd_method="gram"``)
-        through one ``eigh`` per stack, ``svd_method="svd"`` through one ``svd``. If that fails, the
-        matrices are redone one by one to name the first that fails on its own (error path only:
-        the step is then refused on every rank).
+        The spectra come from Gram matrices (given as ``("gram", S)``, or ``G_o G_oᵀ`` in float64 from
+        ``("grad", G)`` with ``svd_method="gram"``) through ``eigh``, or from ``svd`` of ``G``. Matrices
+        go group by group (:func:`~plumage_ds.optim.batched.stack_plan`): small same-shape ones in one
+        batched decomposition, big ones alone, and each group is sampled before the next is
+        decomposed, so at most one group's Gram matrices and bases are alive at a time. A matrix
+        whose refresh fails gets a placeholder and the first failure (named by matrix, found by
+        redoing a failed group one matrix at a time) is returned, to be agreed on by every rank.
         """
-        try:
-            return self._spectra_batched(entries, basis), None
-        except Exception as err:  # noqa: BLE001 - agreed on by the caller, raised on every rank
-            batched_error = f"refresh failed: {type(err).__name__}: {err}"
-        out: list = []
+        out: list = [None] * len(entries)
+        if not entries:
+            return out, None
         error: Optional[str] = None
-        with per_matrix():
-            for e, b in zip(entries, basis):
+        keys, sizes = [], []
+        for e, (kind, X) in zip(entries, basis):
+            by_svd = kind == "grad" and e.group["svd_method"] == "svd"
+            keys.append((by_svd, tuple(X.shape) if by_svd else e.s, X.device))
+            sizes.append(X.numel() if by_svd else e.s * e.s)
+        plan = stack_plan(keys, sizes, [8 * n for n in sizes], basis[0][1].device, DECOMPOSITION_STACK_ELEMENTS)
+        for part in plan:
+            es, bs = [entries[i] for i in part], [basis[i] for i in part]
+            try:
+                spectra = self._spectra(es, bs)
+            except Exception as err:  # noqa: BLE001 - agreed on by the caller, raised on every rank
+                error = error or self._first_failure(es, bs, err)
+                spectra = [None] * len(part)
+            for i, e, spectrum in zip(part, es, spectra):
+                device = basis[i][1].device
+                out[i] = (torch.zeros(e.s, e.r, device=device), torch.ones(e.r, device=device))  # if it fails
+                if spectrum is None:
+                    continue
                 try:
-                    out.append(self._spectra_batched([e], [b])[0])
-                except Exception as err:  # noqa: BLE001
+                    proj = get_estimator(e.group["estimator"]).build_from_basis(
+                        *spectrum, e.r, self._generator(e), uniform_mix=e.group["uniform_mix"]
+                    )
+                    out[i] = (proj.P.float(), proj.d.float())
+                except Exception as err:  # noqa: BLE001 - agreed on by the caller, raised on every rank
                     error = error or f"refresh of {e.name!r} failed: {type(err).__name__}: {err}"
-                    out.append(None)
-        return [None] * len(entries), error or batched_error
+        return out, error
+
+    def _first_failure(self, entries: list[_Entry], basis: list[tuple], err: Exception) -> str:
+        """Names the first matrix of a failed group that fails on its own (error path only)."""
+        for e, b in zip(entries, basis):
+            try:
+                self._spectra([e], [b])
+            except Exception as alone:  # noqa: BLE001
+                return f"refresh of {e.name!r} failed: {type(alone).__name__}: {alone}"
+        names = [e.name for e in entries]
+        return f"refresh of {names} failed together: {type(err).__name__}: {err}"
 
     @staticmethod
-    def _spectra_batched(entries: list[_Entry], basis: list[tuple]) -> list[tuple[Tensor, Tensor]]:
-        grams: list = [None] * len(entries)
-        by_svd = []
-        from_grad = []
-        for i, (e, (kind, X)) in enumerate(zip(entries, basis)):
-            if kind == "gram":
-                grams[i] = X
-            elif e.group["svd_method"] == "svd":
-                by_svd.append(i)
-            else:
-                from_grad.append(i)
-        Go = [orient(basis[i][1].detach().double(), entries[i].left) for i in from_grad]  # (s, l) float64
-        for i, S in zip(from_grad, matmuls(Go, [G.mT for G in Go])):
-            grams[i] = S  # (s, s)
-        out: list = [None] * len(entries)
-        with_gram = [i for i in range(len(entries)) if grams[i] is not None]
-        for i, spectrum in zip(with_gram, map_stacked(gram_basis, [grams[i] for i in with_gram])):
-            out[i] = spectrum
-        for i, spectrum in zip(by_svd, map_stacked(lambda G: short_side_basis(G, "svd"), [basis[i][1] for i in by_svd])):
-            out[i] = spectrum
-        return out
+    def _spectra(entries: list[_Entry], basis: list[tuple]) -> list[tuple[Tensor, Tensor]]:
+        """``(U, σ)`` of each item of one :func:`stack_plan` group: one (batched) decomposition."""
+        kind, X0 = basis[0]
+        if kind == "grad" and entries[0].group["svd_method"] == "svd":
+            G = X0 if len(basis) == 1 else torch.stack([X for _, X in basis])
+            U, sigma = short_side_basis(G, "svd")
+        else:
+            grams = []
+            for e, (kind, X) in zip(entries, basis):
+                if kind == "grad":
+                    Go = orient(X.detach().double(), e.left)  # (s, l) float64
+                    X = Go @ Go.mT  # (s, s)
+                grams.append(X)
+            U, sigma = gram_basis(grams[0] if len(grams) == 1 else torch.stack(grams))
+        if len(basis) == 1:
+            return [(U, sigma)]
+        return list(zip(U.unbind(0), sigma.unbind(0)))
 
     def _generator(self, e: _Entry) -> torch.Generator:
         return sampler_generator(self.seed, e.index, self._step_of(e) // e.group["update_interval"])

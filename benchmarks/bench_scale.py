@@ -28,6 +28,10 @@ separately. Reported per method (median over the steps of a kind, then over roun
   printed too); the ratio to AdamW is taken within each round, then the median over rounds;
 * **optimizer state**: bytes of the state tensors (galore-torch's projector matrices included);
 * **peak RSS** of the process (``ru_maxrss``: model, gradients, activations, state, torch itself).
+
+Then, per model, a paired comparison of the optimizer steps alone, less sensitive to the load of a
+shared machine: the three optimizers in one process on three copies of the model, one set of fixed
+gradients, ``step()`` calls interleaved with a rotating order, a refresh every other step.
 """
 
 from __future__ import annotations
@@ -143,6 +147,57 @@ def child(args) -> dict:
     }
 
 
+def paired(model_name: str, args) -> dict:
+    """The three optimizers in one process on three copies of the model, sharing one set of fixed
+    gradients, their ``step()`` calls interleaved (the order rotates every round), refresh every
+    other step: per method the times of ordinary and refresh steps, as pairs with the same load."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rank = MODELS[model_name]["hidden_size"] // 4
+    models = {m: _build(model_name, args.seq) for m in METHODS}
+    opts = {m: _optimizer(m, models[m], rank, 2) for m in METHODS}
+    g = torch.Generator().manual_seed(0)
+    params = {m: list(models[m].parameters()) for m in METHODS}
+    for i, p0 in enumerate(params[METHODS[0]]):
+        G = torch.randn(p0.shape, generator=g) * 1e-3
+        for m in METHODS:
+            params[m][i].grad = G  # read only by every optimizer
+    times: dict = {m: {"ordinary": [], "refresh": []} for m in METHODS}
+    for step in range(args.paired_steps):
+        order = METHODS[step % 3:] + METHODS[: step % 3]
+        for m in order:
+            t0 = time.perf_counter()
+            opts[m].step()
+            dt = time.perf_counter() - t0
+            if step > 0:  # step 0 allocates the state
+                times[m]["refresh" if step % 2 == 0 and m != "adamw" else "ordinary"].append(dt)
+    return times
+
+
+def paired_report(results: dict, args) -> str:
+    lines = [
+        f"Optimizer steps interleaved in one process ({args.paired_steps} steps each, refresh every other step, "
+        "same fixed gradients): medians and the median of the per-step ratios",
+        "",
+        "| model | method | ordinary step (ms) | vs AdamW | vs galore-torch | refresh step (ms) | refresh extra vs galore-torch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, t in results.items():
+        med = {m: statistics.median(t[m]["ordinary"]) for m in METHODS}
+        for m in METHODS:
+            pair = lambda base: statistics.median(a / b for a, b in zip(t[m]["ordinary"], t[base]["ordinary"]))  # noqa: E731
+            refresh, extra = "–", "–"
+            if m != "adamw":
+                refresh = f"{1e3 * statistics.median(t[m]['refresh']):.0f}"
+                mine = statistics.median(t[m]["refresh"]) - med[m]
+                theirs = statistics.median(t["galore_torch"]["refresh"]) - med["galore_torch"]
+                extra = f"{mine / theirs:.2f}"
+            lines.append(f"| {model} | {m} | {1e3 * med[m]:.0f} | {pair('adamw'):.2f} | {pair('galore_torch'):.2f} "
+                         f"| {refresh} | {extra} |")
+    return "\n".join(lines)
+
+
 def _run_child(model: str, method: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", "--model", model, "--method", method, "--steps", str(args.steps),
            "--tau-run", str(args.tau_run), "--batch", str(args.batch), "--seq", str(args.seq),
@@ -210,6 +265,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--paired-steps", type=int, default=13, help="interleaved optimizer steps per method (0: skip)")
+    p.add_argument("--skip-runs", action="store_true", help="only the in-process paired optimizer-step comparison")
     p.add_argument("--json", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -219,7 +276,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(args)))
         return 0
     results: dict = {}
-    for model in args.models:
+    for model in args.models if not args.skip_runs else []:
         results[model] = []
         for rnd in range(args.rounds):
             order = METHODS if rnd % 2 == 0 else tuple(reversed(METHODS))
@@ -230,9 +287,17 @@ def main(argv=None) -> int:
                 print(f"# {model} round {rnd} {m}: opt {1e3 * rows[m]['opt_step']:.0f} ms, fwd+bwd "
                       f"{rows[m]['fwd_bwd']:.2f} s ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
             results[model].append(rows)
-    print(report(results, args))
+    if results:
+        print(report(results, args))
+        print()
+    pairs = {}
+    if args.paired_steps:
+        for model in args.models:
+            pairs[model] = paired(model, args)
+            print(f"# {model} paired done", file=sys.stderr)
+        print(paired_report(pairs, args))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps({"runs": results, "paired": pairs}, indent=1))
     return 0
 
 

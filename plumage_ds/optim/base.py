@@ -303,7 +303,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         }
 
     def matrix_report(self) -> list[dict]:
-        """One row per parameter: name, shape, mode, reason, owner rank (of the SVD), sharding case."""
+        """One row per parameter: name, shape, mode, reason, owner rank (of the SVD; -1 where every
+        rank holds a piece, as for PlumageAdamW's dense parameters), sharding case."""
         return [self._report_row(e) for e in self._entries]
 
     def ownership(self) -> list[int]:

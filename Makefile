@@ -49,12 +49,18 @@ plot: $(VENV)/.installed
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[plot]'
 	$(PY) -m plumage_ds plot $(RUNS) --out $(PLOT_OUT)
 
-# The quick side-by-side benchmarks of docs/benchmarks.md (a few minutes each on 2 cores); the
-# longer knob sweep is `$(PY) benchmarks/sweep_lowrank.py --config configs/sweep.yaml`.
+# The side-by-side benchmarks of docs/benchmarks.md (about an hour on 2 cores, at nice 10, one thread
+# per process); the longer knob sweep is `$(PY) benchmarks/sweep_lowrank.py --config configs/sweep.yaml`,
+# the SVD/eigh timing of 4096-wide gradients `$(PY) benchmarks/bench_refresh.py --skip-ranks --spectral
+# 4096x4096 4096x11008`, and the GPU check `benchmarks/gpu_check.sh` (CUDA machine).
+BENCH := $(RUN) OMP_NUM_THREADS=1 nice -n 10 $(PY)
 bench: $(VENV)/.installed
-	$(RUN) $(PY) benchmarks/bench_data_parallel.py
+	$(BENCH) benchmarks/bench_data_parallel.py
 	$(RUN) DS_ACCELERATOR=cpu $(PY) benchmarks/bench_deepspeed.py --stages 1 2 --hidden 128 --steps 10
 	$(RUN) $(PY) benchmarks/bench_comm_hook.py
+	$(BENCH) benchmarks/bench_hot_path.py
+	$(BENCH) benchmarks/bench_refresh.py
+	$(BENCH) benchmarks/bench_scale.py
 
 # Training quality over seeds (docs/quality.md): every estimator at its own best LR, gap closed
 # per seed, loss curves. Resumable (finished runs are reused); hours on 2 cores at 600 steps.

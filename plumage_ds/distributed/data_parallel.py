@@ -1,22 +1,29 @@
 """Replicated-weights strategy (DDP-style data parallelism, basis of ZeRO-0/1/2).
 
-docs/design.md §4.1. Each item (a target matrix or a dense parameter) has one owner
-rank (:func:`greedy_ownership`). The optimizer's phases map onto batched
-collectives, one per phase and tag, never one per matrix:
+docs/design.md §4.1. Target matrices have one owner rank each (:func:`greedy_ownership`:
+the SVD and the ``r × l`` Adam moments live there); dense parameters (everything else) are
+split into ``W`` flat chunks, one per rank (ZeRO-1/2 style). Every phase of the optimizer maps
+onto one batched collective per tag, never one per matrix:
 
 * ``reduce_to_owners``: pack every rank's tensors into one buffer laid out by
   owner (each owner's segment padded to the longest segment), one
   ``reduce_scatter``; each owner receives the sum of its items and divides by
   ``W`` (mean over ranks);
 * ``gather_from_owners``: each rank packs the items it owns into its segment,
-  one ``all_gather``; every rank unpacks every item.
+  one ``all_gather``; every rank unpacks every item;
+* ``reduce_scatter_flat`` / ``all_gather_flat``: every item is cut in ``W`` flat chunks
+  of ``c = ceil(numel/W)`` elements (``torch.chunk`` bounds, the last ones short or empty);
+  rank ``k``'s segment holds chunk ``k`` of every item (padded to ``c``), so one
+  ``reduce_scatter`` leaves each rank the mean of its chunks and one ``all_gather``
+  reassembles the items.
 
 Bytes per rank for an ordinary step (ring model, see :mod:`.comm`), with
-``L_o`` the summed ``r·l`` of the matrices rank ``o`` owns and
-``L = max_o L_o``: ``(W−1)·4·L`` for the compressed-gradient reduce-scatter plus
-the same for the update all-gather; with a balanced plan ``L ≈ Σ r·l / W``,
-i.e. ``2·(W−1)/W·Σ r·l·4`` — a ring all-reduce of the ``r × l`` compressed
-gradients, versus ``2·(W−1)/W·Σ m·n·4`` for DDP.
+``L_o`` the summed ``r·l`` of the matrices rank ``o`` owns,
+``L = max_o L_o`` and ``C = Σ_dense ceil(numel/W)``: ``2·(W−1)·4·L`` for the
+compressed gradients and updates plus ``2·(W−1)·4·C`` for the dense ones; with a
+balanced plan ``L ≈ Σ r·l / W`` and ``C ≈ Σ numel / W``, i.e. a ring all-reduce of the
+``r × l`` compressed gradients and of the dense gradients, versus ``2·(W−1)/W·Σ m·n·4``
+(plus the dense part) for DDP.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..optim.plumage_adamw import PlumageAdamW
+from ..optim.sharding import chunk_bounds, chunk_size
 from .comm import Collectives, _device_of, first_error
 from .ownership import greedy_ownership
 
@@ -99,6 +107,52 @@ class DataParallelDistributor:
         self.comm.all_gather(full, mine, tag)
         return [full[o * seg + off : o * seg + off + n].view(s) for s, o, off, n in zip(shapes, owners, offsets, numels)]
 
+    def flat_chunk(self, numel: int) -> tuple[int, int]:
+        return chunk_bounds(numel, self.world_size, self.rank)
+
+    def reduce_scatter_flat(self, tensors: Sequence[Tensor], tag: str) -> list[Tensor]:
+        """This rank's flat chunk of the mean over ranks of each tensor (one ``reduce_scatter``)."""
+        if not tensors:
+            return []
+        W = self.world_size
+        sizes = [chunk_size(t.numel(), W) for t in tensors]
+        seg = sum(sizes)
+        send = torch.zeros(W, seg, dtype=torch.float32, device=tensors[0].device)
+        off = 0
+        for t, c in zip(tensors, sizes):
+            _scatter_chunks(send[:, off : off + c], t.reshape(-1))
+            off += c
+        recv = torch.empty(seg, dtype=torch.float32, device=tensors[0].device)
+        self.comm.reduce_scatter(recv, send.view(-1), tag)
+        recv.div_(W)
+        out, off = [], 0
+        for t, c in zip(tensors, sizes):
+            a, b = self.flat_chunk(t.numel())
+            out.append(_chunk_shaped(recv[off : off + b - a], t.shape))
+            off += c
+        return out
+
+    def all_gather_flat(self, chunks: Sequence[Tensor], shapes: Sequence[tuple], tag: str) -> list[Tensor]:
+        """Every item of ``shapes`` assembled from every rank's flat chunk (one ``all_gather``)."""
+        if not shapes:
+            return []
+        W = self.world_size
+        numels = [int(torch.Size(s).numel()) for s in shapes]
+        sizes = [chunk_size(n, W) for n in numels]
+        device = chunks[0].device if chunks else self._device()
+        mine = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
+        off = 0
+        for t, c in zip(chunks, sizes):
+            mine[off : off + t.numel()].copy_(t.reshape(-1))
+            off += c
+        full = torch.empty(W, mine.numel(), dtype=torch.float32, device=device)
+        self.comm.all_gather(full.view(-1), mine, tag)
+        out, off = [], 0
+        for s, n, c in zip(shapes, numels, sizes):
+            out.append(full[:, off : off + c].reshape(-1)[:n].view(s))
+            off += c
+        return out
+
     def sum_scalar(self, value: float, tag: str) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self._device())
         self.comm.all_reduce(t, tag)
@@ -124,6 +178,20 @@ class DataParallelDistributor:
 
     def _device(self) -> torch.device:
         return _device_of(self.comm.group)
+
+
+def _scatter_chunks(rows: Tensor, flat: Tensor) -> None:
+    """Row ``k`` of ``rows`` ``(W, c)`` receives chunk ``k`` of ``flat`` (``torch.chunk`` bounds; the rest stays zero)."""
+    c = rows.shape[1]
+    full = flat.numel() // c if c else 0
+    rows[:full].copy_(flat[: full * c].view(full, c))
+    if full < rows.shape[0] and full * c < flat.numel():
+        rows[full, : flat.numel() - full * c].copy_(flat[full * c :])
+
+
+def _chunk_shaped(chunk: Tensor, shape: torch.Size) -> Tensor:
+    """A chunk that is the whole tensor keeps the tensor's shape; any other chunk stays 1-D."""
+    return chunk.view(shape) if chunk.numel() == shape.numel() else chunk
 
 
 class ShardedPlumageAdamW(PlumageAdamW):

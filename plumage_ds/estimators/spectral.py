@@ -49,9 +49,10 @@ def short_side_basis(G: Tensor, method: str = "svd") -> tuple[Tensor, Tensor]:
     ``Vᵀ`` rows if right) — bit-compatible with GaLore's projector.
     ``method="gram"``: ``eigh`` of the ``s × s`` Gram matrix ``G_o G_oᵀ`` in float64
     (about 2× faster than fp32 ``svd`` on CPU; ``σ = sqrt(max(λ, 0))``). Both give the whole spectrum, which
-    PLUMAGE needs to stay unbiased.
+    PLUMAGE needs to stay unbiased. A stack ``(B, m, n)`` gives ``(B, s, s)`` and ``(B, s)`` (batched
+    decompositions, each matrix as if alone).
     """
-    left = is_left(G.shape)
+    left = is_left(G.shape[-2:])
     Gf = G.detach().float()
     if method == "svd":
         U, S, Vh = torch.linalg.svd(Gf, full_matrices=False)
@@ -75,12 +76,12 @@ def gram_basis(gram: Tensor) -> tuple[Tensor, Tensor]:
     the sign free, and a 1e-8 change of ``G`` (another reduction order, another world size)
     can flip it; GaLore keeps its moments across refreshes, so a flipped column would change
     its trajectory. With the convention ``U`` is a continuous function of ``G`` away from
-    repeated eigenvalues.
+    repeated eigenvalues. A stack ``(B, s, s)`` is decomposed in one batched ``eigh``.
     """
     evals, evecs = torch.linalg.eigh(gram.double())
-    evals = torch.flip(evals, [0]).clamp(min=0.0)
-    U = torch.flip(evecs, [1])  # (s, s)
-    pivot = U.abs().argmax(dim=0)  # (s,)
-    signs = torch.sign(U[pivot, torch.arange(U.shape[1], device=U.device)])
+    evals = torch.flip(evals, [-1]).clamp(min=0.0)
+    U = torch.flip(evecs, [-1])  # (s, s)
+    pivot = U.abs().argmax(dim=-2, keepdim=True)  # (1, s)
+    signs = torch.sign(torch.gather(U, -2, pivot))  # (1, s)
     signs[signs == 0] = 1.0
     return (U * signs).float(), torch.sqrt(evals).float()

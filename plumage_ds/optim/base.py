@@ -23,7 +23,8 @@ from torch import Tensor
 
 from ..config import NONFINITE_POLICIES, validate_adam_options
 from ..estimators import is_left, oriented_shape
-from .adam import adam_direction, adam_moments, adam_step_size
+from .adam import adam_step_size
+from .batched import adamw_chunks, group_indices, nonfinite_flags
 from .distributor import Distributor, LocalDistributor
 from .sharding import FSDP_ROWS, REPLICATED, ZERO3_FLAT, chunk_bounds, is_dtensor, local, sharding_case, wrap_like
 
@@ -325,7 +326,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         }
 
     def matrix_report(self) -> list[dict]:
-        """One row per parameter: name, shape, mode, reason, owner rank (of the SVD), sharding case."""
+        """One row per parameter: name, shape, mode, reason, owner rank (of the SVD; -1 where every
+        rank holds a piece, as for PlumageAdamW's dense parameters), sharding case."""
         return [self._report_row(e) for e in self._entries]
 
     def ownership(self) -> list[int]:
@@ -433,11 +435,16 @@ class MatrixOptimizer(torch.optim.Optimizer):
         parameter raises: the engine probably took the parameters away.
         """
         n = len(self._entries)
-        has, bad = [], []
-        for e in self._entries:
-            pending = [t for t in (local(e.param.grad), self._projected.get(e.index)) if t is not None]
-            has.append(bool(pending))
-            bad.append(any(t.numel() > 0 and not bool(torch.isfinite(t).all()) for t in pending))
+        pending, owner_of = [], []  # every gradient tensor of the step, and its entry's position
+        for i, e in enumerate(self._entries):
+            for t in (local(e.param.grad), self._projected.get(e.index)):
+                if t is not None:
+                    pending.append(t)
+                    owner_of.append(i)
+        has, bad = [False] * n, [False] * n
+        for i, flag in zip(owner_of, nonfinite_flags(pending)):
+            has[i] = True
+            bad[i] = bad[i] or flag
         agreed = self._distributor.any_true(has + bad)
         has_grad, nonfinite = agreed[:n], agreed[n:]
         if not any(has_grad):
@@ -473,36 +480,61 @@ class MatrixOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{self._display_name} does not support sparse gradients ({e.name})")
         return g.float() if g.dtype != torch.float32 else g
 
+    def _dense_groups(self, dense: list[_Entry], g_owned: list[Optional[Tensor]], clip: float) -> list[tuple]:
+        """``(positions, clipped gradients, (lr, wd, betas, eps, step))`` per set of equal hyperparameters
+        and step among the entries with a gradient piece here (read before the step counters move)."""
+        live = [i for i, G in enumerate(g_owned) if G is not None]
+        keys = []
+        for i in live:
+            g = dense[i].group
+            keys.append((g["lr"], g["weight_decay"], g["betas"], g["eps"], self._step_of(dense[i])))
+        groups = []
+        for part in group_indices(keys):
+            idx = [live[j] for j in part]
+            G = [g_owned[i] for i in idx]
+            groups.append((idx, list(torch._foreach_mul(G, clip)) if clip != 1.0 else G, keys[part[0]]))
+        return groups
+
     def _dense_adamw(
         self, dense: list[_Entry], g_owned: list[Optional[Tensor]], clip: float, staged: dict
     ) -> list[Optional[Tensor]]:
-        """AdamW on the pieces this rank owns: their new fp32 weights (``None`` elsewhere).
+        """AdamW on the pieces this rank holds: their new fp32 weights (``None`` where it holds none).
 
-        Out of place: new moments go to ``staged[e.index]``; nothing is written to the state.
+        ``g_owned[i]`` is this rank's piece of the averaged gradient, shaped like
+        :meth:`_dense_piece`. Out of place: new moments go to ``staged[e.index]``; nothing is
+        written to the state. Batched: one ``_foreach`` chain per set of equal hyperparameters.
         """
-        new_dense: list[Optional[Tensor]] = []
-        for e, G in zip(dense, g_owned):
-            if G is None:
-                new_dense.append(None)
-                continue
-            st = self.state.get(e.param, {})
-            g = e.group
-            beta1, beta2 = g["betas"]
-            if clip != 1.0:
-                G = G * clip
-            M = st.get("exp_avg")
-            if M is None:
-                M = V = torch.zeros_like(G)
-            else:
-                V = st["exp_avg_sq"]
-            M, V = adam_moments(M, V, G, beta1, beta2)
-            N = adam_direction(M, V, g["eps"])
-            W = local(e.param).detach().float().mul(1.0 - g["lr"] * g["weight_decay"]).sub_(
-                N, alpha=adam_step_size(g["lr"], self._step_of(e) + 1, beta1, beta2)
+        new_dense: list[Optional[Tensor]] = [None] * len(dense)
+        for idx, G, (lr, wd, (beta1, beta2), eps, step) in self._dense_groups(dense, g_owned, clip):
+            states = [self.state.get(dense[i].param, {}) for i in idx]
+            M, V, W = adamw_chunks(
+                [st.get("exp_avg") for st in states], [st.get("exp_avg_sq") for st in states], G,
+                [self._dense_piece(dense[i]).to(torch.float32, copy=True) for i in idx],
+                beta1=beta1, beta2=beta2, eps=eps, decay=lr * wd, step_size=adam_step_size(lr, step + 1, beta1, beta2),
+                in_place=False,
             )
-            staged.setdefault(e.index, {}).update(exp_avg=M, exp_avg_sq=V)
-            new_dense.append(W)
+            for i, m, v, w in zip(idx, M, V, W):
+                staged.setdefault(dense[i].index, {}).update(exp_avg=m, exp_avg_sq=v)
+                new_dense[i] = w
         return new_dense
+
+    def _dense_adamw_in_place(self, dense: list[_Entry], groups: list[tuple]) -> None:
+        """AdamW of :meth:`_dense_groups` in place on the state and on fp32 weight pieces (views of
+        the parameters): for a commit with no collective left, it allocates no new moments."""
+        for idx, G, (lr, wd, (beta1, beta2), eps, step) in groups:
+            states = [self.state[dense[i].param] for i in idx]
+            M, V, _ = adamw_chunks(
+                [st.get("exp_avg") for st in states], [st.get("exp_avg_sq") for st in states], G,
+                [self._dense_piece(dense[i]) for i in idx],
+                beta1=beta1, beta2=beta2, eps=eps, decay=lr * wd, step_size=adam_step_size(lr, step + 1, beta1, beta2),
+                in_place=True,
+            )
+            for st, m, v in zip(states, M, V):
+                st["exp_avg"], st["exp_avg_sq"] = m, v
+
+    def _dense_piece(self, e: _Entry) -> Tensor:
+        """This rank's piece of a dense weight, which its AdamW updates (the local tensor by default)."""
+        return local(e.param).detach()
 
     def _commit(self, active: list[_Entry], staged: dict) -> None:
         """Write the staged state of a completed step and advance the step counters."""

@@ -41,6 +41,16 @@ class Distributor(Protocol):
     ) -> list[Tensor]:
         """Every rank receives every tensor from its owner (owners pass the tensor, others ``None``)."""
 
+    def flat_chunk(self, numel: int) -> tuple[int, int]:
+        """``[a, b)``: this rank's flat chunk of a tensor of ``numel`` elements (``torch.chunk`` bounds)."""
+
+    def reduce_scatter_flat(self, tensors: Sequence[Tensor], tag: str) -> list[Tensor]:
+        """Mean over ranks of each tensor; this rank keeps its flat chunk ``flat[a:b]`` of each (1-D,
+        or the tensor's own shape when the chunk is the whole tensor)."""
+
+    def all_gather_flat(self, chunks: Sequence[Tensor], shapes: Sequence[tuple], tag: str) -> list[Tensor]:
+        """Inverse of :meth:`reduce_scatter_flat`: every rank's chunk of each item, assembled to ``shapes``."""
+
     def sum_scalar(self, value: float, tag: str) -> float:
         """Sum of a float over the ranks that hold disjoint pieces of the state."""
 
@@ -81,6 +91,15 @@ class LocalDistributor:
         self, tensors: Sequence[Optional[Tensor]], shapes: Sequence[tuple], owners: Sequence[int], tag: str
     ) -> list[Tensor]:
         return list(tensors)  # type: ignore[arg-type]
+
+    def flat_chunk(self, numel: int) -> tuple[int, int]:
+        return 0, numel
+
+    def reduce_scatter_flat(self, tensors: Sequence[Tensor], tag: str) -> list[Tensor]:
+        return list(tensors)
+
+    def all_gather_flat(self, chunks: Sequence[Tensor], shapes: Sequence[tuple], tag: str) -> list[Tensor]:
+        return list(chunks)
 
     def sum_scalar(self, value: float, tag: str) -> float:
         return value

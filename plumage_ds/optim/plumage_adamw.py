@@ -21,7 +21,9 @@ this rank's local views:
 
 * ``*_replicated`` (plain tensors; ZeRO-3 chunks reuse them): every rank holds ``P``; the
   owner holds ``M, V`` ``(r, l)``; ``R_k = Pᵀ G_k`` is reduced to the owner and ``N`` gathered
-  back (:class:`LocalDistributor`: all on one process);
+  back; dense parameters are cut in ``W`` flat chunks, rank ``k`` holds the AdamW moments of
+  chunk ``k`` (reduce-scatter of the gradients, all-gather of the updated chunks)
+  (:class:`LocalDistributor`: all on one process);
 * ``*_fsdp`` (FSDP2 rows ``W_k``, ``G_k``): left projection (``m < n``): ``P_k`` = this rank's
   rows of ``P``, ``Σ_k P_kᵀ G_k`` reduce-scattered by columns, ``M, V`` ``(r, n/S)``, ``N``
   all-gathered, ``ΔW_k = P_k N``; right projection (``m >= n``): ``R_k = (G_k P)ᵀ`` is local,
@@ -29,6 +31,9 @@ this rank's local views:
   and all-gathered each step (``right_projectors="sharded"``) or kept whole on every rank
   (``"replicated"``: no optimizer communication on ordinary steps). Compressed HSDP averages
   ``R`` (not ``G``) across replicas.
+
+The arithmetic runs on lists (:mod:`plumage_ds.optim.batched`: ``_foreach`` ops, same-shape
+products and decompositions stacked where the device gains from it).
 
 A step is atomic: new ``P, d, M, V`` and weights are staged and committed after the step's
 last collective; a refresh failure on any rank raises :class:`CollectiveStepError` on every
@@ -46,10 +51,16 @@ import torch
 from torch import Tensor
 
 from ..config import RIGHT_PROJECTORS, validate_lowrank_options
-from ..estimators import deorient, get_estimator, gram_basis, orient, realign_moments, realignment, sampler_generator
+from ..estimators import (
+    get_estimator, gram_basis, orient, sampler_generator, short_side_basis,
+)
 from ..estimators.registry import estimator_problem, resolve_realign
-from .adam import adam_direction, adam_moments, adam_step_size
+from .adam import adam_step_size
 from .base import CollectiveStepError, MatrixOptimizer, _Entry
+from .batched import (
+    DECOMPOSITION_STACK_ELEMENTS, adam_direction_foreach, adam_moments_foreach, apply_lifts, group_indices, matmuls,
+    sq_norm_sum, stack_plan,
+)
 from .distributor import Distributor
 from .sharding import FSDP_ROWS, REPLICATED, ZERO3_FLAT, chunk_bounds, local
 
@@ -57,6 +68,9 @@ _LOWRANK_KEYS = (
     "rank", "update_interval", "estimator", "scale", "dinv_placement", "realign", "svd_method", "uniform_mix"
 )
 _STATE_FORMAT = 1
+EVERY_RANK = -1
+"""``owner`` of a dense parameter: no single owner, every rank holds a piece of its state (flat
+chunks for replicated weights, rows under FSDP2)."""
 
 
 # ============================================================================ replicated case
@@ -72,22 +86,28 @@ def _compress_replicated(dist, entries, grads, P_use, averaged, projected) -> li
     """``R̄ = mean_k Pᵀ G_k``  # (r, l), on the owner (one reduce-scatter over owner segments).
 
     ``projected[i]``: ``Pᵀ G_k`` already formed during backward (``backward_projection``)."""
-    R = [R_k if R_k is not None else P.mT @ orient(G, e.left) for e, G, P, R_k in zip(entries, grads, P_use, projected)]
+    todo = [i for i, R_k in enumerate(projected) if R_k is None]
+    R = list(projected)
+    for i, R_k in zip(todo, matmuls([P_use[i].mT for i in todo], [orient(grads[i], entries[i].left) for i in todo])):
+        R[i] = R_k
     return dist.reduce_to_owners(R, [e.owner for e in entries], "lowrank_grad")
 
 
-def _lift_replicated(dist, entries, N_owned, P_use) -> list[Tensor]:
-    """``ΔW = deorient(P N)``  # (m, n) on every rank, ``N`` all-gathered from the owners."""
+def _lift_replicated(dist, entries, N_owned, P_use) -> list[tuple[Tensor, Tensor]]:
+    """``ΔW = deorient(P N) = A B``  # (m, n) on every rank, ``N`` all-gathered from the owners:
+    ``(A, B) = (P, N)`` for left projections, ``(Nᵀ, Pᵀ)`` for right ones (applied at commit)."""
     N_all = dist.gather_from_owners(N_owned, [(e.r, e.l) for e in entries], [e.owner for e in entries], "lowrank_update")
-    return [deorient(P @ N, e.left) for e, N, P in zip(entries, N_all, P_use)]
+    return [(P, N) if e.left else (N.mT, P.mT) for e, N, P in zip(entries, N_all, P_use)]
 
 
-def _reduce_dense_replicated(dist, entries, grads) -> list[Optional[Tensor]]:
-    return dist.reduce_to_owners(grads, [e.owner for e in entries], "dense_grad")
+def _reduce_dense_replicated(dist, entries, grads) -> list[Tensor]:
+    """This rank's flat chunk of every averaged dense gradient (one reduce-scatter, ZeRO-1/2 style)."""
+    return dist.reduce_scatter_flat(grads, "dense_grad")
 
 
 def _gather_dense_replicated(dist, entries, new_W) -> list[Tensor]:
-    return dist.gather_from_owners(new_W, [e.shape for e in entries], [e.owner for e in entries], "dense_update")
+    """Every dense weight reassembled from the ranks' updated chunks (one all-gather)."""
+    return dist.all_gather_flat(new_W, [e.shape for e in entries], "dense_update")
 
 
 def _refresh_basis_replicated(dist, entries, grads) -> list[Optional[tuple]]:
@@ -105,7 +125,11 @@ def _share_projectors_replicated(dist, entries, new_on_owner) -> list[tuple[Tens
 
 def _realignment_replicated(dist, entries, P_new, P_old) -> list[Optional[Tensor]]:
     """``B = P_newᵀ P_old``  # (r, r), on the owner (the only rank with moments)."""
-    return [realignment(Pn, Po) if e.owner == dist.rank else None for e, Pn, Po in zip(entries, P_new, P_old)]
+    mine = [i for i, e in enumerate(entries) if e.owner == dist.rank]
+    B: list = [None] * len(entries)
+    for i, b in zip(mine, matmuls([P_new[i].mT for i in mine], [P_old[i] for i in mine])):
+        B[i] = b
+    return B
 
 
 # ============================================================================ FSDP2 rows case
@@ -130,29 +154,30 @@ def _compress_fsdp(dist, entries, grads, P_use, averaged, projected) -> list[Ten
     one all-reduce of the compressed pieces (replicate group).
     """
     left = [i for i, e in enumerate(entries) if e.left]
+    right = [i for i, e in enumerate(entries) if not e.left]
     R: list = [None] * len(entries)
-    for i, part in zip(left, dist.reduce_scatter_cols([P_use[i].mT @ grads[i] for i in left], "lowrank_grad")):
+    partial = matmuls([P_use[i].mT for i in left], [grads[i] for i in left])  # (r, n) partial sums
+    for i, part in zip(left, dist.reduce_scatter_cols(partial, "lowrank_grad")):
         R[i] = part
-    for i, e in enumerate(entries):
-        if not e.left:
-            R[i] = (grads[i] @ P_use[i]).mT  # (r, m_k)
+    for i, GP in zip(right, matmuls([grads[i] for i in right], [P_use[i] for i in right])):
+        R[i] = GP.mT  # (r, m_k)
     sync = [i for i in range(len(entries)) if not averaged[i]]
     for i, t in zip(sync, dist.replica_mean([R[i] for i in sync], "lowrank_grad")):
         R[i] = t
     return R
 
 
-def _lift_fsdp(dist, entries, N_owned, P_use) -> list[Tensor]:
-    """``ΔW_k``  # (m_k, n): left ``P_k N`` (``N`` all-gathered by columns), right ``(P N_k)ᵀ``."""
+def _lift_fsdp(dist, entries, N_owned, P_use) -> list[tuple[Tensor, Tensor]]:
+    """``ΔW_k = A B``  # (m_k, n): left ``P_k N`` (``N`` all-gathered by columns), right ``N_kᵀ Pᵀ = (P N_k)ᵀ``."""
     left = [i for i, e in enumerate(entries) if e.left]
     N_full = dist.all_gather_cols([N_owned[i] for i in left], [entries[i].l for i in left], "lowrank_update")
-    delta: list = [None] * len(entries)
+    factors: list = [None] * len(entries)
     for i, N in zip(left, N_full):
-        delta[i] = P_use[i] @ N
+        factors[i] = (P_use[i], N)
     for i, e in enumerate(entries):
         if not e.left:
-            delta[i] = (P_use[i] @ N_owned[i]).mT
-    return delta
+            factors[i] = (N_owned[i].mT, P_use[i].mT)
+    return factors
 
 
 def _reduce_dense_fsdp(dist, entries, grads) -> list[Tensor]:
@@ -171,7 +196,8 @@ def _refresh_basis_fsdp(dist, entries, grads) -> list[Optional[tuple]]:
     out: list = [None] * len(entries)
     G64 = [grads[i].double() for i in gram]
     owners = [entries[i].owner for i in gram]
-    for i, S in zip(gram, dist.reduce_to_owners([G.mT @ G for G in G64], owners, "refresh_gram", mean=False)):
+    partial = matmuls([G.mT for G in G64], G64)
+    for i, S in zip(gram, dist.reduce_to_owners(partial, owners, "refresh_gram", mean=False)):
         out[i] = None if S is None else ("gram", S)
     full = dist.gather_rows_to_owners([grads[i] for i in rows], [entries[i].shape[0] for i in rows],
                                       [entries[i].owner for i in rows], "refresh_grad")
@@ -193,7 +219,7 @@ def _share_projectors_fsdp(dist, entries, new_on_owner) -> list[tuple[Tensor, Te
 
 def _realignment_fsdp(dist, entries, P_new, P_old) -> list[Tensor]:
     """``B = Σ_k P_new,kᵀ P_old,k``  # (r, r): summed over the shard group where ``P`` is row-sharded."""
-    B = [Pn.mT @ Po for Pn, Po in zip(P_new, P_old)]
+    B = matmuls([Pn.mT for Pn in P_new], list(P_old))
     split = [i for i, e in enumerate(entries) if e.p_rows != (0, e.s)]
     for i, t in zip(split, dist.all_reduce_sum([B[i] for i in split], "realign")):
         B[i] = t
@@ -377,21 +403,19 @@ class PlumageAdamW(MatrixOptimizer):
     def _build_entries(self) -> None:
         entries = self._plan_entries()
         self._register_projection_hooks(entries)
-        # Matrices and dense parameters travel in separate collectives (each padded
-        # to its longest owner segment), so each category is balanced on its own.
-        for category in ([e for e in entries if e.lowrank], [e for e in entries if not e.lowrank]):
-            costs, state_bytes = [], []
-            for e in category:
-                if e.lowrank:
-                    svd_cost = float(e.s * e.s * e.l) if get_estimator(e.group["estimator"]).needs_gradient else 0.0
-                    costs.append(svd_cost + 2.0 * e.r * e.l)
-                    state_bytes.append(2 * e.r * e.l * 4)
-                else:
-                    numel = int(torch.Size(e.shape).numel())
-                    costs.append(2.0 * numel)
-                    state_bytes.append(2 * numel * 4)
-            for e, o in zip(category, self._distributor.assign_owners(costs, state_bytes)):
-                e.owner = o
+        # Each target matrix has an owner (its SVD and moments); dense parameters have none:
+        # every rank holds a piece of their state (flat chunks, or FSDP2 rows).
+        targets = [e for e in entries if e.lowrank]
+        costs, state_bytes = [], []
+        for e in targets:
+            svd_cost = float(e.s * e.s * e.l) if get_estimator(e.group["estimator"]).needs_gradient else 0.0
+            costs.append(svd_cost + 2.0 * e.r * e.l)
+            state_bytes.append(2 * e.r * e.l * 4)
+        for e, o in zip(targets, self._distributor.assign_owners(costs, state_bytes)):
+            e.owner = o
+        for e in entries:
+            if not e.lowrank:
+                e.owner = EVERY_RANK
         self._entries = entries
 
     def _register_projection_hooks(self, entries: list[_Entry]) -> None:
@@ -459,19 +483,20 @@ class PlumageAdamW(MatrixOptimizer):
         def current(e: _Entry, key: str) -> Tensor:
             return staged.get(e.index, {}).get(key, self.state.get(e.param, {}).get(key))
 
-        # -- phase 2: compressed gradients (and dense ones) to their owners -----------
+        # -- phase 2: compressed gradients to their owners, dense ones to every rank's chunk ----
         P_use = ops["projectors"](dist, lowrank, [current(e, "P") for e in lowrank])
         R_owned = ops["compress"](dist, lowrank, grads, P_use, averaged, projected)
-        R_owned = [
-            R / current(e, "d")[:, None] if R is not None and e.group["dinv_placement"] == "coords" else R
-            for e, R in zip(lowrank, R_owned)
-        ]
+        coords = [i for i, (e, R) in enumerate(zip(lowrank, R_owned)) if R is not None and e.group["dinv_placement"] == "coords"]
+        if coords:
+            scaled = torch._foreach_div([R_owned[i] for i in coords], [current(lowrank[i], "d")[:, None] for i in coords])
+            for i, R in zip(coords, scaled):
+                R_owned[i] = R
         g_owned = ops["reduce_dense"](dist, dense, [self._grad32(e) for e in dense])
 
         # -- phase 3: clipping on what the optimizer uses -------------------------
         clip = 1.0
         if self.max_grad_norm > 0:
-            sq = sum(float(t.double().pow(2).sum()) for t in R_owned + g_owned if t is not None)
+            sq = sq_norm_sum([t for t in R_owned + g_owned if t is not None])
             if self.external_grad_sq_norm is not None:
                 sq += float(self.external_grad_sq_norm())
             total_norm = math.sqrt(dist.sum_scalar(sq, "grad_norm"))
@@ -480,40 +505,97 @@ class PlumageAdamW(MatrixOptimizer):
         self.last_clip_coef = clip
 
         # -- phase 4: Adam on the owned pieces (out of place) ----------------------
-        N_owned: list[Optional[Tensor]] = []
-        for e, R in zip(lowrank, R_owned):
-            if R is None:
-                N_owned.append(None)
-                continue
-            g = e.group
-            beta1, beta2 = g["betas"]
-            if clip != 1.0:
-                R = R * clip
-            M, V = adam_moments(current(e, "exp_avg"), current(e, "exp_avg_sq"), R, beta1, beta2)
-            staged.setdefault(e.index, {}).update(exp_avg=M, exp_avg_sq=V)
-            N = adam_direction(M, V, g["eps"])  # (r, l_k)
-            if g["dinv_placement"] == "lift":
-                N.div_(current(e, "d")[:, None])
-            step = self._step_of(e) + 1
-            N.mul_(adam_step_size(g["lr"], step, beta1, beta2) * g["scale"])
-            N_owned.append(N)
-        new_dense = self._dense_adamw(dense, g_owned, clip, staged)
+        N_owned = self._lowrank_adam(lowrank, R_owned, clip, staged, current)
+        # dense AdamW: out of place when its result still has to travel; with no collective left
+        # (one rank), it runs in place at commit (same bits, no new moment tensors)
+        in_place = self._dense_in_place(dense)
+        dense_plan = self._dense_groups(dense, g_owned, clip) if in_place else []
+        new_dense = [] if in_place else self._dense_adamw(dense, g_owned, clip, staged)
 
         # -- phase 5: updates to every rank (the step's last collectives) ----------
-        deltas = ops["lift"](dist, lowrank, N_owned, P_use)
-        W_all = ops["gather_dense"](dist, dense, new_dense)
+        factors = ops["lift"](dist, lowrank, N_owned, P_use)  # ΔW = A B per target
+        W_all = [] if in_place else ops["gather_dense"](dist, dense, new_dense)
 
         # -- commit ------------------------------------------------------------------
         self._commit(lowrank + dense, staged)
         self._projected.clear()
-        for e, delta in zip(lowrank, deltas):
-            self._apply_matrix_update(e.param, delta, e.group["lr"] * e.group["weight_decay"])
+        self._apply_matrix_updates(lowrank, factors)
+        if in_place:
+            self._dense_adamw_in_place(dense, dense_plan)
         for e, W in zip(dense, W_all):
             self._apply_dense(e, W)
+
+    def _lowrank_adam(self, lowrank: list[_Entry], R_owned: list, clip: float, staged: dict, current) -> list:
+        """Adam on the projected gradients this rank owns: ``N``  # (r, l_k), step size and scale
+        folded in (``None`` where it owns nothing). New moments are staged, not written.
+        Batched: one ``_foreach`` chain per set of equal hyperparameters and step."""
+        N_owned: list[Optional[Tensor]] = [None] * len(lowrank)
+        live = [i for i, R in enumerate(R_owned) if R is not None]
+        keys = []
+        for i in live:
+            g = lowrank[i].group
+            keys.append((g["lr"], g["betas"], g["eps"], g["scale"], g["dinv_placement"], self._step_of(lowrank[i])))
+        for part in group_indices(keys):
+            idx = [live[j] for j in part]
+            lr, (beta1, beta2), eps, scale, dinv, step = keys[part[0]]
+            R = [R_owned[i] for i in idx]
+            if clip != 1.0:
+                R = list(torch._foreach_mul(R, clip))
+            es = [lowrank[i] for i in idx]
+            M, V = adam_moments_foreach([current(e, "exp_avg") for e in es], [current(e, "exp_avg_sq") for e in es], R, beta1, beta2)
+            N = adam_direction_foreach(M, V, eps)  # (r, l_k) each
+            if dinv == "lift":
+                torch._foreach_div_(N, [current(e, "d")[:, None] for e in es])
+            torch._foreach_mul_(N, adam_step_size(lr, step + 1, beta1, beta2) * scale)
+            for i, e, m, v, n in zip(idx, es, M, V, N):
+                staged.setdefault(e.index, {}).update(exp_avg=m, exp_avg_sq=v)
+                N_owned[i] = n
+        return N_owned
+
+    def _apply_matrix_updates(self, lowrank: list[_Entry], factors: list[tuple[Tensor, Tensor]]) -> None:
+        """``W ← W·(1 − lr·wd) − A B`` for every target, in place (:func:`~plumage_ds.optim.batched.apply_lifts`);
+        one by one through :meth:`_apply_matrix_update` where a subclass places updates itself (ZeRO-3 chunks)."""
+        custom = type(self)._apply_matrix_update is not MatrixOptimizer._apply_matrix_update
+        rest = []
+        for i, e in enumerate(lowrank):
+            if custom or e.case == ZERO3_FLAT:
+                A, B = factors[i]
+                self._apply_matrix_update(e.param, A @ B, e.group["lr"] * e.group["weight_decay"])
+            else:
+                rest.append(i)
+        apply_lifts(
+            [local(lowrank[i].param) for i in rest], [factors[i][0] for i in rest], [factors[i][1] for i in rest],
+            [lowrank[i].group["lr"] * lowrank[i].group["weight_decay"] for i in rest],
+        )
+
+    def _dense_in_place(self, dense: list[_Entry]) -> bool:
+        """Whether dense AdamW can wait for the commit and run in place: no collective follows it
+        (one rank, no replicas) and every dense weight is fp32 (one rounding either way)."""
+        dist = self._distributor
+        return (
+            dist.world_size == 1 and getattr(dist, "replica_comm", None) is None
+            and all(local(e.param).dtype == torch.float32 for e in dense)
+        )
 
     @staticmethod
     def _apply_dense(e: _Entry, W: Tensor) -> None:
         local(e.param).copy_(W)
+
+    def _dense_piece(self, e: _Entry) -> Tensor:
+        """Replicated weights: this rank's flat chunk (the weight itself when the chunk is all of it)."""
+        W = local(e.param).detach()
+        if e.case == FSDP_ROWS:
+            return W
+        a, b = self._distributor.flat_chunk(W.numel())
+        return W if b - a == W.numel() else W.reshape(-1)[a:b]
+
+    def _dense_chunk_shape(self, e: _Entry) -> tuple:
+        """Shape of this rank's AdamW moments of a dense parameter (see :meth:`_dense_piece`)."""
+        if e.case == FSDP_ROWS:
+            return e.local_shape
+        n = int(torch.Size(e.shape).numel())
+        a, b = self._distributor.flat_chunk(n)
+        return tuple(e.shape) if b - a == n else (b - a,)
 
     def _refresh(self, refresh: list[_Entry], grads: list[Tensor], staged: dict, ops: dict) -> None:
         """Stage new ``P, d`` and realigned (or fresh) moments for ``refresh``.
@@ -532,28 +614,21 @@ class PlumageAdamW(MatrixOptimizer):
             if dist.replica_comm is not None:
                 for e, G in zip(refresh, grads):
                     staged.setdefault(e.index, {})["G"] = G
-        svd = [i for i, e in enumerate(refresh) if get_estimator(e.group["estimator"]).needs_gradient]
-        basis = ops["refresh_basis"](dist, [refresh[i] for i in svd], [grads[i] for i in svd])
-        error: Optional[str] = None
-        new_on_owner: list[Optional[tuple[Tensor, Tensor]]] = []
-        for i, b in zip(svd, basis):
-            e = refresh[i]
-            if b is None:
-                new_on_owner.append(None)
-                continue
-            try:
-                proj = self._projection(e, b)
-                new_on_owner.append((proj.P.float(), proj.d.float()))
-            except Exception as err:  # noqa: BLE001 - agreed on below, raised on every rank
-                error = error or f"refresh of {e.name!r} failed: {type(err).__name__}: {err}"
-                new_on_owner.append((torch.zeros(e.s, e.r, device=grads[i].device), torch.ones(e.r, device=grads[i].device)))
-        shared = ops["share_projectors"](dist, [refresh[i] for i in svd], new_on_owner)
+        need = [i for i, e in enumerate(refresh) if get_estimator(e.group["estimator"]).needs_gradient]
+        svd = [refresh[i] for i in need]
+        basis = ops["refresh_basis"](dist, svd, [grads[i] for i in need])
+        mine = [j for j, b in enumerate(basis) if b is not None]  # this rank owns their SVD
+        drawn, error = self._draw_projections([svd[j] for j in mine], [basis[j] for j in mine])
+        new_on_owner: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(svd)
+        for j, pd in zip(mine, drawn):
+            new_on_owner[j] = pd
+        shared = ops["share_projectors"](dist, svd, new_on_owner)
         error = dist.agree_error(error, "refresh")
         if error is not None:
             for e in refresh:
                 staged.pop(e.index, None)
             raise CollectiveStepError(f"{self._display_name} step failed ({error}); parameters and optimizer state are unchanged")
-        new_P: dict[int, tuple[Tensor, Tensor]] = {refresh[i].index: pd for i, pd in zip(svd, shared)}
+        new_P: dict[int, tuple[Tensor, Tensor]] = {e.index: pd for e, pd in zip(svd, shared)}
         for e in refresh:
             if e.index not in new_P:  # no gradient needed (haar): every rank draws the same P
                 spec = get_estimator(e.group["estimator"])
@@ -565,7 +640,13 @@ class PlumageAdamW(MatrixOptimizer):
         old = [e for e in refresh if "P" in self.state.get(e.param, {})]
         realign = [e for e in old if resolve_realign(e.group["estimator"], e.group["realign"])]
         B = ops["realignment"](dist, realign, [new_P[e.index][0] for e in realign], [self.state[e.param]["P"] for e in realign])
-        B_of = {e.index: b for e, b in zip(realign, B)}
+        mine = [i for i, (e, b) in enumerate(zip(realign, B))
+                if b is not None and self._holds_moments(e) and "exp_avg" in self.state[e.param]]
+        st_of = [self.state[realign[i].param] for i in mine]
+        BM = matmuls([B[i] for i in mine], [st["exp_avg"] for st in st_of])  # M ← B M
+        BB = list(torch._foreach_mul([B[i] for i in mine], [B[i] for i in mine])) if mine else []
+        BBV = matmuls(BB, [st["exp_avg_sq"] for st in st_of])
+        realigned = {realign[i].index: (m, v) for i, m, v in zip(mine, BM, BBV)}  # V ← (B∘B) V
         for e in refresh:
             st = self.state.get(e.param, {})
             P, d = new_P[e.index]
@@ -577,25 +658,86 @@ class PlumageAdamW(MatrixOptimizer):
                 cols = self._moment_cols(e)
                 new["exp_avg"] = torch.zeros(e.r, cols, dtype=torch.float32, device=P.device)
                 new["exp_avg_sq"] = torch.zeros(e.r, cols, dtype=torch.float32, device=P.device)
-            elif e.index in B_of:
-                new["exp_avg"], new["exp_avg_sq"] = realign_moments(st["exp_avg"], st["exp_avg_sq"], B_of[e.index])
+            elif e.index in realigned:
+                new["exp_avg"], new["exp_avg_sq"] = realigned[e.index]
 
-    def _projection(self, e: _Entry, basis: tuple):
-        """The owner's draw of ``P, d`` from the gradient (``("grad", G)``) or its Gram (``("gram", S)``)."""
-        g = e.group
-        spec = get_estimator(g["estimator"])
-        kind, X = basis
-        if kind == "gram":
-            U, sigma = gram_basis(X)
-            return spec.build_from_basis(U, sigma, e.r, self._generator(e), uniform_mix=g["uniform_mix"])
-        return spec.build(X, e.r, self._generator(e), svd_method=g["svd_method"], uniform_mix=g["uniform_mix"])
+    def _draw_projections(self, entries: list[_Entry], basis: list[tuple]) -> tuple[list, Optional[str]]:
+        """The owner's new ``(P  # (s, r), d  # (r,))`` for ``entries`` and an error message (``None`` if all went well).
+
+        The spectra come from Gram matrices (given as ``("gram", S)``, or ``G_o G_oᵀ`` in float64 from
+        ``("grad", G)`` with ``svd_method="gram"``) through ``eigh``, or from ``svd`` of ``G``. Matrices
+        go group by group (:func:`~plumage_ds.optim.batched.stack_plan`): small same-shape ones in one
+        batched decomposition, big ones alone, and each group is sampled before the next is
+        decomposed, so at most one group's Gram matrices and bases are alive at a time. A matrix
+        whose refresh fails gets a placeholder and the first failure (named by matrix, found by
+        redoing a failed group one matrix at a time) is returned, to be agreed on by every rank.
+        """
+        out: list = [None] * len(entries)
+        if not entries:
+            return out, None
+        error: Optional[str] = None
+        keys, sizes = [], []
+        for e, (kind, X) in zip(entries, basis):
+            by_svd = kind == "grad" and e.group["svd_method"] == "svd"
+            keys.append((by_svd, tuple(X.shape) if by_svd else e.s, X.device))
+            sizes.append(X.numel() if by_svd else e.s * e.s)
+        plan = stack_plan(keys, sizes, [8 * n for n in sizes], basis[0][1].device, DECOMPOSITION_STACK_ELEMENTS)
+        for part in plan:
+            es, bs = [entries[i] for i in part], [basis[i] for i in part]
+            try:
+                spectra = self._spectra(es, bs)
+            except Exception as err:  # noqa: BLE001 - agreed on by the caller, raised on every rank
+                error = error or self._first_failure(es, bs, err)
+                spectra = [None] * len(part)
+            for i, e, spectrum in zip(part, es, spectra):
+                device = basis[i][1].device
+                out[i] = (torch.zeros(e.s, e.r, device=device), torch.ones(e.r, device=device))  # if it fails
+                if spectrum is None:
+                    continue
+                try:
+                    proj = get_estimator(e.group["estimator"]).build_from_basis(
+                        *spectrum, e.r, self._generator(e), uniform_mix=e.group["uniform_mix"]
+                    )
+                    out[i] = (proj.P.float(), proj.d.float())
+                except Exception as err:  # noqa: BLE001 - agreed on by the caller, raised on every rank
+                    error = error or f"refresh of {e.name!r} failed: {type(err).__name__}: {err}"
+        return out, error
+
+    def _first_failure(self, entries: list[_Entry], basis: list[tuple], err: Exception) -> str:
+        """Names the first matrix of a failed group that fails on its own (error path only)."""
+        for e, b in zip(entries, basis):
+            try:
+                self._spectra([e], [b])
+            except Exception as alone:  # noqa: BLE001
+                return f"refresh of {e.name!r} failed: {type(alone).__name__}: {alone}"
+        names = [e.name for e in entries]
+        return f"refresh of {names} failed together: {type(err).__name__}: {err}"
+
+    @staticmethod
+    def _spectra(entries: list[_Entry], basis: list[tuple]) -> list[tuple[Tensor, Tensor]]:
+        """``(U, σ)`` of each item of one :func:`stack_plan` group: one (batched) decomposition."""
+        kind, X0 = basis[0]
+        if kind == "grad" and entries[0].group["svd_method"] == "svd":
+            G = X0 if len(basis) == 1 else torch.stack([X for _, X in basis])
+            U, sigma = short_side_basis(G, "svd")
+        else:
+            grams = []
+            for e, (kind, X) in zip(entries, basis):
+                if kind == "grad":
+                    Go = orient(X.detach().double(), e.left)  # (s, l) float64
+                    X = Go @ Go.mT  # (s, s)
+                grams.append(X)
+            U, sigma = gram_basis(grams[0] if len(grams) == 1 else torch.stack(grams))
+        if len(basis) == 1:
+            return [(U, sigma)]
+        return list(zip(U.unbind(0), sigma.unbind(0)))
 
     def _generator(self, e: _Entry) -> torch.Generator:
         return sampler_generator(self.seed, e.index, self._step_of(e) // e.group["update_interval"])
 
     def _holds_moments(self, e: _Entry) -> bool:
-        """FSDP2: every rank holds its columns; replicated: the owner only."""
-        return e.case == FSDP_ROWS or e.owner == self._distributor.rank
+        """FSDP2 and dense parameters: every rank holds its piece; replicated targets: the owner only."""
+        return e.case == FSDP_ROWS or e.owner in (EVERY_RANK, self._distributor.rank)
 
     @staticmethod
     def _moment_cols(e: _Entry) -> int:
@@ -653,10 +795,20 @@ class PlumageAdamW(MatrixOptimizer):
         def prepare(e: _Entry, st: dict) -> dict:
             if full and not self._holds_moments(e):  # keep only what this rank owns
                 st = {k: v for k, v in st.items() if k not in ("exp_avg", "exp_avg_sq")}
+            if full and not e.lowrank and e.case != FSDP_ROWS:  # whole dense moments: keep this rank's chunk
+                st = {k: self._chunk_of_full(e, k, v) for k, v in st.items()}
             self._check_entry_state(e, st)
             return st
 
         self._install_state(self._load_entry_states(state_dict, prepare), groups, meta)
+
+    def _chunk_of_full(self, e: _Entry, key: str, v: Any) -> Any:
+        """This rank's flat chunk of a whole dense moment (any shape with the parameter's numel)."""
+        n = int(torch.Size(e.shape).numel())
+        if key not in ("exp_avg", "exp_avg_sq") or not torch.is_tensor(v) or v.numel() != n:
+            return v  # checked (and rejected) by _check_entry_state
+        a, b = self._distributor.flat_chunk(n)
+        return v.reshape(-1)[a:b].reshape(self._dense_chunk_shape(e))
 
     def _check_entry_state(self, e: _Entry, st: dict) -> None:
         if e.lowrank:
@@ -666,7 +818,7 @@ class PlumageAdamW(MatrixOptimizer):
             else:
                 expect = {"P": (e.s, e.r), "d": (e.r,), "exp_avg": (e.r, e.l)}
         else:
-            expect = {"exp_avg": e.local_shape}
+            expect = {"exp_avg": self._dense_chunk_shape(e)}
         expect["exp_avg_sq"] = expect["exp_avg"]
         self._check_state_tensors(e, st, expect, ("step",))
         if "step" not in st:
@@ -682,7 +834,9 @@ def merge_shards(shards: list[dict]) -> dict:
 
     Pure (no collectives): read every rank's shard file, merge, and load the
     result on any world size — each rank keeps the moments it owns under its new
-    plan. Raises ``ValueError`` if shards are missing, duplicated or disagree.
+    plan. Target matrices come from their owner's shard; the flat chunks of a dense
+    parameter (owner ``EVERY_RANK``) are concatenated in rank order into its whole (flat)
+    moments. Raises ``ValueError`` if shards are missing, duplicated or disagree.
     """
     if not shards:
         raise ValueError("Invalid shards: empty list")
@@ -701,8 +855,20 @@ def merge_shards(shards: list[dict]) -> dict:
     ownership = metas[0]["ownership"]
     state: dict = {}
     for index, owner in enumerate(ownership):
-        owner_state = by_rank[owner]["state"].get(index)
-        if owner_state is not None:
-            state[index] = dict(owner_state)
+        if owner != EVERY_RANK:
+            owner_state = by_rank[owner]["state"].get(index)
+            if owner_state is not None:
+                state[index] = dict(owner_state)
+            continue
+        pieces = [by_rank[k]["state"].get(index) for k in range(world)]
+        if all(p is None for p in pieces):
+            continue
+        if any(p is None or p.get("step") != pieces[0].get("step") for p in pieces):
+            raise ValueError(f"Invalid shards: the chunks of parameter {index} disagree on their step")
+        merged = dict(pieces[0])
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in merged:
+                merged[key] = torch.cat([p[key].reshape(-1) for p in pieces])
+        state[index] = merged
     meta = dict(metas[0], kind="full", rank=None, world_size=None, ownership=None)
     return {"state": state, "param_groups": shards[0]["param_groups"], "plumage": meta}

@@ -14,7 +14,8 @@ under the real ``torchrun`` launcher is in ``tests/distributed/test_main_job.py`
   ``docs/data_parallel.md`` exactly (ordinary and refresh steps, every tag), and the compressed
   traffic is within 10 % of a ring all-reduce of the ``r × l`` projections;
 * memory is sharded: ``state_bytes()`` per rank equals the exact formula, moments sum over ranks
-  to the single-device total;
+  to the single-device total; dense parameters are split in flat chunks (ZeRO-1/2): their traffic
+  is a ring all-reduce of the dense gradients and each rank holds 1/W of their AdamW state;
 * uneven cases: more ranks than matrices, a rank owning nothing, frozen / unused / one-rank-only
   parameters, ``rank >= short side`` (reported fallback; ``strict=True`` raises);
 * distributed checkpoints: W=2 → W=2 bitwise; W=2 → W=1 and W=4 via ``merge_shards`` within
@@ -374,6 +375,17 @@ def numel(row):
     return int(torch.Size(row["shape"]).numel())
 
 
+def chunk(row, world):
+    """``ceil(numel / W)``: the padded flat chunk of a dense parameter in every rank's segment."""
+    return -(-numel(row) // world)
+
+
+def chunk_len(row, world, rank):
+    """Elements of a dense parameter held by ``rank`` (``torch.chunk`` bounds of the flat tensor)."""
+    c, n = chunk(row, world), numel(row)
+    return min((rank + 1) * c, n) - min(rank * c, n)
+
+
 def expected_step_bytes(report, world, *, refresh: bool, clip: bool, active=None) -> dict:
     """``{tag/kind: bytes}`` this rank sends in one step (ring model, fp32), docs/data_parallel.md."""
     p = plan(report, active)
@@ -383,9 +395,9 @@ def expected_step_bytes(report, world, *, refresh: bool, clip: bool, active=None
     if p["lowrank"]:  # a category without items makes no collective
         out["lowrank_grad/reduce_scatter"] = (W - 1) * 4 * _max_owner_sum(p["lowrank"], rl, W)
         out["lowrank_update/all_gather"] = (W - 1) * 4 * _max_owner_sum(p["lowrank"], rl, W)
-    if p["dense"]:
-        out["dense_grad/reduce_scatter"] = (W - 1) * 4 * _max_owner_sum(p["dense"], numel, W)
-        out["dense_update/all_gather"] = (W - 1) * 4 * _max_owner_sum(p["dense"], numel, W)
+    if p["dense"]:  # one flat chunk of every dense parameter per rank, padded to ceil(numel / W)
+        out["dense_grad/reduce_scatter"] = (W - 1) * 4 * sum(chunk(row, W) for row in p["dense"])
+        out["dense_update/all_gather"] = (W - 1) * 4 * sum(chunk(row, W) for row in p["dense"])
     if refresh and p["lowrank"]:
         out["refresh_grad/reduce_scatter"] = (W - 1) * 4 * _max_owner_sum(p["lowrank"], sl, W)
         out["projector/all_gather"] = (W - 1) * 4 * _max_owner_sum(p["lowrank"], proj, W)
@@ -395,12 +407,13 @@ def expected_step_bytes(report, world, *, refresh: bool, clip: bool, active=None
     return out
 
 
-def expected_state_bytes(report, rank, active=None) -> dict:
-    """``Σ_owned 2·r·l·4 + Σ_all (s·r + r)·4 + Σ_owned dense 2·numel·4`` on ``rank``."""
+def expected_state_bytes(report, rank, world, active=None) -> dict:
+    """``Σ_owned 2·r·l·4 + Σ_all (s·r + r)·4 + Σ_dense 2·chunk·4`` on ``rank``."""
     p = plan(report, active)
+    assert all(row["owner"] == -1 for row in p["dense"])  # dense parameters have no owner: chunks everywhere
     moments = sum(2 * rl(row) * 4 for row in p["lowrank"] if row["owner"] == rank)
     projectors = sum(proj(row) * 4 for row in p["lowrank"])
-    non_target = sum(2 * numel(row) * 4 for row in p["dense"] if row["owner"] == rank)
+    non_target = sum(2 * chunk_len(row, world, rank) * 4 for row in p["dense"])
     return {"projectors": projectors, "moments": moments, "non_target": non_target,
             "total": projectors + moments + non_target}
 
@@ -507,6 +520,11 @@ def test_counted_bytes_equal_formula(w2, w4, world):
     assert ideal <= got <= 1.1 * ideal, (got, ideal)
     compression = sum(sl(row) for row in lowrank) / sum(rl(row) for row in lowrank)  # Σ s·l / Σ r·l ≈ 7.1
     assert ddp / got >= 0.9 * compression, (ddp, got, compression)
+    # dense parameters (embedding, head, norms): a ring all-reduce of their gradients, whatever W
+    dense = [row for row in report if row["mode"] == "adamw"]
+    got = ordinary["dense_grad/reduce_scatter"] + ordinary["dense_update/all_gather"]
+    ring = sum(2 * (world - 1) / world * numel(row) * 4 for row in dense)
+    assert ring <= got <= 1.01 * ring, (got, ring)
 
 
 @pytest.mark.distributed
@@ -531,13 +549,15 @@ def test_optimizer_state_is_sharded(w2, w4):
             per_rank = [res[key]["state_bytes"] for res in results]
             report = results[0][key]["report"]
             for r, got in enumerate(per_rank):
-                assert got == expected_state_bytes(report, r), (world, key, r)
+                assert got == expected_state_bytes(report, r, world), (world, key, r)
             assert sum(b["moments"] for b in per_rank) == single["moments"]
             assert sum(b["non_target"] for b in per_rank) == single["non_target"]
             assert all(b["projectors"] == single["projectors"] for b in per_rank)
-        if world > 1:  # each rank holds about 1/W of the moments
+        if world > 1:  # each rank holds about 1/W of the moments, and 1/W of the dense AdamW state
             moments = [res["plain"]["state_bytes"]["moments"] for res in results]
             assert max(moments) <= 1.1 * single["moments"] / world, moments
+            dense = [res["plain"]["state_bytes"]["non_target"] for res in results]
+            assert max(dense) <= 1.01 * single["non_target"] / world, dense
 
 
 # ------------------------------------------------------------------------------------- tests: uneven
@@ -562,12 +582,12 @@ def test_more_ranks_than_matrices_and_idle_rank(w4):
     assert "short side 3" in c["reason"] and "full-rank" in c["reason"]
     owners = runs[0]["ownership"]
     idle = [r for r in range(4) if r not in owners]
-    assert idle, owners  # some rank owns nothing at all
+    assert idle, owners  # some rank owns no target matrix
     for r, run in enumerate(runs):
         assert run["replicas_equal"]
-        assert run["state_bytes"] == expected_state_bytes(report, r)
+        assert run["state_bytes"] == expected_state_bytes(report, r, 4)
         if r in idle:
-            assert run["state_bytes"]["moments"] == run["state_bytes"]["non_target"] == 0
+            assert run["state_bytes"]["moments"] == 0
         for step, got in enumerate(per_step_from_totals(run["log"])):
             want = expected_step_bytes(report, 4, refresh=step % TAU == 0, clip=False)
             assert got == pytest.approx(want, rel=1e-12), step
@@ -596,7 +616,7 @@ def test_parameters_without_gradients(w4):
     # the state holds exactly the parameters that had a gradient somewhere
     active = {"a.weight", "a.bias", "only0.weight", "only1"}
     for r, run in enumerate(runs):
-        assert run["state_bytes"] == expected_state_bytes(run["report"], r, active)
+        assert run["state_bytes"] == expected_state_bytes(run["report"], r, 4, active)
         for step, got in enumerate(per_step_from_totals(run["log"])):
             want = expected_step_bytes(run["report"], 4, refresh=step % TAU == 0, clip=False, active=active)
             assert got == pytest.approx(want, rel=1e-12), step
@@ -642,4 +662,7 @@ def test_checkpoint_files_load_weights_only(w2, ckpt_dir):
         assert sd["plumage"]["world_size"] == 2 and sd["plumage"]["rank"] == r
         owners = sd["plumage"]["ownership"]
         for index, st in sd["state"].items():
-            assert ("exp_avg" in st) == (owners[index] == r), index  # moments only on the owner
+            # target moments only on the owner; dense parameters (owner -1): a flat chunk on every rank
+            assert ("exp_avg" in st) == (owners[index] in (-1, r)), index
+            if owners[index] == -1:
+                assert st["exp_avg"].dim() == 1

@@ -1,0 +1,251 @@
+"""Batched kernels of the optimizer step: same-shape matrices stacked, lists through ``torch._foreach_*``.
+
+Pure tensor code (no ``torch.distributed``). The optimizers call these on lists that hold one
+tensor per matrix. Elementwise work (Adam moments, directions, weight updates, norms, finiteness)
+always goes through ``_foreach`` ops on whole lists. Products and decompositions are stacked per
+shape where that pays on the device: on accelerators, where each small kernel costs a launch,
+same-shape matrices go through one ``bmm`` / batched ``eigh``; on CPU a ``matmul`` per matrix
+costs ~3 µs of overhead and stacking (a copy of every operand) was slower at every size measured
+(docs/benchmarks.md, "Hot path"), so CPU keeps one ``matmul`` per matrix and batches only the
+``eigh`` of small Gram matrices:
+
+* :func:`matmuls`: ``[A_i @ B_i]``; pairs of the same shapes, dtype and device whose operands
+  hold at most :data:`STACK_ELEMENTS` elements each (per device type) are stacked into ``bmm``
+  calls of at most :data:`STACK_BATCH_BYTES` of stacked operands;
+* :func:`map_stacked`: the same for a batch-capable function (``eigh``, ``svd``);
+* :func:`adam_moments_foreach`, :func:`adam_direction_foreach`: the arithmetic of
+  :mod:`plumage_ds.optim.adam` on lists (same operations, same order, so results match the
+  per-tensor functions);
+* :func:`apply_lifts`: ``W ← W·(1 − decay) − A B`` in place (``addmm_``, no ``ΔW`` allocated);
+* :func:`adamw_chunks`: AdamW on lists, in place or into staging buffers (same bits either way);
+* :func:`nonfinite_flags`, :func:`sq_norm_sum`: per-tensor "holds NaN/Inf" and ``Σ ‖t‖²`` (float64)
+  with one host synchronisation each (in the common case).
+
+:func:`per_matrix` switches stacking and grouping off (groups of one matrix): the per-matrix
+path that the tests compare the batched one against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Any, Callable, Hashable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+STACK_ELEMENTS = {"cpu": 0}
+"""Largest operand (elements) of a matrix that is stacked with its peers, per device type.
+
+CPU: 0 (never; measured slower from ``32 × 86`` to ``512 × 1376``, 16 to 256 matrices). Other
+devices use :data:`STACK_ELEMENTS_DEFAULT` (``2²²``, 16 MiB of fp32 per operand: launch-bound
+kernels below; not yet measured on a GPU — ``benchmarks/gpu_check.sh`` prints both ways)."""
+STACK_ELEMENTS_DEFAULT = 1 << 22
+DECOMPOSITION_STACK_ELEMENTS = {"cpu": 1 << 12}
+"""The same for :func:`map_stacked` (batched ``eigh`` / ``svd``). CPU: up to ``64 × 64`` Gram matrices a
+batched ``eigh`` was faster (0.54–0.82× the time of one call per matrix), from ``128 × 128`` on it was
+not (0.93–1.31×). Other devices: :data:`STACK_ELEMENTS_DEFAULT`."""
+STACK_BATCH_BYTES = 64 << 20
+"""Cap on the stacked operands of one ``bmm`` (bounds the transient copy)."""
+
+_PER_MATRIX = False
+
+
+@contextlib.contextmanager
+def per_matrix() -> Iterator[None]:
+    """Within the block every group holds one matrix (no stacking, one ``_foreach`` list per tensor)."""
+    global _PER_MATRIX
+    old, _PER_MATRIX = _PER_MATRIX, True
+    try:
+        yield
+    finally:
+        _PER_MATRIX = old
+
+
+def group_indices(keys: Sequence[Hashable]) -> list[list[int]]:
+    """Indices grouped by equal key, in first-appearance order (singletons under :func:`per_matrix`)."""
+    if _PER_MATRIX:
+        return [[i] for i in range(len(keys))]
+    groups: dict = defaultdict(list)
+    for i, k in enumerate(keys):
+        groups[k].append(i)
+    return list(groups.values())
+
+
+def _stack_limit(device: torch.device, table: Optional[dict] = None) -> int:
+    table = STACK_ELEMENTS if table is None else table
+    return 0 if _PER_MATRIX else table.get(device.type, STACK_ELEMENTS_DEFAULT)
+
+
+def matmuls(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> list[Tensor]:
+    """``[A_i @ B_i]`` with small same-shape pairs stacked into ``bmm`` (see the module docstring).
+
+    The results of a stacked group are views of one ``(B, p, q)`` tensor.
+    """
+    if not As or _stack_limit(As[0].device) == 0:
+        return [A @ B for A, B in zip(As, Bs)]
+    out: list = [None] * len(As)
+    keys = [(tuple(A.shape), tuple(B.shape), A.dtype, A.device) for A, B in zip(As, Bs)]
+    for idx in group_indices(keys):
+        A0, B0 = As[idx[0]], Bs[idx[0]]
+        biggest = max(A0.numel(), B0.numel())
+        if len(idx) == 1 or biggest > _stack_limit(A0.device):
+            for i in idx:
+                out[i] = As[i] @ Bs[i]
+            continue
+        per = max(1, STACK_BATCH_BYTES // max(1, (A0.numel() + B0.numel()) * A0.element_size()))
+        for start in range(0, len(idx), per):
+            part = idx[start : start + per]
+            C = torch.bmm(torch.stack([As[i] for i in part]), torch.stack([Bs[i] for i in part]))
+            for i, c in zip(part, C.unbind(0)):
+                out[i] = c
+    return out
+
+
+def stack_plan(keys: Sequence[Hashable], numels: Sequence[int], nbytes: Sequence[int], device: torch.device,
+               table: Optional[dict] = None) -> list[list[int]]:
+    """How same-key items are processed: lists of indices run together as one stack (items of at most
+    the device's stack limit of elements, at most :data:`STACK_BATCH_BYTES` per stack), singletons
+    otherwise, in first-appearance order."""
+    limit = _stack_limit(device, table)
+    plan: list[list[int]] = []
+    for idx in group_indices(keys):
+        if len(idx) == 1 or numels[idx[0]] > limit:
+            plan.extend([i] for i in idx)
+            continue
+        per = max(1, STACK_BATCH_BYTES // max(1, nbytes[idx[0]]))
+        plan.extend(idx[start : start + per] for start in range(0, len(idx), per))
+    return plan
+
+
+def map_stacked(fn: Callable[[Tensor], Any], tensors: Sequence[Tensor]) -> list:
+    """``[fn(t) for t in tensors]`` where ``fn`` runs once per stack of small same-shape tensors
+    (:func:`stack_plan` with :data:`DECOMPOSITION_STACK_ELEMENTS`).
+
+    ``fn`` takes a leading batch dimension and returns a tensor or a tuple of tensors that carry
+    it (``torch.linalg.eigh``-like); each item gets its slice (a view).
+    """
+    out: list = [None] * len(tensors)
+    if not tensors:
+        return out
+    keys = [(tuple(t.shape), t.dtype, t.device) for t in tensors]
+    plan = stack_plan(keys, [t.numel() for t in tensors], [t.numel() * t.element_size() for t in tensors],
+                      tensors[0].device, DECOMPOSITION_STACK_ELEMENTS)
+    for part in plan:
+        if len(part) == 1:
+            out[part[0]] = fn(tensors[part[0]])
+            continue
+        res = fn(torch.stack([tensors[i] for i in part]))
+        for k, i in enumerate(part):
+            out[i] = tuple(x[k] for x in res) if isinstance(res, tuple) else res[k]
+    return out
+
+
+def adam_moments_foreach(
+    M: list[Tensor], V: list[Tensor], R: list[Tensor], beta1: float, beta2: float
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Out of place, as :func:`~plumage_ds.optim.adam.adam_moments`: ``M' = β1 M + (1−β1) R``,
+    ``V' = β2 V + (1−β2) R∘R`` (new tensors)."""
+    M = torch._foreach_mul(M, beta1)
+    torch._foreach_add_(M, R, alpha=1.0 - beta1)
+    V = torch._foreach_mul(V, beta2)
+    torch._foreach_addcmul_(V, R, R, value=1.0 - beta2)
+    return list(M), list(V)
+
+
+def adam_direction_foreach(M: list[Tensor], V: list[Tensor], eps: float) -> list[Tensor]:
+    """``N = M / (sqrt(V) + eps)`` (new tensors), as :func:`~plumage_ds.optim.adam.adam_direction`."""
+    denom = torch._foreach_sqrt(V)
+    torch._foreach_add_(denom, eps)
+    return list(torch._foreach_div(M, denom))
+
+
+def apply_lifts(params: Sequence[Tensor], As: Sequence[Tensor], Bs: Sequence[Tensor], decays: Sequence[float]) -> None:
+    """``W ← W·(1 − decay) − A B`` for every target, in place, without materialising ``ΔW = A B``
+    where possible: one ``addmm_`` per fp32 weight (``β = 1 − decay``, ``α = −1``: one pass over ``W``);
+    small same-shape groups are stacked into one ``bmm`` and subtracted with ``_foreach_sub_`` where
+    the device stacks; other dtypes (bf16) get the fp32 math rounded once into ``W``.
+    """
+    keys = [(tuple(W.shape), tuple(A.shape), W.dtype, W.device, float(d)) for W, A, d in zip(params, As, decays)]
+    for idx in group_indices(keys):
+        W0 = params[idx[0]]
+        decay = float(decays[idx[0]])
+        if W0.dtype != torch.float32:
+            for i in idx:
+                W32 = params[i].float()
+                W32.addmm_(As[i], Bs[i], beta=1.0 - decay, alpha=-1.0)
+                params[i].copy_(W32)
+            continue
+        if len(idx) > 1 and W0.numel() <= _stack_limit(W0.device):
+            W = [params[i] for i in idx]
+            if decay:
+                torch._foreach_mul_(W, 1.0 - decay)
+            torch._foreach_sub_(W, matmuls([As[i] for i in idx], [Bs[i] for i in idx]))
+            continue
+        for i in idx:
+            params[i].addmm_(As[i], Bs[i], beta=1.0 - decay, alpha=-1.0)
+
+
+def adamw_chunks(
+    M: list[Optional[Tensor]], V: list[Optional[Tensor]], G: list[Tensor], W: list[Tensor], *,
+    beta1: float, beta2: float, eps: float, decay: float, step_size: float, in_place: bool,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """AdamW on lists (the arithmetic of :mod:`plumage_ds.optim.adam`): ``M' = β1 M + (1−β1) G``,
+    ``V' = β2 V + (1−β2) G²``, ``W' = W·(1 − decay) − step_size · M'/(sqrt(V') + eps)``.
+
+    ``M[i] is None``: zero moments (first step). ``in_place``: ``M, V, W`` are updated and returned
+    (zeros are allocated for missing moments). Otherwise ``M', V'`` are new tensors and ``W'`` is
+    written into ``W`` — pass fresh fp32 copies (the caller's staging buffers). Both ways run the
+    same operations, so they give the same bits.
+    """
+    M = _decayed(M, G, beta1, in_place)
+    V = _decayed(V, G, beta2, in_place)
+    torch._foreach_add_(M, G, alpha=1.0 - beta1)
+    torch._foreach_addcmul_(V, G, G, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(V)
+    torch._foreach_add_(denom, eps)
+    if decay:
+        torch._foreach_mul_(W, 1.0 - decay)
+    torch._foreach_addcdiv_(W, M, denom, value=-step_size)
+    return M, V, W
+
+
+def _decayed(T: list[Optional[Tensor]], like: list[Tensor], beta: float, in_place: bool) -> list[Tensor]:
+    """``β·T`` (in place, or new tensors); zeros where ``T[i] is None``."""
+    have = [i for i, t in enumerate(T) if t is not None]
+    out: list = [None] * len(T)
+    if have:
+        src = [T[i] for i in have]
+        if in_place:
+            torch._foreach_mul_(src, beta)
+        else:
+            src = list(torch._foreach_mul(src, beta))
+        for i, t in zip(have, src):
+            out[i] = t
+    return [torch.zeros_like(g) if t is None else t for t, g in zip(out, like)]
+
+
+def nonfinite_flags(tensors: Sequence[Tensor]) -> list[bool]:
+    """``[t holds NaN or ±Inf]`` with one host synchronisation in the common case.
+
+    One ``_foreach_norm`` (L2, the fast vectorised one) over every non-empty tensor: a finite norm
+    proves the tensor finite. A non-finite norm is either a NaN/Inf element or an overflow of
+    ``Σ x²`` (elements beyond ~1e19); those tensors alone are checked element by element.
+    """
+    live = [i for i, t in enumerate(tensors) if t.numel() > 0]
+    flags = [False] * len(tensors)
+    if not live:
+        return flags
+    norms = torch._foreach_norm([tensors[i] for i in live], 2, dtype=torch.float32)
+    for i, ok in zip(live, torch.isfinite(torch.stack(list(norms))).tolist()):
+        flags[i] = not ok and not bool(torch.isfinite(tensors[i]).all())
+    return flags
+
+
+def sq_norm_sum(tensors: Sequence[Tensor]) -> float:
+    """``Σ ‖t‖²`` in float64 (one host synchronisation; 0.0 for an empty list)."""
+    live = [t for t in tensors if t.numel() > 0]
+    if not live:
+        return 0.0
+    norms = torch._foreach_norm(live, 2, dtype=torch.float64)
+    return float(torch.stack(list(norms)).pow(2).sum())

@@ -1,0 +1,49 @@
+"""``benchmarks/gpu_check.py``: every part runs as a CPU dry run, and without CUDA it refuses clearly.
+
+The GPU numbers themselves come from running ``benchmarks/gpu_check.sh`` on a CUDA machine; the
+test suite never needs one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_tiny_dry_run_prints_every_table(gpu_check, capsys) -> None:
+    pytest.importorskip("galore_torch")
+    assert gpu_check.main(["--device", "cpu", "--tiny"]) == 0
+    out = capsys.readouterr().out
+    for estimator in ("plumage", "galore", "haar"):
+        for check in ("training on cpu (fp32) vs CPU oracle", "batched vs per-matrix path on cpu",
+                      "bf16 weights on cpu vs CPU fp32 oracle (same gradients)"):
+            row = next(line for line in out.splitlines() if line.startswith(f"| {estimator}: {check} |"))
+            assert row.endswith("| yes |"), row
+    for method in ("adamw", "galore_torch", "plumage"):
+        assert any(line.startswith(f"| {method} | ") for line in out.splitlines()), method
+    assert "| Gram eigh: batched / one by one |" in out and "| 16 × 43 |" in out  # the stacking sweep
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_without_cuda_it_fails_clearly(gpu_check, capsys) -> None:
+    assert gpu_check.main([]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and "--device cpu --tiny" in err
+
+
+def test_bad_device_is_rejected(gpu_check, capsys) -> None:
+    assert gpu_check.main(["--device", "tpu"]) == 2
+    assert "Invalid --device='tpu': must be 'cuda' or 'cpu'" in capsys.readouterr().err

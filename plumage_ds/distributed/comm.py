@@ -144,14 +144,11 @@ class Collectives:
         """Start an in-place all-reduce of ``t`` and return its Future (value ``[t]``); recorded now.
 
         Nothing waits here, so ``timeout`` does not apply (the process group's own timeout does);
-        chain the work on the result with ``Future.then``. One rank: an already-completed Future.
+        chain the work on the result with ``Future.then``. Issued even on one rank, so that a
+        one-device check exercises the backend's Future (NCCL: CUDA streams and events).
         """
         self._record(tag, "all_reduce", t)
-        if self.world_size > 1:
-            return dist.all_reduce(t, op=op, group=self.group, async_op=True).get_future()
-        fut = torch.futures.Future(devices=[t.device]) if t.is_cuda else torch.futures.Future()
-        fut.set_result([t])
-        return fut
+        return dist.all_reduce(t, op=op, group=self.group, async_op=True).get_future()
 
     def reduce_scatter(self, out: Tensor, inp: Tensor, tag: str) -> Tensor:
         """``out`` (``inp.numel() / W``) receives this rank's chunk of the sum of ``inp`` over ranks."""

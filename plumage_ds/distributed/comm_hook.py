@@ -97,6 +97,7 @@ from plumage_ds.estimators.rounding import (
 )
 
 from plumage_ds.estimators.registry import estimator_names, get_estimator, resolve_svd_method
+from plumage_ds.optim.batched import matmuls
 from plumage_ds.optim.param_groups import select_targets
 
 __all__ = ["HOOK_ESTIMATORS", "PlumageHookState", "hook_config", "plumage_hook"]
@@ -109,19 +110,6 @@ RESAMPLE_TAG = 1 << 40
 refresh draws use the refresh index itself), so the two streams never share a seed."""
 
 _ROUNDING_TAG = 0x5EA1
-
-STACK_ELEMENTS = {"cpu": 0}
-"""Largest ``G_o`` (elements) whose projection and lift are stacked with its same-shape peers into
-one ``bmm``, per device type. CPU: 0 (never). Measured on one thread (projection + lift of 8–32
-same-shape matrices, ``G_o`` a transposed view as in a bucket): stacked took 0.52× the per-matrix
-time at 32 × 86, 0.90–1.06× at 64 × 172, and 3–5× *longer* from 256 × 688 on (copying the stack of
-``G`` costs more than the calls it saves) — so it would only help toy models, and it rounds
-differently from the per-matrix products (≈ 1e-8), which per matrix keep the bits of the
-two-collective hook. Other devices: :data:`STACK_ELEMENTS_DEFAULT` (small kernels there are
-launch-bound; not measured: no GPU was available)."""
-STACK_ELEMENTS_DEFAULT = 1 << 22
-STACK_BATCH_BYTES = 64 << 20
-"""Cap on the stacked ``G_o`` of one ``bmm`` (bounds the transient copy)."""
 
 _HOOK_KEYS = tuple(f.name for f in dataclasses.fields(CommHookConfig))
 
@@ -571,58 +559,22 @@ def _refresh(state: PlumageHookState, comms: Collectives, pids: list[int], grads
     state.sigma.update(sigmas)
 
 
-def _stack_groups(mats: list[tuple], device: torch.device) -> list[list[int]]:
-    """Indices of ``mats`` (``(pid, G_o, P, d)``) grouped for :func:`_project` / :func:`_lift`.
+def _project(mats: list[tuple]) -> list[Tensor]:
+    """``R_k = Pᵀ G_o``  # (r, l) fp32 of every matrix (``mats``: ``(pid, G_o, P, d)``).
 
-    Same-shape matrices whose ``G_o`` has at most :data:`STACK_ELEMENTS` elements (per device type)
-    form stacks of at most :data:`STACK_BATCH_BYTES` of ``G_o``; every other matrix is a group of
-    one. Groups come in order of first appearance, so without stacking the order is the bucket's.
+    :func:`~plumage_ds.optim.batched.matmuls`: small same-shape pairs stacked into one ``bmm`` per
+    its per-device ``STACK_ELEMENTS`` (CPU: never — measured slower, and one product per matrix
+    keeps the bits of the per-matrix hook), one product per matrix otherwise.
     """
-    limit = STACK_ELEMENTS.get(device.type, STACK_ELEMENTS_DEFAULT)
-    keyed: dict = {}
-    for i, (_, G, P, _) in enumerate(mats):
-        key = (tuple(G.shape), tuple(P.shape)) if G.numel() <= limit else i
-        keyed.setdefault(key, []).append(i)
-    groups = []
-    for idx in keyed.values():
-        per = max(1, STACK_BATCH_BYTES // (4 * mats[idx[0]][1].numel()))
-        groups += [idx[k : k + per] for k in range(0, len(idx), per)]
-    return groups
+    return matmuls([P.mT for _, _, P, _ in mats], [G.float() for _, G, _, _ in mats])
 
 
-def _project(out: Tensor, mats: list[tuple], groups: list[list[int]]) -> list[Tensor]:
-    """``R_k = Pᵀ G_o``  # (r, l) fp32 of every matrix, written into ``out`` group after group
-    (one ``bmm`` per stacked group); returns the ``(r, l)`` views of ``out`` in ``mats`` order."""
-    views: list = [None] * len(mats)
-    off = 0
-    for grp in groups:
-        _, G, P, _ = mats[grp[0]]
-        r, l = P.shape[1], G.shape[1]
-        blk = out[off : off + len(grp) * r * l].view(len(grp), r, l)  # (B, r, l)
-        if len(grp) == 1:
-            torch.matmul(P.mT, G.float(), out=blk[0])
-        else:
-            PT = torch.stack([mats[i][2].mT for i in grp])  # (B, r, s)
-            torch.bmm(PT, torch.stack([mats[i][1].float() for i in grp]), out=blk)
-        for k, i in enumerate(grp):
-            views[i] = blk[k]
-        off += len(grp) * r * l
-    return views
-
-
-def _lift(mats: list[tuple], groups: list[list[int]], Rs: list[Tensor]) -> None:
-    """``G_o ← P D⁻¹ R`` for every matrix (``Rs``: ``mean_k R_k``  # (r, l), in ``mats`` order),
-    written into the bucket through the ``G_o`` views; one ``bmm`` per stacked group."""
-    for grp in groups:
-        if len(grp) == 1:
-            i = grp[0]
-            _, G, P, d = mats[i]
-            G.copy_(P @ (Rs[i] / d[:, None]))
-            continue
-        P = torch.stack([mats[i][2] for i in grp])  # (B, s, r)
-        L = torch.bmm(P, torch.stack([Rs[i] / mats[i][3][:, None] for i in grp]))  # (B, s, l)
-        for k, i in enumerate(grp):
-            mats[i][1].copy_(L[k])
+def _lift(mats: list[tuple], Rs: list[Tensor]) -> None:
+    """``G_o ← P D⁻¹ R`` for every matrix (``Rs``: ``mean_k R_k``  # (r, l), in ``mats`` order), written
+    into the bucket through the ``G_o`` views; stacked like :func:`_project`."""
+    lifted = matmuls([P for _, _, P, _ in mats], [R / d[:, None] for (_, _, _, d), R in zip(mats, Rs)])
+    for (_, G, _, _), L in zip(mats, lifted):
+        G.copy_(L)
 
 
 def _quantize(state: PlumageHookState, comms: Collectives, Rs: list[Tensor], pids: list[int]) -> tuple[Tensor, Tensor, int]:
@@ -759,7 +711,6 @@ def plumage_hook(state: PlumageHookState, bucket: dist.GradBucket) -> torch.futu
     for i in compressed:
         P, d = state._current(pids[i], buffer.device)
         mats.append((pids[i], _oriented_views(state, pids[i], grads[i]), P, d))
-    groups = _stack_groups(mats, buffer.device)
     compressed_set = set(compressed)
     dense = [grads[i] for i in range(len(pids)) if i not in compressed_set]
     n_coef = sum(P.shape[1] * G.shape[1] for _, G, P, _ in mats)
@@ -767,7 +718,11 @@ def plumage_hook(state: PlumageHookState, bucket: dist.GradBucket) -> torch.futu
     # the rest rides in the coefficients' buffer when both are fp32 (a bf16 rest would double its bytes)
     packed_rest = state.quantize is None and buffer.dtype == torch.float32
     coef = torch.empty(n_coef + (n_dense if packed_rest else 0), dtype=torch.float32, device=buffer.device)
-    Rs = _project(coef, mats, groups)  # R_k (r, l) views of coef
+    _pack_into(coef, _project(mats))
+    Rs, off = [], 0  # R_k (r, l): views of coef
+    for _, G, P, _ in mats:
+        Rs.append(coef[off : off + P.shape[1] * G.shape[1]].view(P.shape[1], G.shape[1]))
+        off += Rs[-1].numel()
     if packed_rest:
         _pack_into(coef[n_coef:], dense)
     transfers = []
@@ -786,7 +741,7 @@ def plumage_hook(state: PlumageHookState, bucket: dist.GradBucket) -> torch.futu
             _unpack_from(avg[n_coef:], dense)
         elif rest is not None:
             _unpack_from(rest, dense)
-        _lift(mats, groups, Rs if state.quantize is None else _dequantize(avg, scales, levels, world, Rs))
+        _lift(mats, Rs if state.quantize is None else _dequantize(avg, scales, levels, world, Rs))
         return buffer
 
     return _communicate(state, bucket, transfers, finish)

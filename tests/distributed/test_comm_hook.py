@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from plumage_ds.config import ModelConfig
-import plumage_ds.distributed.comm_hook as comm_hook
+import plumage_ds.optim.batched as batched
 from plumage_ds.distributed.comm_hook import PlumageHookState, plumage_hook
 from plumage_ds.estimators import is_left, orient
 from plumage_ds.testing import run_workers
@@ -368,12 +368,13 @@ def _packed_vs_previous(rank, world, make_model=tiny_model):
     assert st.phase() == "lowrank"
     want = _two_collective_reference(st, g1)
     got = _replay(st, g1)  # the CPU default: no stacking
-    saved = dict(comm_hook.STACK_ELEMENTS)
-    comm_hook.STACK_ELEMENTS["cpu"] = comm_hook.STACK_ELEMENTS_DEFAULT  # every same-shape group stacked
+    saved = dict(batched.STACK_ELEMENTS)
+    batched.STACK_ELEMENTS["cpu"] = batched.STACK_ELEMENTS_DEFAULT  # every same-shape group stacked
     try:
         stacked = _replay(st, g1)
     finally:
-        comm_hook.STACK_ELEMENTS.update(saved)
+        batched.STACK_ELEMENTS.clear()
+        batched.STACK_ELEMENTS.update(saved)
     del dmodel
     gc.collect()
     return {"max_diff": float((got - want).abs().max()), "equal": torch.equal(got, want), "buckets": len(g1),
@@ -541,43 +542,6 @@ def test_packed_collective_equals_two_collective_math(request, world):
             assert packed["equal"], packed
         assert packed["max_diff"] <= 1e-6, packed
         assert packed["stacked_max_diff"] <= 1e-6, packed
-
-
-def _oriented_mats(gen):
-    """(pid, G_o view, P, d) for mixed shapes: same-shape groups, both orientations, one odd shape."""
-    mats, shapes = [], [(32, 86), (86, 32), (32, 86), (64, 40), (86, 32), (32, 86), (20, 20)]
-    for k, (m, n) in enumerate(shapes):
-        G = torch.randn(m, n, generator=gen)
-        s, r = min(m, n), 4
-        P = torch.linalg.qr(torch.randn(s, r, generator=gen))[0]
-        mats.append((k, orient(G, is_left((m, n))), P, torch.rand(r, generator=gen) + 0.5))
-    return mats
-
-
-def test_stacked_projection_and_lift_equal_per_matrix(monkeypatch):
-    gen = torch.Generator().manual_seed(0)
-    results = {}
-    for limit in (0, 1 << 12):  # per matrix; stacked
-        monkeypatch.setitem(comm_hook.STACK_ELEMENTS, "cpu", limit)
-        mats = _oriented_mats(torch.Generator().manual_seed(0))
-        groups = comm_hook._stack_groups(mats, torch.device("cpu"))
-        out = torch.empty(sum(P.shape[1] * G.shape[1] for _, G, P, _ in mats))
-        Rs = [R.clone() for R in comm_hook._project(out, mats, groups)]
-        comm_hook._lift(mats, groups, [R * 2 for R in Rs])
-        results[limit] = (groups, Rs, [G.clone() for _, G, _, _ in mats])
-    assert results[0][0] == [[i] for i in range(7)]  # per matrix, in bucket order
-    # (32, 86) and (86, 32) share G_o's (32, 86) orientation: one stack across both orientations
-    assert results[1 << 12][0] == [[0, 1, 2, 4, 5], [3], [6]]
-    for a, b in zip(results[0][1] + results[0][2], results[1 << 12][1] + results[1 << 12][2]):
-        assert float((a - b).abs().max()) <= 1e-6
-    # and the math itself: R = Pᵀ G_o, G_o ← P D⁻¹ (2R)
-    mats = _oriented_mats(gen)
-    for (_, G, P, d), R, lifted in zip(mats, results[1 << 12][1], results[1 << 12][2]):
-        assert torch.allclose(R, P.mT @ G, atol=1e-5)
-        assert torch.allclose(lifted, P @ (2 * R / d[:, None]), atol=1e-5)
-    # a batch cap splits a stack
-    monkeypatch.setattr(comm_hook, "STACK_BATCH_BYTES", 2 * 4 * 32 * 86)
-    assert comm_hook._stack_groups(_oriented_mats(gen), torch.device("cpu")) == [[0, 1], [2, 4], [5], [3], [6]]
 
 
 @pytest.mark.distributed

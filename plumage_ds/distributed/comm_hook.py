@@ -43,8 +43,7 @@ Two options change how the coefficients travel, both keeping ``E[Ĝ] = G``:
   (:mod:`plumage_ds.estimators.rounding`: per-row scales agreed by one max-all-reduce, integer sums
   exact in the container), 1 or 2 bytes per coefficient instead of 4.
 
-Collectives per bucket (all synchronous, through :class:`~plumage_ds.distributed.comm.Collectives`,
-so the hook works with many buckets on gloo and NCCL and returns an already-completed Future):
+Collectives per bucket (through :class:`~plumage_ds.distributed.comm.Collectives`):
 
 * warm-up step (``iter < start_iter``), or a bucket with no compressed matrix:
   one all-reduce of the bucket buffer (tag ``dense_grad``);
@@ -52,10 +51,22 @@ so the hook works with many buckets on gloo and NCCL and returns an already-comp
   the whole bucket buffer (tag ``refresh_grad``; the step's output is the exact average), then
   one broadcast per owner rank of the packed ``[P, d]`` of its refreshed matrices (tag
   ``projector``);
-* ordinary step: one all-reduce of the packed ``R_k = Pᵀ G_k`` of all compressed matrices
-  (fp32, tag ``lowrank_grad``; with ``quantize`` first a max-all-reduce of the per-row scales, tag
-  ``lowrank_scale``, then the integers in their container) and one of the packed uncompressed
-  rest (tag ``dense_grad``); then ``Ĝ_o = P D⁻¹ R`` is written into the bucket buffer.
+* ordinary step: ONE all-reduce (tag ``lowrank_grad``) of one fp32 buffer packing ``R_k = Pᵀ G_k``
+  of every compressed matrix and the uncompressed rest (1-D tensors, non-targets); then
+  ``Ĝ_o = P D⁻¹ R`` and the averaged rest are written into the bucket buffer. The rest travels on its
+  own (tag ``dense_grad``) when it cannot share the fp32 sum: with ``quantize`` (first a
+  max-all-reduce of the per-row scales, tag ``lowrank_scale``, then the integers in their container)
+  and for bf16/fp16 buckets (packing would double the rest's bytes).
+
+Synchronous or asynchronous (``comm_hook.async_comm``; ``None``: asynchronous on NCCL only). The
+synchronous path blocks inside the hook and returns a completed Future (right for gloo: the stock
+PowerSGD hook, which blocks inside ``.then`` callbacks, hangs there with several buckets). The
+asynchronous path starts the all-reduces of warm-up and ordinary steps with ``async_op=True`` and
+returns ``future.then(decompress and write back)``, so DDP overlaps them with the rest of the
+backward; no callback waits on an unfinished Future. Refresh steps stay synchronous on both paths
+(the owners need the average before they decompose, and a failed refresh must raise from the hook on
+every rank), and so does the small ``lowrank_scale`` max-all-reduce. Both paths run the same
+operations on the same tensors: bitwise the same result.
 
 Compression rule (PowerSGD's ``min_compression_rate`` idea): a parameter is compressed iff it
 has ``ndim >= 2`` (viewed as ``(shape[0], numel / shape[0])``) and its compression rate
@@ -120,7 +131,7 @@ def hook_config(config=None, **knobs) -> OptimizerConfig:
     Goes through ``from_dict(OptimizerConfig, ...)``, so a bad key or value gets the same message
     as in the main job's YAML (``Invalid rank=0: must be a positive integer``). The hook's own
     keys (``start_iter``, ``min_compression_rate``, ``resample_interval``, ``quantize``,
-    ``sigma_weight``) may be given as plain keywords; they land in ``comm_hook``. The estimator
+    ``sigma_weight``, ``async_comm``) may be given as plain keywords; they land in ``comm_hook``. The estimator
     must be a low-rank one (``plumage``, ``galore``, ``haar`` or ``optimal``).
     """
     data = to_dict(config) if isinstance(config, OptimizerConfig) else dict(config or {})
@@ -167,7 +178,9 @@ class PlumageHookState:
             the refresh; 0 = one draw per refresh), ``quantize`` (``None``: fp32 coefficients;
             ``"int8"``/``"fp16"``: unbiased stochastic rounding of ``R_k`` onto a shared integer grid,
             1 or 2 bytes per coefficient) and ``sigma_weight`` (``optimal``: weight of the newest
-            refresh gradient in ``Σ``; ``None``: the running mean).
+            refresh gradient in ``Σ``; ``None``: the running mean) and ``async_comm`` (``True``: return DDP a
+            Future chained on ``async_op`` all-reduces; ``False``: collectives inside the hook; ``None``:
+            asynchronous on NCCL only — :meth:`uses_async`).
 
     Invariant: every rank holds the same ``iter`` and the same ``(P, d)`` for every matrix, so
     the decompressed gradient is bit-identical across ranks and DDP replicas stay in sync.

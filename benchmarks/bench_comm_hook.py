@@ -55,6 +55,7 @@ HOOK_KEYS = {
     "quantize": ("quantize", str),
     "resample": ("resample", lambda v: bool(int(v))),
     "sigma_weight": ("sigma_weight", float),
+    "async": ("async_comm", lambda v: bool(int(v))),  # async=1: the Future-chained path (NCCL's default) on gloo
 }
 
 
@@ -87,7 +88,7 @@ def hook_kwargs(variant: str, args: dict) -> dict:
     return kw
 
 
-_COUNT = {"on": False, "bytes": 0.0}
+_COUNT = {"on": False, "bytes": 0.0, "calls": 0}
 
 
 def _counting_all_reduce(orig):
@@ -95,6 +96,7 @@ def _counting_all_reduce(orig):
         if _COUNT["on"]:
             w = dist.get_world_size()
             _COUNT["bytes"] += 2.0 * (w - 1) / w * tensor.numel() * tensor.element_size()
+            _COUNT["calls"] += 1
         return orig(tensor, *args, **kwargs)
 
     return wrapper
@@ -163,7 +165,8 @@ def _worker(rank, world, args):
             ddp.register_comm_hook(state, plumage_hook)
         opt = torch.optim.AdamW(model.parameters(), lr=args["lr"], weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args["warmup"]))
-        runs[variant] = dict(model=model, ddp=ddp, state=state, opt=opt, sched=sched, losses=[], times=[], bytes=[])
+        runs[variant] = dict(model=model, ddp=ddp, state=state, opt=opt, sched=sched, losses=[], times=[], bytes=[],
+                             calls=[])  # fmt: skip
 
     # Variants take turns step by step (rotating the order), so load on the machine hits all alike.
     names = list(runs)
@@ -174,7 +177,7 @@ def _worker(rank, world, args):
             run = runs[variant]
             dist.barrier()
             t0 = time.perf_counter()
-            _COUNT["on"], _COUNT["bytes"] = True, 0.0
+            _COUNT["on"], _COUNT["bytes"], _COUNT["calls"] = True, 0.0, 0
             loss = causal_lm_loss(run["ddp"], x)
             loss.backward()
             _COUNT["on"] = False
@@ -185,9 +188,12 @@ def _worker(rank, world, args):
             run["losses"].append(loss.item())
             state = run["state"]
             if isinstance(state, PlumageHookState):
-                run["bytes"].append(sum(v["bytes"] for v in state.comm_stats()["last_step"].values()))
+                last = state.comm_stats()["last_step"].values()
+                run["bytes"].append(sum(v["bytes"] for v in last))
+                run["calls"].append(sum(v["calls"] for v in last))  # every collective (broadcasts too)
             else:
                 run["bytes"].append(_COUNT["bytes"])
+                run["calls"].append(_COUNT["calls"])
 
     results = {}
     for variant, run in runs.items():
@@ -202,6 +208,7 @@ def _worker(rank, world, args):
         results[variant] = {
             "bytes_per_step": statistics.fmean(run["bytes"][args["warmup"] :]),
             "bytes_first_steps": run["bytes"][0],
+            "calls_per_step": statistics.fmean(run["calls"][args["warmup"] :]),
             "step_time_s": statistics.median(run["times"][args["warmup"] :]),
             "train_loss": float(tail) / world,
             "eval_loss": eval_loss,
@@ -218,9 +225,9 @@ def _worker(rank, world, args):
 def table(res: dict, args: dict) -> str:
     base = res["allreduce"]
     lines = [
-        "| variant | bytes/step (after warm-up) | vs all-reduce | step time (median) | time ratio | train loss (last "
-        f"{args['tail']}) | eval loss |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | bytes/step (after warm-up) | vs all-reduce | collectives/step | step time (median) | time ratio "
+        f"| train loss (last {args['tail']}) | eval loss |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in res.items():
         estimator = name.partition(":")[0]
@@ -230,14 +237,15 @@ def table(res: dict, args: dict) -> str:
             label = estimator
         else:
             kw = hook_kwargs(name, args)
-            label = f"{estimator} (r={kw['rank']}" + (f", τ={kw['tau']}" if estimator != "haar" else "")
+            label = f"{estimator} (r={kw['rank']}" + (f", τ={kw['update_interval']}" if estimator != "haar" else "")
             label += f", ε={kw['uniform_mix']:g}" if kw["uniform_mix"] else ""
             label += f", {kw['quantize']}" if kw.get("quantize") else ""
-            label += ", redrawn every step" if kw.get("resample") or estimator == "haar" else ""
+            label += ", redrawn every step" if kw.get("resample_interval") or estimator == "haar" else ""
+            label += ", async" if kw.get("async_comm") else ""
             label += ")"
         lines.append(
             f"| {label} | {r['bytes_per_step'] / 1024:.1f} KiB | {base['bytes_per_step'] / r['bytes_per_step']:.2f}× fewer "
-            f"| {r['step_time_s'] * 1e3:.1f} ms | {r['step_time_s'] / base['step_time_s']:.2f} "
+            f"| {r['calls_per_step']:.2f} | {r['step_time_s'] * 1e3:.1f} ms | {r['step_time_s'] / base['step_time_s']:.2f} "
             f"| {r['train_loss']:.4f} | {r['eval_loss']:.4f} |"
         )
     return "\n".join(lines)

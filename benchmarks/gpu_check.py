@@ -13,7 +13,8 @@ when ``--device cuda`` finds no CUDA device):
    :class:`~plumage_ds.PlumageAdamW` in fp32 (within ``1e-4``: decompositions and reductions differ
    on the device); the batched path against the per-matrix path on the device (within ``1e-6``);
    bf16 weights (fp32 state) fed the same replayed gradients as the oracle (within
-   ``steps·2⁻⁸·max|W|``: half a bf16 ulp of rounding per step).
+   ``steps·2⁻⁸·max|W|``: half a bf16 ulp of rounding per step). The DDP comm hook on one NCCL
+   rank: its asynchronous path (Future-chained, NCCL's default) bitwise equal to the synchronous one.
 2. **Speed and memory at 1B-layer shapes.** ``--layers`` decoder layers of a LLaMA-1B (hidden 2048,
    intermediate 5632, 32 heads, 4 KV heads: q/o ``2048²``, k/v ``256 × 2048``, gate/up ``5632 × 2048``,
    down ``2048 × 5632``), bf16 weights and gradients (random, set by hand: no model), rank 512:
@@ -118,6 +119,45 @@ def correctness(device: torch.device, steps: int) -> list[tuple[str, float, floa
     return rows
 
 
+def comm_hook_check(device: torch.device, steps: int) -> list[tuple[str, float, float, bool]]:
+    """DDP + :func:`~plumage_ds.distributed.comm_hook.plumage_hook` on one rank of an NCCL group (gloo on
+    CPU): the asynchronous path (Futures of ``async_op`` all-reduces, lift chained by ``.then``) against
+    the synchronous one, bitwise, fp32 and int8 coefficients, over ``steps`` steps with refreshes.
+
+    One rank shows neither overlap nor bytes; it checks the CUDA Future and stream plumbing of the
+    NCCL path (the multi-rank async path is tested on gloo by the test suite)."""
+    import torch.distributed as dist
+
+    from plumage_ds.distributed.comm_hook import PlumageHookState, plumage_hook
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    rows = []
+    try:
+        for name, knobs in (("plumage", {}), ("plumage, int8", {"quantize": "int8"})):
+            final = {}
+            for async_comm in (False, True):
+                model = _mlp().to(device)
+                ddp = nn.parallel.DistributedDataParallel(
+                    model, device_ids=[device] if device.type == "cuda" else None, bucket_cap_mb=0.002)
+                state = PlumageHookState(ddp, rank=4, update_interval=3, start_iter=1, uniform_mix=0.1,
+                                         target_modules=[r"^\d+$"], async_comm=async_comm, **knobs)  # fmt: skip
+                ddp.register_comm_hook(state, plumage_hook)
+                opt = torch.optim.SGD(model.parameters(), lr=0.1)
+                gen = torch.Generator().manual_seed(0)
+                for _ in range(steps):
+                    opt.zero_grad()
+                    ddp(torch.randn(8, 24, generator=gen).to(device)).pow(2).mean().backward()
+                    opt.step()
+                final[async_comm] = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu()
+            diff = float((final[True] - final[False]).abs().max())
+            rows.append((f"comm hook ({name}): async vs sync path on {backend}, 1 rank", diff, 0.0,
+                         torch.equal(final[True], final[False])))  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+    return rows
+
+
 # ----------------------------------------------------------------------------- part 2: speed and memory
 
 
@@ -216,7 +256,7 @@ def main(argv=None) -> int:
     print(f"gpu_check on {name}, torch {torch.__version__}{' (tiny dry run)' if args.tiny else ''}\n")
 
     t0 = time.perf_counter()
-    rows = correctness(device, check_steps)
+    rows = correctness(device, check_steps) + comm_hook_check(device, check_steps + 2)
     print("| check | measured max abs diff | bound | ok |")
     print("|---|---|---|---|")
     for check, value, bound, ok in rows:

@@ -321,6 +321,9 @@ class CommHookConfig:
     resample_interval: int = 0
     quantize: Optional[str] = None  # "int8" | "fp16": unbiased stochastic rounding of R_k (None: fp32)
     sigma_weight: Optional[float] = None  # optimal: weight of the newest refresh gradient in Σ (None: mean)
+    # ordinary and warm-up steps: return DDP a Future chained on an async all-reduce (True) or run the
+    # collectives inside the hook (False); None: async on NCCL, synchronous on any other backend
+    async_comm: Optional[bool] = None
 
     def __post_init__(self) -> None:
         check_types(self)

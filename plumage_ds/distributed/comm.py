@@ -96,7 +96,7 @@ class CollectiveTimeoutError(RuntimeError):
 
 
 class Collectives:
-    """Synchronous collectives on ``group`` (``None``: the default group) with accounting.
+    """Synchronous collectives (and one asynchronous all-reduce, :meth:`all_reduce_future`) on ``group`` (``None``: the default group) with accounting.
 
     ``timeout`` (seconds, ``None``: the process group's own timeout) bounds every wait; a
     collective that does not complete raises :class:`CollectiveTimeoutError` naming its kind and
@@ -139,6 +139,16 @@ class Collectives:
         if self.world_size > 1:
             self._wait(dist.all_reduce(t, op=op, group=self.group, async_op=True), "all_reduce", tag)
         return t
+
+    def all_reduce_future(self, t: Tensor, tag: str, op=dist.ReduceOp.SUM) -> torch.futures.Future:
+        """Start an in-place all-reduce of ``t`` and return its Future (value ``[t]``); recorded now.
+
+        Nothing waits here, so ``timeout`` does not apply (the process group's own timeout does);
+        chain the work on the result with ``Future.then``. Issued even on one rank, so that a
+        one-device check exercises the backend's Future (NCCL: CUDA streams and events).
+        """
+        self._record(tag, "all_reduce", t)
+        return dist.all_reduce(t, op=op, group=self.group, async_op=True).get_future()
 
     def reduce_scatter(self, out: Tensor, inp: Tensor, tag: str) -> Tensor:
         """``out`` (``inp.numel() / W``) receives this rank's chunk of the sum of ``inp`` over ranks."""

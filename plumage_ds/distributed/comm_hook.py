@@ -43,8 +43,7 @@ Two options change how the coefficients travel, both keeping ``E[Ĝ] = G``:
   (:mod:`plumage_ds.estimators.rounding`: per-row scales agreed by one max-all-reduce, integer sums
   exact in the container), 1 or 2 bytes per coefficient instead of 4.
 
-Collectives per bucket (all synchronous, through :class:`~plumage_ds.distributed.comm.Collectives`,
-so the hook works with many buckets on gloo and NCCL and returns an already-completed Future):
+Collectives per bucket (through :class:`~plumage_ds.distributed.comm.Collectives`):
 
 * warm-up step (``iter < start_iter``), or a bucket with no compressed matrix:
   one all-reduce of the bucket buffer (tag ``dense_grad``);
@@ -52,10 +51,22 @@ so the hook works with many buckets on gloo and NCCL and returns an already-comp
   the whole bucket buffer (tag ``refresh_grad``; the step's output is the exact average), then
   one broadcast per owner rank of the packed ``[P, d]`` of its refreshed matrices (tag
   ``projector``);
-* ordinary step: one all-reduce of the packed ``R_k = Pᵀ G_k`` of all compressed matrices
-  (fp32, tag ``lowrank_grad``; with ``quantize`` first a max-all-reduce of the per-row scales, tag
-  ``lowrank_scale``, then the integers in their container) and one of the packed uncompressed
-  rest (tag ``dense_grad``); then ``Ĝ_o = P D⁻¹ R`` is written into the bucket buffer.
+* ordinary step: ONE all-reduce (tag ``lowrank_grad``) of one fp32 buffer packing ``R_k = Pᵀ G_k``
+  of every compressed matrix and the uncompressed rest (1-D tensors, non-targets); then
+  ``Ĝ_o = P D⁻¹ R`` and the averaged rest are written into the bucket buffer. The rest travels on its
+  own (tag ``dense_grad``) when it cannot share the fp32 sum: with ``quantize`` (first a
+  max-all-reduce of the per-row scales, tag ``lowrank_scale``, then the integers in their container)
+  and for bf16/fp16 buckets (packing would double the rest's bytes).
+
+Synchronous or asynchronous (``comm_hook.async_comm``; ``None``: asynchronous on NCCL only). The
+synchronous path blocks inside the hook and returns a completed Future (right for gloo: the stock
+PowerSGD hook, which blocks inside ``.then`` callbacks, hangs there with several buckets). The
+asynchronous path starts the all-reduces of warm-up and ordinary steps with ``async_op=True`` and
+returns ``future.then(decompress and write back)``, so DDP overlaps them with the rest of the
+backward; no callback waits on an unfinished Future. Refresh steps stay synchronous on both paths
+(the owners need the average before they decompose, and a failed refresh must raise from the hook on
+every rank), and so does the small ``lowrank_scale`` max-all-reduce. Both paths run the same
+operations on the same tensors: bitwise the same result.
 
 Compression rule (PowerSGD's ``min_compression_rate`` idea): a parameter is compressed iff it
 has ``ndim >= 2`` (viewed as ``(shape[0], numel / shape[0])``) and its compression rate
@@ -65,6 +76,7 @@ requested rank go uncompressed; :meth:`PlumageHookState.param_modes` reports eac
 
 import dataclasses
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -96,6 +108,7 @@ from plumage_ds.estimators.rounding import (
 )
 
 from plumage_ds.estimators.registry import estimator_names, get_estimator, resolve_svd_method
+from plumage_ds.optim.batched import matmuls
 from plumage_ds.optim.param_groups import select_targets
 
 __all__ = ["HOOK_ESTIMATORS", "PlumageHookState", "hook_config", "plumage_hook"]
@@ -118,7 +131,7 @@ def hook_config(config=None, **knobs) -> OptimizerConfig:
     Goes through ``from_dict(OptimizerConfig, ...)``, so a bad key or value gets the same message
     as in the main job's YAML (``Invalid rank=0: must be a positive integer``). The hook's own
     keys (``start_iter``, ``min_compression_rate``, ``resample_interval``, ``quantize``,
-    ``sigma_weight``) may be given as plain keywords; they land in ``comm_hook``. The estimator
+    ``sigma_weight``, ``async_comm``) may be given as plain keywords; they land in ``comm_hook``. The estimator
     must be a low-rank one (``plumage``, ``galore``, ``haar`` or ``optimal``).
     """
     data = to_dict(config) if isinstance(config, OptimizerConfig) else dict(config or {})
@@ -165,7 +178,9 @@ class PlumageHookState:
             the refresh; 0 = one draw per refresh), ``quantize`` (``None``: fp32 coefficients;
             ``"int8"``/``"fp16"``: unbiased stochastic rounding of ``R_k`` onto a shared integer grid,
             1 or 2 bytes per coefficient) and ``sigma_weight`` (``optimal``: weight of the newest
-            refresh gradient in ``Σ``; ``None``: the running mean).
+            refresh gradient in ``Σ``; ``None``: the running mean) and ``async_comm`` (``True``: return DDP a
+            Future chained on ``async_op`` all-reduces; ``False``: collectives inside the hook; ``None``:
+            asynchronous on NCCL only — :meth:`uses_async`).
 
     Invariant: every rank holds the same ``iter`` and the same ``(P, d)`` for every matrix, so
     the decompressed gradient is bit-identical across ranks and DDP replicas stay in sync.
@@ -189,6 +204,7 @@ class PlumageHookState:
         "resample",
         "quantize",
         "sigma_weight",
+        "async_comm",
         "iter",
         "param_names",
         "param_shapes",
@@ -235,6 +251,7 @@ class PlumageHookState:
         self.resample = hook.resample_interval > 0
         self.quantize = hook.quantize
         self.sigma_weight = hook.sigma_weight
+        self.async_comm = hook.async_comm
         self.iter = 0
         named = _named_trainable(model)
         if not named:
@@ -362,6 +379,13 @@ class PlumageHookState:
             self._collectives = Collectives(self.process_group)
         return self._collectives
 
+    def uses_async(self) -> bool:
+        """Whether ordinary and warm-up steps return a Future chained on an async all-reduce:
+        ``comm_hook.async_comm``, or (``None``) whether the group's backend is NCCL."""
+        if self.async_comm is not None:
+            return self.async_comm
+        return dist.get_backend(self.process_group) == "nccl"
+
     def comm_stats(self) -> dict:
         """Bytes per ``tag/kind``: ``last_step`` (last completed iteration) and ``total``."""
         return self.collectives().comm_stats()
@@ -424,9 +448,11 @@ class PlumageHookState:
             self.collectives().end_step()
 
 
-def _future(t: Tensor) -> torch.futures.Future:
-    fut = torch.futures.Future(devices=[t.device]) if t.is_cuda else torch.futures.Future()
-    fut.set_result(t)
+def _new_future(device: torch.device, value: Optional[Tensor] = None) -> torch.futures.Future:
+    """A Future on ``device`` (CUDA: DDP's wait then orders its stream after ours), completed with ``value`` if given."""
+    fut = torch.futures.Future(devices=[device]) if device.type == "cuda" else torch.futures.Future()
+    if value is not None:
+        fut.set_result(value)
     return fut
 
 
@@ -546,59 +572,131 @@ def _refresh(state: PlumageHookState, comms: Collectives, pids: list[int], grads
     state.sigma.update(sigmas)
 
 
-def _allreduce_coefficients(
-    state: PlumageHookState, comms: Collectives, packed: Tensor, rows: list[tuple[int, int]], pids: list[int]
-) -> Tensor:
-    """``mean_k R_k`` of the packed ``R_k`` blocks (``rows``: ``(r, l)`` of matrix ``pids[i]``).
+def _project(mats: list[tuple]) -> list[Tensor]:
+    """``R_k = Pᵀ G_o``  # (r, l) fp32 of every matrix (``mats``: ``(pid, G_o, P, d)``).
 
-    fp32: one all-reduce (``lowrank_grad``), in place. Quantized: one max-all-reduce of the per-row
-    scales (``lowrank_scale``), stochastic rounding of each matrix with a generator seeded from
-    ``(seed, iter, rank, param_id)`` (independent of how DDP groups parameters into buckets, so a
-    resumed run rounds identically), one all-reduce of the integers in their container
-    (``lowrank_grad``), then the exact dequantization. Unbiased either way.
+    :func:`~plumage_ds.optim.batched.matmuls`: small same-shape pairs stacked into one ``bmm`` per
+    its per-device ``STACK_ELEMENTS`` (CPU: never — measured slower, and one product per matrix
+    keeps the bits of the per-matrix hook), one product per matrix otherwise.
     """
-    world = comms.world_size
-    if state.quantize is None:
-        packed.div_(world)
-        comms.all_reduce(packed, tag="lowrank_grad")
-        return packed
-    blocks, off = [], 0
-    for r, l in rows:
-        blocks.append(packed[off : off + r * l].view(r, l))
-        off += r * l
-    scales = torch.cat([row_scales(R) for R in blocks])  # (Σ r,)
+    return matmuls([P.mT for _, _, P, _ in mats], [G.float() for _, G, _, _ in mats])
+
+
+def _lift(mats: list[tuple], Rs: list[Tensor]) -> None:
+    """``G_o ← P D⁻¹ R`` for every matrix (``Rs``: ``mean_k R_k``  # (r, l), in ``mats`` order), written
+    into the bucket through the ``G_o`` views; stacked like :func:`_project`."""
+    lifted = matmuls([P for _, _, P, _ in mats], [R / d[:, None] for (_, _, _, d), R in zip(mats, Rs)])
+    for (_, G, _, _), L in zip(mats, lifted):
+        G.copy_(L)
+
+
+def _quantize(state: PlumageHookState, comms: Collectives, Rs: list[Tensor], pids: list[int]) -> tuple[Tensor, Tensor, int]:
+    """``(q, scales, levels)``: every ``R_k`` stochastically rounded onto the shared grid, packed.
+
+    One max-all-reduce of the per-row scales (``lowrank_scale``, synchronous on both paths: ``q``
+    needs it), then rounding with a generator seeded from ``(seed, iter, rank, param_id)``
+    (independent of how DDP groups parameters into buckets, so a resumed run rounds identically).
+    """
+    scales = torch.cat([row_scales(R) for R in Rs])  # (Σ r,)
     comms.all_reduce(scales, tag="lowrank_scale", op=dist.ReduceOp.MAX)
-    levels = quantization_levels(state.quantize, world)
+    levels = quantization_levels(state.quantize, comms.world_size)
     q, at = [], 0
-    for R, pid in zip(blocks, pids):
-        gen = torch.Generator(device=packed.device)
+    for R, pid in zip(Rs, pids):
+        gen = torch.Generator(device=R.device)
         gen.manual_seed(derive_seed(state.seed, _ROUNDING_TAG, state.iter, comms.rank, pid))
         q.append(quantize_rows(R, scales[at : at + R.shape[0]], levels, gen, state.quantize).reshape(-1))
         at += R.shape[0]
-    q = torch.cat(q)
-    comms.all_reduce(q, tag="lowrank_grad")
-    out, off, at = torch.empty_like(packed), 0, 0
-    for r, l in rows:
-        out[off : off + r * l].view(r, l).copy_(dequantize_rows(q[off : off + r * l].view(r, l), scales[at : at + r], levels, world))
+    return torch.cat(q), scales, levels
+
+
+def _dequantize(q_sum: Tensor, scales: Tensor, levels: int, world: int, Rs: list[Tensor]) -> list[Tensor]:
+    """``mean_k R_k`` per matrix (shapes of ``Rs``) from the summed integers: exact, unbiased."""
+    out, off, at = [], 0, 0
+    for R in Rs:
+        r, l = R.shape
+        out.append(dequantize_rows(q_sum[off : off + r * l].view(r, l), scales[at : at + r], levels, world))
         off += r * l
         at += r
     return out
 
 
+def _pack_into(flat: Tensor, tensors: list[Tensor]) -> None:
+    off = 0
+    for t in tensors:
+        flat[off : off + t.numel()].copy_(t.reshape(-1))
+        off += t.numel()
+
+
+def _unpack_from(flat: Tensor, tensors: list[Tensor]) -> None:
+    off = 0
+    for t in tensors:
+        t.copy_(flat[off : off + t.numel()].view_as(t))
+        off += t.numel()
+
+
+def _when_all(futs: list[torch.futures.Future], finish, device: torch.device) -> torch.futures.Future:
+    """A Future holding ``finish(*tensors)`` once every all-reduce Future of ``futs`` completed.
+
+    The last completion runs ``finish``; no callback ever waits on an unfinished Future (a blocking
+    wait inside a gloo callback can hang DDP with several buckets), and ``wait()`` on the finished
+    ones only orders the current stream after theirs (CUDA).
+    """
+    out = _new_future(device)
+    left, lock = [len(futs)], threading.Lock()
+
+    def done(_):
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        try:
+            out.set_result(finish(*[f.wait()[0] for f in futs]))
+        except Exception as err:  # noqa: BLE001 - DDP re-raises it from backward
+            out.set_exception(err)
+
+    for f in futs:
+        f.add_done_callback(done)
+    return out
+
+
+def _communicate(state: PlumageHookState, bucket, transfers: list[tuple[Tensor, str]], finish) -> torch.futures.Future:
+    """Sum-all-reduce each ``(tensor, tag)`` of ``transfers``, then ``finish(*tensors)`` → the bucket buffer.
+
+    Synchronous (:meth:`PlumageHookState.uses_async` false): blocking collectives, ``finish`` inside the
+    hook, a completed Future. Asynchronous: the all-reduces start with ``async_op=True`` and ``finish``
+    is chained on their Futures (``Future.then``), so DDP overlaps them with the rest of the backward.
+    Both run the same operations on the same tensors: the results are bitwise equal. The step's
+    accounting closes at launch (``_end_bucket``): ``finish`` never reads ``state.iter``.
+    """
+    comms = state.collectives()
+    if not state.uses_async():
+        for t, tag in transfers:
+            comms.all_reduce(t, tag=tag)
+        out = finish(*[t for t, _ in transfers])
+        state._end_bucket(bucket)
+        return _new_future(out.device, out)
+    futs = [comms.all_reduce_future(t, tag=tag) for t, tag in transfers]
+    state._end_bucket(bucket)
+    if len(futs) == 1:
+        return futs[0].then(lambda fut: finish(fut.value()[0]))
+    return _when_all(futs, finish, bucket.buffer().device)
+
+
 def plumage_hook(state: PlumageHookState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
     """DDP comm hook: unbiased low-rank all-reduce, ``E[Ĝ] = mean_k G_k``, no error feedback.
 
-    Per bucket, synchronously (see the module docstring for the full list):
+    Per bucket (see the module docstring for the full list):
 
     * warm-up / nothing to compress: ``all_reduce(buffer / W)``;
-    * refresh (``plumage``/``optimal``/``galore``): ``all_reduce(buffer / W)`` — exact for this
-      step — then per owner one ``broadcast`` of the packed ``[P, d]`` (or design ``[U, p]``) it
-      computed from that average;
-    * ordinary step: ``all_reduce(pack(Pᵀ G_k) / W)`` for the compressed matrices (quantized:
-      a max-all-reduce of row scales, then the integers) and ``all_reduce(pack(rest) / W)``;
+    * refresh (``plumage``/``optimal``/``galore``), always synchronous: ``all_reduce(buffer / W)`` —
+      exact for this step — then per owner one ``broadcast`` of the packed ``[P, d]`` (or design
+      ``[U, p]``) it computed from that average;
+    * ordinary step: ONE ``all_reduce([pack(Pᵀ G_k), pack(rest)] / W)`` (fp32 coefficients and an
+      fp32 bucket; quantized: a max-all-reduce of row scales, the integers, and the rest on its own);
       then ``G_o ← P D⁻¹ R`` in the bucket buffer.
 
-    Returns an already-completed Future holding the bucket buffer.
+    Synchronous (gloo default) it returns an already-completed Future; asynchronous (NCCL default,
+    ``comm_hook.async_comm``) a Future chained on the all-reduce, bitwise the same result.
     """
     buffer = bucket.buffer()
     grads = _bucket_views(bucket, buffer)
@@ -610,46 +708,53 @@ def plumage_hook(state: PlumageHookState, bucket: dist.GradBucket) -> torch.futu
     if phase == "lowrank" and not all(state._has_projection(pids[i]) for i in compressed):
         phase = "refresh"  # no projection yet (e.g. a state created mid-run): same decision on every rank
 
+    if phase == "refresh" and compressed:  # synchronous on both paths: the owners need the average now
+        buffer.div_(world)
+        comms.all_reduce(buffer, tag="refresh_grad")
+        _refresh(state, comms, [pids[i] for i in compressed], [grads[i] for i in compressed])
+        state._end_bucket(bucket)
+        return _new_future(buffer.device, buffer)
     if phase != "lowrank" or not compressed:
         buffer.div_(world)
-        comms.all_reduce(buffer, tag="refresh_grad" if phase == "refresh" else "dense_grad")
-        if phase == "refresh" and compressed:
-            _refresh(state, comms, [pids[i] for i in compressed], [grads[i] for i in compressed])
-        state._end_bucket(bucket)
-        return _future(buffer)
+        return _communicate(state, bucket, [(buffer, "refresh_grad" if phase == "refresh" else "dense_grad")],
+                            lambda avg: avg)  # fmt: skip
 
     # ordinary low-rank step
-    views, projs, sizes = [], [], []
+    mats = []  # (pid, G_o (s, l) view into the bucket, P (s, r), d (r,))
     for i in compressed:
-        pid = pids[i]
-        P, d = state._current(pid, buffer.device)
-        G_o = _oriented_views(state, pid, grads[i])  # (s, l)
-        views.append(G_o)
-        projs.append((P, d))
-        sizes.append(P.shape[1] * G_o.shape[1])
-    packed = torch.empty(sum(sizes), dtype=torch.float32, device=buffer.device)
-    off = 0
-    for G_o, (P, _), n in zip(views, projs, sizes):
-        torch.matmul(P.mT, G_o.float(), out=packed[off : off + n].view(P.shape[1], G_o.shape[1]))  # R_k (r, l)
-        off += n
-    rows = [(P.shape[1], G_o.shape[1]) for G_o, (P, _) in zip(views, projs)]
-    packed = _allreduce_coefficients(state, comms, packed, rows, [pids[i] for i in compressed])
-
+        P, d = state._current(pids[i], buffer.device)
+        mats.append((pids[i], _oriented_views(state, pids[i], grads[i]), P, d))
     compressed_set = set(compressed)
-    dense_idx = [i for i in range(len(pids)) if i not in compressed_set]
-    if dense_idx:
-        flat = torch.cat([grads[i].reshape(-1) for i in dense_idx]).div_(world)
-        comms.all_reduce(flat, tag="dense_grad")
-        off = 0
-        for i in dense_idx:
-            n = grads[i].numel()
-            grads[i].copy_(flat[off : off + n].view_as(grads[i]))
-            off += n
+    dense = [grads[i] for i in range(len(pids)) if i not in compressed_set]
+    n_coef = sum(P.shape[1] * G.shape[1] for _, G, P, _ in mats)
+    n_dense = sum(g.numel() for g in dense)
+    # the rest rides in the coefficients' buffer when both are fp32 (a bf16 rest would double its bytes)
+    packed_rest = state.quantize is None and buffer.dtype == torch.float32
+    coef = torch.empty(n_coef + (n_dense if packed_rest else 0), dtype=torch.float32, device=buffer.device)
+    _pack_into(coef, _project(mats))
+    Rs, off = [], 0  # R_k (r, l): views of coef
+    for _, G, P, _ in mats:
+        Rs.append(coef[off : off + P.shape[1] * G.shape[1]].view(P.shape[1], G.shape[1]))
+        off += Rs[-1].numel()
+    if packed_rest:
+        _pack_into(coef[n_coef:], dense)
+    transfers = []
+    if state.quantize is None:
+        transfers.append((coef.div_(world), "lowrank_grad"))
+    else:
+        q, scales, levels = _quantize(state, comms, Rs, [m[0] for m in mats])
+        transfers.append((q, "lowrank_grad"))
+    if dense and not packed_rest:
+        rest = torch.empty(n_dense, dtype=buffer.dtype, device=buffer.device)
+        _pack_into(rest, dense)
+        transfers.append((rest.div_(world), "dense_grad"))
 
-    off = 0
-    for G_o, (P, d), n in zip(views, projs, sizes):
-        R = packed[off : off + n].view(P.shape[1], G_o.shape[1])  # mean_k Pᵀ G_k (r, l)
-        G_o.copy_(P @ (R / d[:, None]))  # Ĝ_o = P D⁻¹ R
-        off += n
-    state._end_bucket(bucket)
-    return _future(buffer)
+    def finish(avg: Tensor, rest: Optional[Tensor] = None) -> Tensor:
+        if packed_rest:
+            _unpack_from(avg[n_coef:], dense)
+        elif rest is not None:
+            _unpack_from(rest, dense)
+        _lift(mats, Rs if state.quantize is None else _dequantize(avg, scales, levels, world, Rs))
+        return buffer
+
+    return _communicate(state, bucket, transfers, finish)

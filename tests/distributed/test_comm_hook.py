@@ -10,7 +10,11 @@ Two spawned runs (W=2 and W=4) carry all distributed checks, to keep the file fa
   float rounding through the compressed path (``min_compression_rate=1``) in real DDP;
 * replicas identical after N steps with a ``no_sync()`` micro-batch in every step, several
   buckets, every variant of ``VARIANTS``, W=2 and W=4;
-* counted bytes per step equal the formula (docs/comm_hook.md);
+* counted bytes per step equal the formula (docs/comm_hook.md), and an ordinary step issues one
+  collective per bucket (fp32 coefficients and the uncompressed rest packed together);
+* the asynchronous path (``async_comm=True``, Futures chained on ``async_op`` all-reduces) trains
+  bitwise like the synchronous one, refreshes included, fp32 and int8;
+* the packed collective equals the previous two-collective math (bitwise at W=2, ≤ 1e-6 at W=4);
 * the state pickles with a process group set, and a resumed run continues bit-identically.
 """
 
@@ -26,7 +30,9 @@ import torch
 import torch.distributed as dist
 
 from plumage_ds.config import ModelConfig
+import plumage_ds.optim.batched as batched
 from plumage_ds.distributed.comm_hook import PlumageHookState, plumage_hook
+from plumage_ds.estimators import is_left, orient
 from plumage_ds.testing import run_workers
 from plumage_ds.train.model import build_model, causal_lm_loss
 
@@ -235,8 +241,11 @@ def _unbiasedness(rank, world):
     return out
 
 
-def _train(rank, world, variant, steps, *, save_at=None, resume=None, make_model=tiny_model):
-    """Steps of AdamW with one ``no_sync`` micro-batch + one synced micro-batch each."""
+def _train(rank, world, variant, steps, *, save_at=None, resume=None, make_model=tiny_model, **hook_kw):
+    """Steps of AdamW with one ``no_sync`` micro-batch + one synced micro-batch each; ``hook_kw`` go to the state.
+
+    Records per step the collectives' calls (``comm_stats``) and, per bucket the hook saw, whether it
+    held compressed and uncompressed parameters."""
     model = make_model(seed=0 if resume is None else 123)
     dmodel = ddp(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -245,7 +254,7 @@ def _train(rank, world, variant, steps, *, save_at=None, resume=None, make_model
         # refresh every 3 steps; a Haar redraw every 2 (its interval is update_interval too)
         interval = 2 if VARIANTS[variant]["estimator"] == "haar" else 3
         state = PlumageHookState(dmodel, rank=4, update_interval=interval, start_iter=1, seed=7,
-                                 target_modules=getattr(model, "hook_targets", None), **VARIANTS[variant])
+                                 target_modules=getattr(model, "hook_targets", None), **VARIANTS[variant], **hook_kw)
     else:
         blob, model_sd, opt_sd, first = resume
         model.load_state_dict(torch.load(io.BytesIO(model_sd), weights_only=True))
@@ -253,14 +262,23 @@ def _train(rank, world, variant, steps, *, save_at=None, resume=None, make_model
         state = pickle.loads(blob).bind(dmodel)
         assert state.process_group is dist.distributed_c10d._get_default_group()
         assert state.iter == first
-    dmodel.register_comm_hook(state, plumage_hook)
-    phases, step_bytes, saved = [], [], None
+    buckets = []  # per step: (has compressed, has uncompressed) of every bucket
+
+    def counting_hook(st, bucket):
+        modes = [st.is_compressed(st._pid(p)) for p in bucket.parameters()]
+        buckets[-1].append((any(modes), not all(modes)))
+        return plumage_hook(st, bucket)
+
+    dmodel.register_comm_hook(state, counting_hook)
+    phases, step_bytes, step_calls, saved = [], [], [], None
     for step in range(first, steps):
         with dmodel.no_sync():
             causal_lm_loss(dmodel, batch(step, 0, rank)).backward()
         phases.append(state.phase())
+        buckets.append([])
         causal_lm_loss(dmodel, batch(step, 1, rank)).backward()
         step_bytes.append(sum(v["bytes"] for v in state.comm_stats()["last_step"].values()))
+        step_calls.append({k: v["calls"] for k, v in state.comm_stats()["last_step"].items()})
         opt.step()
         opt.zero_grad(set_to_none=True)
         if save_at is not None and step + 1 == save_at:
@@ -277,6 +295,9 @@ def _train(rank, world, variant, steps, *, save_at=None, resume=None, make_model
         "params": flat,
         "phases": phases,
         "step_bytes": step_bytes,
+        "step_calls": step_calls,
+        "buckets": buckets,
+        "async": state.uses_async(),
         "shapes": [(tuple(p.shape), pid in state.targets) for pid, p in enumerate(model.parameters())],
         "modes": state.param_modes(),
         "saved": saved,
@@ -284,6 +305,9 @@ def _train(rank, world, variant, steps, *, save_at=None, resume=None, make_model
     del dmodel
     gc.collect()
     return result
+
+
+ASYNC_VARIANTS = ("plumage", "plumage-resample-int8")  # fp32 and int8 coefficients, with refreshes
 
 
 def _replica_runs(rank, world, with_resume, make_model=tiny_model):
@@ -296,7 +320,65 @@ def _replica_runs(rank, world, with_resume, make_model=tiny_model):
             resumed = _train(rank, world, est, steps, resume=full["saved"])
             out[est]["resumed_equal"] = torch.equal(resumed["params"], full["params"])
             out[est]["resumed_phases"] = resumed["phases"]
+        if with_resume and est in ASYNC_VARIANTS:  # the same run through the asynchronous path (forced on gloo)
+            run = _train(rank, world, est, steps, make_model=make_model, async_comm=True)
+            out[est]["async_run"] = {k: run[k] for k in ("params", "phases", "step_bytes", "step_calls", "async")}
     return out
+
+
+def _two_collective_reference(state, recorded):
+    """The hook's previous ordinary step, written out: ``all_reduce(pack(Pᵀ G_k) / W)`` and
+    ``all_reduce(pack(rest) / W)`` per bucket, then ``G_o ← P D⁻¹ R``, one matmul per matrix."""
+    world, outs = dist.get_world_size(), []
+    for params, local, _, _ in recorded:
+        buf = local.clone()
+        views = ReplayBucket(params, buf, False).gradients()
+        pids = [state._pid(p) for p in params]
+        comp = [i for i, pid in enumerate(pids) if state.is_compressed(pid)]
+        rest = [i for i in range(len(pids)) if i not in comp]
+        G = {i: orient(views[i].view(state.matrix_shape(pids[i])), is_left(state.matrix_shape(pids[i]))) for i in comp}
+        Pd = {i: state._current(pids[i], buf.device) for i in comp}
+        if comp:
+            R = torch.cat([(Pd[i][0].mT @ G[i]).reshape(-1) for i in comp]).div_(world)
+            dist.all_reduce(R)
+        if rest:
+            flat = torch.cat([views[i].reshape(-1) for i in rest]).div_(world)
+            dist.all_reduce(flat)
+            off = 0
+            for i in rest:
+                views[i].copy_(flat[off : off + views[i].numel()].view_as(views[i]))
+                off += views[i].numel()
+        off = 0
+        for i in comp:
+            (P, d), (r, l) = Pd[i], (Pd[i][0].shape[1], G[i].shape[1])
+            G[i].copy_(P @ (R[off : off + r * l].view(r, l) / d[:, None]))
+            off += r * l
+        outs.append(buf)
+    return torch.cat(outs)
+
+
+def _packed_vs_previous(rank, world, make_model=tiny_model):
+    """Max |packed hook − previous two-collective math| on an ordinary step of real DDP buckets."""
+    model = make_model()
+    dmodel = ddp(model)
+    g0, g1 = _record_buckets(model, dmodel, [batch(s, 0, rank) for s in (0, 1)])
+    st = PlumageHookState(model, rank=4, update_interval=100, start_iter=0, uniform_mix=0.1,
+                          target_modules=getattr(model, "hook_targets", None))  # fmt: skip
+    _replay(st, g0)  # refresh
+    assert st.phase() == "lowrank"
+    want = _two_collective_reference(st, g1)
+    got = _replay(st, g1)  # the CPU default: no stacking
+    saved = dict(batched.STACK_ELEMENTS)
+    batched.STACK_ELEMENTS["cpu"] = batched.STACK_ELEMENTS_DEFAULT  # every same-shape group stacked
+    try:
+        stacked = _replay(st, g1)
+    finally:
+        batched.STACK_ELEMENTS.clear()
+        batched.STACK_ELEMENTS.update(saved)
+    del dmodel
+    gc.collect()
+    return {"max_diff": float((got - want).abs().max()), "equal": torch.equal(got, want), "buckets": len(g1),
+            "stacked_max_diff": float((stacked - want).abs().max())}  # fmt: skip
 
 
 def _hook_faults(rank, world):
@@ -379,11 +461,12 @@ def _hook_faults(rank, world):
 
 def _worker_w2(rank, world):
     return {"unbiased": _unbiasedness(rank, world), "replicas": _replica_runs(rank, world, True),
-            "faults": _hook_faults(rank, world)}  # fmt: skip
+            "faults": _hook_faults(rank, world), "packed": _packed_vs_previous(rank, world)}  # fmt: skip
 
 
 def _worker_w4(rank, world):
-    return {"replicas": _replica_runs(rank, world, False, make_model=TorchLM)}
+    return {"replicas": _replica_runs(rank, world, False, make_model=TorchLM),
+            "packed": _packed_vs_previous(rank, world, make_model=TorchLM)}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -414,9 +497,51 @@ def _check_replicas(results, world, resumed):
         for phase, got in zip(r0["phases"], r0["step_bytes"]):
             want = step_bytes_formula(r0["shapes"], phase, world, rank=4, **VARIANTS[est])
             assert got == pytest.approx(want, rel=1e-12), (est, phase, got, want)
+        quantized = VARIANTS[est].get("quantize") is not None
+        for phase, calls, buckets in zip(r0["phases"], r0["step_calls"], r0["buckets"]):
+            if phase != "lowrank":
+                continue
+            assert len(buckets) > 2, "expected several buckets"
+            # fp32: ONE all-reduce per bucket; quantized: the row scales (MAX) and the integers per
+            # bucket with compressed matrices, plus the rest (fp32) where there is one
+            want = sum((2 + dense if quantized else 1) if comp else 1 for comp, dense in buckets)
+            assert sum(calls.values()) == want, (est, calls, buckets)
+            if not quantized:
+                assert calls.get("lowrank_grad/all_reduce") == sum(comp for comp, _ in buckets), (est, calls)
         if resumed:
             assert r0["resumed_equal"], est
             assert r0["resumed_phases"] == expect_phases[3:]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("variant", ASYNC_VARIANTS)
+def test_async_path_equals_sync_bitwise(w2, variant):
+    """Forced on gloo: Futures of ``async_op`` all-reduces with the lift chained by ``.then`` give the
+    synchronous path's parameters bit for bit over 7 steps (warm-up, two refreshes, ordinary steps),
+    with the same bytes and calls per step."""
+    for res in w2:
+        sync, run = res["replicas"][variant], res["replicas"][variant]["async_run"]
+        assert run["async"] is True and sync["async"] is False  # gloo's default is synchronous
+        assert run["phases"] == sync["phases"] and "refresh" in run["phases"] and "lowrank" in run["phases"]
+        assert torch.equal(run["params"], sync["params"])
+        assert run["step_bytes"] == sync["step_bytes"] and run["step_calls"] == sync["step_calls"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 4])
+def test_packed_collective_equals_two_collective_math(request, world):
+    """Packing the rest with the coefficients changes no value: the elementwise ``/ W`` is the same and
+    a 2-term sum is order-free (bitwise at W=2); with more ranks the ring's summation order depends
+    on where an element sits in the buffer, so the bits may differ within rounding (≤ 1e-6).
+    Stacked matmuls (forced here; off on CPU by default) round differently from per-matrix ones
+    (1.5e-8 seen at W=2): ≤ 1e-6 as well."""
+    for res in request.getfixturevalue(f"w{world}"):
+        packed = res["packed"]
+        assert packed["buckets"] > 2
+        if world == 2:
+            assert packed["equal"], packed
+        assert packed["max_diff"] <= 1e-6, packed
+        assert packed["stacked_max_diff"] <= 1e-6, packed
 
 
 @pytest.mark.distributed
@@ -454,9 +579,14 @@ def test_replicas_bytes_and_resume_w2(w2):
     _check_replicas(w2, 2, resumed=True)
 
 
+@pytest.fixture(scope="module")
+def w4():
+    return run_workers(_worker_w4, 4)
+
+
 @pytest.mark.distributed
-def test_replicas_and_bytes_w4():
-    _check_replicas(run_workers(_worker_w4, 4), 4, resumed=False)
+def test_replicas_and_bytes_w4(w4):
+    _check_replicas(w4, 4, resumed=False)
 
 
 class _Block(torch.nn.Module):
@@ -492,6 +622,9 @@ def test_invalid_arguments_and_unbound_state():
         PlumageHookState(model, estimator="optimal", sigma_weight=0.0)
     with pytest.raises(ValueError, match=r"^Invalid comm_hook.sigma_weight=0.5: only 'optimal' keeps Σ, not 'plumage'$"):
         PlumageHookState(model, sigma_weight=0.5)
+    with pytest.raises(ValueError, match=r"^Invalid comm_hook.async_comm='yes': must be true or false$"):
+        PlumageHookState(model, async_comm="yes")
+    assert PlumageHookState(model, rank=4, target_modules="proj", async_comm=True).uses_async() is True
     with pytest.raises(ValueError, match=r"target_modules=None \(the default selection\) selected no matrix"):
         PlumageHookState(model, rank=4)  # no attention/MLP names: the default selection finds nothing
     state = PlumageHookState(model, rank=4, target_modules=["proj"])

@@ -32,6 +32,9 @@ def test_cpu_tiny_dry_run_prints_every_table(gpu_check, capsys) -> None:
                       "bf16 weights on cpu vs CPU fp32 oracle (same gradients)"):
             row = next(line for line in out.splitlines() if line.startswith(f"| {estimator}: {check} |"))
             assert row.endswith("| yes |"), row
+    for variant in ("plumage", "plumage, int8"):  # the comm hook's async path on one gloo rank
+        row = next(line for line in out.splitlines() if line.startswith(f"| comm hook ({variant}): async vs sync path on gloo"))
+        assert row.endswith("| yes |"), row
     for method in ("adamw", "galore_torch", "plumage"):
         assert any(line.startswith(f"| {method} | ") for line in out.splitlines()), method
     assert "| Gram eigh: batched / one by one |" in out and "| 16 × 43 |" in out  # the stacking sweep

@@ -67,7 +67,8 @@ def hook_kwargs(variant: str, args: dict) -> dict:
     (``comm_hook.resample_interval``).
     """
     estimator, _, rest = variant.partition(":")
-    kw = dict(estimator=estimator, rank=args["rank"], update_interval=args["tau"], kappa=1, uniform_mix=0.0)
+    kw = dict(estimator=estimator, rank=args["rank"], update_interval=args["tau"], kappa=1, uniform_mix=0.0,
+              target_modules=HOOK_TARGETS[args.get("hook_targets", "all")])
     if "=" in rest:
         for item in rest.split(","):
             key, _, value = item.partition("=")
@@ -88,6 +89,11 @@ def hook_kwargs(variant: str, args: dict) -> dict:
     return kw
 
 
+# ``--hook-targets``: ``all`` compresses every matrix, embedding and LM head included, as torch's
+# PowerSGD hook does (the equal-bytes comparison); ``default`` is the optimizers' selection (attention
+# and MLP matrices only: the embedding and head go uncompressed, so far more bytes than PowerSGD).
+HOOK_TARGETS = {"all": [r".*"], "default": None}
+
 _COUNT = {"on": False, "bytes": 0.0, "calls": 0}
 
 
@@ -103,7 +109,7 @@ def _counting_all_reduce(orig):
 
 
 def _matrix_shapes(model, rank: int, min_rate: float) -> list[tuple[int, int]]:
-    """``(m, n)`` of every parameter our hook compresses (same rule as the hook)."""
+    """``(m, n)`` of every matrix our hook compresses with ``--hook-targets all`` (PowerSGD's rank is matched on them)."""
     out = []
     for p in model.parameters():
         if p.dim() >= 2:
@@ -267,6 +273,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tail", type=int, default=20, help="train loss = mean of the last TAIL steps")
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0, help="model init, data and hook seed")
+    ap.add_argument("--hook-targets", choices=sorted(HOOK_TARGETS), default="all",
+                    help="matrices our hook compresses: all (as PowerSGD: equal bytes) or the default selection")
     ap.add_argument(
         "--variants", default=",".join(VARIANTS), help="comma-separated; ';'-separated when a variant has key=value,..."
     )

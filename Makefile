@@ -16,6 +16,9 @@ PYTEST_ARGS ?=
 DEMO_CONFIG ?= configs/demo.yaml
 DEMO_OUT    ?= runs/demo
 DEMO_ESTIMATORS ?= adamw galore plumage haar gum
+# Each estimator at its own best LR from the quality harness's sweep (docs/quality.md §3: demo
+# model, 300 steps, 5 seeds); `DEMO_LRS=` runs them all at the config's one LR instead.
+DEMO_LRS    ?= adamw=1e-3 galore=4e-3 plumage=4e-3 haar=4e-3 gum=1.6e-2
 DEMO_ARGS   ?=
 
 QUALITY_ARGS ?=
@@ -36,8 +39,10 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[plot]'
 	@for est in $(DEMO_ESTIMATORS); do \
+	  lr=$$(for kv in $(DEMO_LRS); do case $$kv in $$est=*) echo "--set optimizer.lr=$${kv#*=}";; esac; done); \
+	  echo "== $$est $$lr"; \
 	  $(RUN) $(PY) -m plumage_ds train --config $(DEMO_CONFIG) --out $(DEMO_OUT)/$$est --overwrite \
-	    --set optimizer.estimator=$$est $(DEMO_ARGS) || exit $$?; \
+	    --set optimizer.estimator=$$est $$lr $(DEMO_ARGS) || exit $$?; \
 	done
 	$(PY) -m plumage_ds compare $(addprefix $(DEMO_OUT)/,$(DEMO_ESTIMATORS))
 	$(PY) -m plumage_ds plot $(addprefix $(DEMO_OUT)/,$(DEMO_ESTIMATORS)) --out $(DEMO_OUT)/demo.png

@@ -51,7 +51,11 @@ def _fmt_bytes(n: Optional[int]) -> str:
 
 
 def compare_rows(run_dirs: list[str | os.PathLike]) -> tuple[list[dict], list[str]]:
-    """One row per run (``name``, ``estimator``, losses, bytes, speed, ``gap_closed``) and warnings."""
+    """One row per run (``name``, ``estimator``, losses, bytes, speed, ``gap_closed``, ``vs_galore``) and warnings.
+
+    ``gap_closed`` needs one AdamW and one GaLore run with AdamW better (``None`` otherwise, with a
+    warning); ``vs_galore`` is the final eval loss minus GaLore's (one GaLore run needed).
+    """
     summaries = [(str(d), load_summary(d)) for d in run_dirs]
     warnings = []
     if len({_comparable_key(s) for _, s in summaries}) > 1:
@@ -62,13 +66,16 @@ def compare_rows(run_dirs: list[str | os.PathLike]) -> tuple[list[dict], list[st
         if s.get("final_eval_loss") is not None:
             by_est.setdefault(est, []).append(s["final_eval_loss"])
     ref = None
-    if len(by_est.get("adamw", [])) == 1 and len(by_est.get("galore", [])) == 1:
-        ref = {"adamw": by_est["adamw"][0], "galore": by_est["galore"][0]}
+    galore = by_est["galore"][0] if len(by_est.get("galore", [])) == 1 else None
+    if len(by_est.get("adamw", [])) == 1 and galore is not None:
+        ref = {"adamw": by_est["adamw"][0], "galore": galore}
         if not ref["adamw"] < ref["galore"]:
             warnings.append(
                 f"adamw (eval loss {ref['adamw']:.4f}) is not better than galore ({ref['galore']:.4f}): "
-                "gap closed is not meaningful for these runs (tune the learning rate / steps)"
+                "gap closed is not meaningful for these runs and not shown; read 'vs galore' (the "
+                "eval-loss difference, negative = better than GaLore)"
             )
+            ref = None
     elif "adamw" in by_est and "galore" in by_est:
         warnings.append("several adamw or galore runs: gap closed not shown")
     rows = []
@@ -86,6 +93,7 @@ def compare_rows(run_dirs: list[str | os.PathLike]) -> tuple[list[dict], list[st
                 "optimizer_state_bytes": s.get("optimizer_state_bytes"),
                 "tokens_per_s": s.get("tokens_per_s"),
                 "gap_closed": gap,
+                "vs_galore": None if galore is None or loss is None else loss - galore + 0.0,
             }
         )
     return rows, warnings
@@ -93,7 +101,7 @@ def compare_rows(run_dirs: list[str | os.PathLike]) -> tuple[list[dict], list[st
 
 def format_table(rows: list[dict]) -> str:
     """Plain-text table of :func:`compare_rows` rows."""
-    head = ["run", "estimator", "eval loss", "train loss", "opt state", "tokens/s", "gap closed"]
+    head = ["run", "estimator", "eval loss", "vs galore", "train loss", "opt state", "tokens/s", "gap closed"]
 
     def f(v, spec):
         return "-" if v is None else format(v, spec)
@@ -103,6 +111,7 @@ def format_table(rows: list[dict]) -> str:
             r["name"],
             r["estimator"] + ("" if r["status"] in (None, "completed") else f" ({r['status']})"),
             f(r["final_eval_loss"], ".4f"),
+            f(r["vs_galore"], "+.4f"),
             f(r["final_train_loss"], ".4f"),
             _fmt_bytes(r["optimizer_state_bytes"]),
             f(r["tokens_per_s"], ".0f"),

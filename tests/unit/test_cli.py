@@ -338,6 +338,7 @@ def test_compare_gap_closed(tmp_path, tiny_config_path, capsys):
     rows, warnings = compare_rows(dirs)
     gaps = {r["estimator"]: r["gap_closed"] for r in rows}
     assert gaps == {"adamw": 1.0, "galore": 0.0, "plumage": pytest.approx(0.4)}
+    assert [r["vs_galore"] for r in rows] == [pytest.approx(-1.0), 0.0, pytest.approx(-0.4)]
     assert warnings == []
     assert run_main("compare", *dirs) == 0
     out = capsys.readouterr().out
@@ -347,12 +348,13 @@ def test_compare_gap_closed(tmp_path, tiny_config_path, capsys):
     assert gap_closed(1.0, galore=2.0, adamw=2.0) is None
     inverted = [_fake_run(tmp_path / f"inv-{e}", tiny_config_path, e, loss) for e, loss in [("adamw", 3.0), ("galore", 2.0)]]
     rows, warnings = compare_rows(inverted)
-    assert [r["gap_closed"] for r in rows] == [1.0, 0.0]
-    assert any("not better than galore" in w for w in warnings)
+    assert [r["gap_closed"] for r in rows] == [None, None]
+    assert [r["vs_galore"] for r in rows] == [1.0, 0.0]
+    assert any("not better than galore" in w and "not shown" in w for w in warnings)
     capsys.readouterr()
     assert run_main("compare", *inverted) == 0
     out = capsys.readouterr().out
-    assert " 0.0%" in out and "-0.0%" not in out and "warning: adamw" in out
+    assert "%" not in out and "+1.0000" in out and "+0.0000" in out and "-0.0000" not in out and "warning: adamw" in out
     assert run_main("compare", tmp_path / "missing") == 2
 
 

@@ -387,7 +387,7 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
 
     def state_bytes(self) -> dict:
         """This rank's optimizer state, measured: PLUMAGE's target state (``projectors``,
-        ``moments``) and the AdamW state of DeepSpeed's partition (``deepspeed_partition``);
+        ``second_moment``, ``moments``) and the AdamW state of DeepSpeed's partition (``deepspeed_partition``);
         ``total`` is their sum, ``plumage_total`` PLUMAGE's part alone."""
         out = dict(self.plumage.state_bytes())
         inner = 0

@@ -6,8 +6,9 @@ For each target matrix ``W`` (``m × n``, oriented to ``(s, l)`` with the short 
 * every ``τ = update_interval`` steps (refresh), one rank (the matrix's *owner*) builds ``P``
   # (s, r) and ``d``  # (r,) from the averaged gradient (PLUMAGE: SVD → min-variance
   probabilities → systematic sample; GaLore: top-r; Haar: random orthonormal, no gradient
-  needed) and, if ``realign``, the moments move to the new basis (``M ← BM``,
-  ``V ← (B∘B)V``, ``B = P_newᵀ P_old``);
+  needed; optimal: the owner's ``Σ``  # (s, s) ← running mean of ``G_o G_oᵀ`` over refreshes,
+  then ``π ∝ √λ(Σ)`` → systematic sample) and, if ``realign``, the moments move to the new basis
+  (``M ← BM``, ``V ← (B∘B)V``, ``B = P_newᵀ P_old``);
 * every step: ``R = Pᵀ G_o``  # (r, l) (times ``D⁻¹`` for ``dinv_placement="coords"``), Adam on
   ``R`` gives ``N``  # (r, l) (times ``D⁻¹`` for ``"lift"``), and
   ``W ← W·(1 − lr·wd) − step_size·scale·P N``.
@@ -274,16 +275,20 @@ class PlumageAdamW(MatrixOptimizer):
             ``M/(sqrt(V)+eps)``); weight decay is decoupled.
         rank: ``r``, number of directions kept per matrix.
         update_interval: ``τ``, steps between refreshes of ``P``.
-        estimator: ``"plumage"`` (unbiased, min-variance), ``"galore"`` (top-r,
-            biased) or ``"haar"`` (uniform random orthonormal, unbiased).
+        estimator: ``"plumage"`` (unbiased, min-variance for the refresh gradient),
+            ``"galore"`` (top-r, biased), ``"haar"`` (uniform random orthonormal, unbiased) or
+            ``"optimal"`` (unbiased, min-variance for gradients with the second moment ``Σ``
+            that the owner keeps: the mean of ``G_o G_oᵀ`` over refresh gradients, float64
+            ``(s, s)`` per matrix, in ``state_dict()`` as ``Sigma`` and ``sigma_count``).
         scale: lift scale ``α`` applied to ``P N``.
         dinv_placement: where ``D⁻¹`` enters: ``"coords"``, ``"lift"`` or ``"none"``.
         realign: realign moments when ``P`` changes (``None``: on for plumage/haar,
             off for galore, as GaLore does not).
         svd_method: ``"gram"`` (eigh of the short-side Gram matrix) or ``"svd"``;
             ``None``: the estimator's default (``svd`` for GaLore, whose moments keep
-            the singular vectors' signs; ``gram`` otherwise; see the estimator registry).
-        uniform_mix: PLUMAGE only: mix ε of uniform probability into the
+            the singular vectors' signs; ``gram`` otherwise; see the estimator registry;
+            ``optimal`` decomposes ``Σ`` and takes ``gram`` only).
+        uniform_mix: PLUMAGE and optimal: mix ε of uniform probability into the
             sampling design so no direction has ``p = 0`` (keeps the estimate
             unbiased for later gradients between refreshes; 0 = the paper's design).
         seed: sampler seed.
@@ -821,6 +826,8 @@ class PlumageAdamW(MatrixOptimizer):
         ``state[i]`` holds this rank's state of parameter ``i``: replicated weights keep ``P, d``
         on every rank and moments on the owner; under FSDP2 every rank holds its shard of
         ``P``/``M``/``V`` as ``DTensor`` s (``torch.distributed.checkpoint`` reshards them).
+        ``optimal``: ``Sigma`` (float64 ``(s, s)``) and ``sigma_count`` on the matrix's owner only,
+        in every case (plain values: DCP writes them once, the new owner loads them).
         ``plumage`` records the ownership plan and world size.
         """
         return self._state_dict_with({

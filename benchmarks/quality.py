@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from plumage_ds.train.compare import gap_closed  # noqa: E402
 
-LOWRANK = ("plumage", "galore", "haar", "gum")
+LOWRANK = ("plumage", "galore", "haar", "optimal", "gum")
 
 ARM_DEFAULTS: dict[str, tuple[str, ...]] = {
     # The config's svd_method default is "gram" for every estimator; GaLore's moments keep the
@@ -65,6 +65,7 @@ DEFAULT_LR_GRID: dict[str, tuple[float, ...]] = {
     "adamw": (5e-4, 1e-3, 2e-3),
     "galore": (2e-3, 4e-3, 8e-3),
     "plumage": (2e-3, 4e-3, 8e-3),
+    "optimal": (2e-3, 4e-3, 8e-3),
     "haar": (1e-3, 2e-3, 4e-3, 8e-3),
     "gum": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
 }

@@ -109,7 +109,7 @@ def validate_lowrank_options(
 ) -> None:
     """The low-rank knobs of :class:`~plumage_ds.optim.PlumageAdamW` (and GUM, the reference).
 
-    ``estimator`` must be a registered ``lowrank_adam`` estimator (``plumage``, ``galore``, ``haar``).
+    ``estimator`` must be a registered ``lowrank_adam`` estimator (``plumage``, ``galore``, ``haar``, ``optimal``).
     """
     _check_unit("uniform_mix", uniform_mix)
     _check_positive("rank", rank, integer=True)
@@ -342,11 +342,12 @@ class OptimizerConfig:
     """Every optimizer knob, one name each (the keyword names of :class:`PlumageAdamW`).
 
     ``estimator`` names a registered estimator (:mod:`plumage_ds.estimators.registry`):
-    ``adamw`` (``torch.optim.AdamW`` on everything), ``plumage``/``galore``/``haar``
+    ``adamw`` (``torch.optim.AdamW`` on everything), ``plumage``/``galore``/``haar``/``optimal``
     (:class:`PlumageAdamW` on the matrices matched by ``target_modules``) or ``gum``
     (:class:`GUM`). Knobs that default to ``None`` take the estimator's default; setting a knob
-    the chosen estimator does not use (``svd_method`` for ``haar``, ``uniform_mix`` for anything
-    but ``plumage``, ``realign`` for ``adamw``/``gum``) is an error, never a silent no-op.
+    the chosen estimator does not use (``svd_method`` for ``haar``/``optimal``, ``uniform_mix`` for
+    anything but ``plumage``/``optimal``, ``realign`` for ``adamw``/``gum``) is an error, never a
+    silent no-op.
     """
 
     estimator: str = "plumage"
@@ -360,7 +361,7 @@ class OptimizerConfig:
     dinv_placement: str = "none"
     realign: Optional[bool] = None  # None: the estimator's default
     svd_method: Optional[str] = None  # None: the estimator's default ("gram"); must stay None for haar/adamw
-    uniform_mix: float = 0.0  # PLUMAGE only: floor ε on inclusion probabilities
+    uniform_mix: float = 0.0  # plumage/optimal only: floor ε on inclusion probabilities
     seed: int = 0  # sampler seed (P draws, GUM's layer draw)
     strict: bool = False  # raise instead of falling back to AdamW for a target that cannot go low-rank
     max_grad_norm: float = 0.0  # global-norm clipping (0: off), on what the optimizer uses
@@ -404,7 +405,7 @@ class OptimizerConfig:
             if spec.default_svd_method is None:
                 raise ConfigError("svd_method", self.svd_method, f"estimator {spec.name!r} takes no SVD; leave it null")
         if self.uniform_mix != 0.0 and not spec.uses_uniform_mix:
-            raise ConfigError("uniform_mix", self.uniform_mix, f"applies to estimator 'plumage' only, not {spec.name!r}")
+            raise ConfigError("uniform_mix", self.uniform_mix, f"applies to estimators 'plumage' and 'optimal' only, not {spec.name!r}")
         if self.realign is not None and spec.family != "lowrank_adam":
             raise ConfigError("realign", self.realign, f"estimator {spec.name!r} keeps no moments in P's basis; leave it null")
         if self.target_modules is not None and not self.target_modules:

@@ -3,10 +3,12 @@
 from .gum import sample_layers
 from .optimal import (
     expected_error,
+    optimal_basis,
     optimal_design,
     optimal_probabilities,
     optimal_projection,
     scaled_projector,
+    second_moment_from_gram,
     second_moment_update,
 )
 from .probabilities import estimator_variance, inclusion_probabilities, is_deterministic, mix_uniform
@@ -47,6 +49,7 @@ __all__ = [
     "is_deterministic",
     "is_left",
     "mix_uniform",
+    "optimal_basis",
     "optimal_design",
     "optimal_probabilities",
     "optimal_projection",
@@ -61,6 +64,7 @@ __all__ = [
     "sample_layers",
     "sampler_generator",
     "scaled_projector",
+    "second_moment_from_gram",
     "second_moment_update",
     "short_side_basis",
     "systematic_sample",

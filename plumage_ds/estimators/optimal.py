@@ -42,42 +42,66 @@ def second_moment_update(Sigma: Optional[Tensor], G: Tensor, weight: float) -> T
     estimate of ``E[G_o G_oᵀ]`` when the gradients are draws around one point); a constant ``w``
     an exponential average that forgets old gradients as training moves. ``G`` is in its stored
     orientation. The state is this one tensor (symmetric positive semi-definite); the cost is one
-    ``s × s × l`` product per call.
+    ``s × s × l`` product per call. :func:`second_moment_from_gram` is the same update from
+    ``G_o G_oᵀ`` itself (e.g. summed over row shards).
     """
     if G.dim() != 2:
         raise ValueError(f"Invalid G.shape={tuple(G.shape)}: the second moment needs a matrix")
+    G_o = orient(G.detach().double(), is_left(G.shape))  # (s, l)
+    return second_moment_from_gram(Sigma, G_o @ G_o.mT, weight, shape=tuple(G.shape))
+
+
+def second_moment_from_gram(Sigma: Optional[Tensor], gram: Tensor, weight: float, *, shape: Optional[tuple] = None) -> Tensor:
+    """``Σ ← (1 − w)·Σ + w·gram`` with ``gram = G_o G_oᵀ``  # (s, s), in float64, symmetrised.
+
+    Symmetrising (``½(X + Xᵀ)``, exact in floating point) keeps ``Σ = Σᵀ`` bit for bit, so a saved
+    ``Σ`` can be checked for symmetry. ``shape`` (the gradient's) only names it in errors.
+    """
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 < weight <= 1.0:
         raise ValueError(f"Invalid {weight=}: must be in (0, 1]")
-    G_o = orient(G.detach().double(), is_left(G.shape))  # (s, l)
-    outer = G_o @ G_o.mT  # (s, s)
-    if Sigma is None:
-        return outer
-    s = G_o.shape[0]
-    if tuple(Sigma.shape) != (s, s):
-        raise ValueError(f"Invalid Sigma.shape={tuple(Sigma.shape)}: must be ({s}, {s}) for G.shape={tuple(G.shape)}")
-    return (1.0 - weight) * Sigma.to(device=outer.device, dtype=torch.float64) + weight * outer
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"Invalid gram.shape={tuple(gram.shape)}: must be a square (s, s) matrix")
+    outer = gram.detach().double()
+    if Sigma is not None:
+        s = outer.shape[0]
+        if tuple(Sigma.shape) != (s, s):
+            of = f" for G.shape={shape}" if shape is not None else ""
+            raise ValueError(f"Invalid Sigma.shape={tuple(Sigma.shape)}: must be ({s}, {s}){of}")
+        outer = (1.0 - weight) * Sigma.to(device=outer.device, dtype=torch.float64) + weight * outer
+    return 0.5 * (outer + outer.mT)
 
 
-def optimal_probabilities(Sigma: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """``(Q, π)``: eigenvectors of ``Σ`` (columns, ``(s, s)``) and ``π ∝ √λ`` water-filled, capped at 1.
+def optimal_basis(Sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Q, √λ)`` of ``Σ``  # (..., s, s): eigenvectors (columns, descending eigenvalue) and the
+    square roots of the eigenvalues, float64; a stack ``(B, s, s)`` is one batched ``eigh``.
 
     ``Σ`` is symmetrised and decomposed in float64; eigenvalues at or below ``s·eps·λ_max``
-    (rounding noise, including negative ones) count as 0. ``π`` is float64 ``(s,)`` with ``Σ π = min(rank, s)``; ``π_i = 0`` exactly where
-    ``λ_i = 0`` (no gradient ever has mass there), and if fewer than ``rank`` eigenvalues are
-    positive the top ones get ``π = 1`` (see :func:`inclusion_probabilities`).
+    (rounding noise of a rank-deficient ``Σ``, including negative ones) count as 0, so no
+    sampling mass goes to directions no gradient had.
     """
-    if Sigma.dim() != 2 or Sigma.shape[0] != Sigma.shape[1] or Sigma.shape[0] == 0:
+    if Sigma.dim() < 2 or Sigma.shape[-1] != Sigma.shape[-2] or Sigma.shape[-1] == 0:
         raise ValueError(f"Invalid Sigma.shape={tuple(Sigma.shape)}: must be a non-empty square matrix")
     S64 = Sigma.detach().to(dtype=torch.float64)
     if not bool(torch.isfinite(S64).all()):
         raise ValueError("Invalid Sigma: contains non-finite values")
     evals, Q = torch.linalg.eigh(0.5 * (S64 + S64.mT))
-    evals, Q = torch.flip(evals, [0]), torch.flip(Q, [1])  # descending
-    # eigenvalues below the float64 resolution of eigh (s·eps·λ_max) are rounding noise of a
-    # rank-deficient Σ: zero, so no sampling mass goes to directions no gradient had
-    floor = evals.shape[0] * torch.finfo(torch.float64).eps * float(evals[0].clamp(min=0.0))
+    evals, Q = torch.flip(evals, [-1]), torch.flip(Q, [-1])  # descending
+    floor = evals.shape[-1] * torch.finfo(torch.float64).eps * evals[..., :1].clamp(min=0.0)
     evals = torch.where(evals > floor, evals, torch.zeros_like(evals))
-    return Q, inclusion_probabilities(torch.sqrt(evals), rank)
+    return Q, torch.sqrt(evals)
+
+
+def optimal_probabilities(Sigma: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``(Q, π)``: eigenvectors of ``Σ`` (columns, ``(s, s)``) and ``π ∝ √λ`` water-filled, capped at 1.
+
+    ``Q`` and ``√λ`` from :func:`optimal_basis`. ``π`` is float64 ``(s,)`` with ``Σ π = min(rank, s)``;
+    ``π_i = 0`` exactly where ``λ_i = 0`` (no gradient ever has mass there), and if fewer than
+    ``rank`` eigenvalues are positive the top ones get ``π = 1`` (see :func:`inclusion_probabilities`).
+    """
+    if Sigma.dim() != 2:
+        raise ValueError(f"Invalid Sigma.shape={tuple(Sigma.shape)}: must be a non-empty square matrix")
+    Q, root = optimal_basis(Sigma)
+    return Q, inclusion_probabilities(root, rank)
 
 
 def optimal_projection(

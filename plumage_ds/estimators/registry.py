@@ -15,6 +15,8 @@ hook and the config. Each :class:`EstimatorSpec` says
   (``plumage``: ``gram``, about 2× faster, and its estimate and realignment do not depend on the
   signs of the singular vectors; ``galore``: ``svd``, to reproduce galore-torch);
 * ``unbiased`` — ``E[Ĝ] = G`` over the estimator's randomness;
+* ``keeps_second_moment`` — the owner keeps ``Σ``  # (s, s), the running mean of ``G_o G_oᵀ`` over
+  refresh gradients, and ``P`` is drawn from its spectrum (``optimal``; :mod:`.optimal`);
 * ``uses_uniform_mix`` — whether the ``uniform_mix`` floor on inclusion probabilities applies;
 * :meth:`EstimatorSpec.build` — how to build ``(P, d)`` for one matrix.
 
@@ -57,7 +59,8 @@ class EstimatorSpec:
     unbiased: bool
     uses_uniform_mix: bool
     summary: str
-    in_optimizer: bool = True  # PlumageAdamW/GUM run it (False: the DDP comm hook only, so far)
+    in_optimizer: bool = True  # PlumageAdamW/GUM run it (False: the DDP comm hook only)
+    keeps_second_moment: bool = False  # the owner keeps Σ = mean of G_o G_oᵀ over refreshes (optimal)
 
     @property
     def has_projector(self) -> bool:
@@ -82,6 +85,11 @@ class EstimatorSpec:
         ``generator`` only, so every rank that passes the same generator gets the same ``P``.
         """
         method = svd_method or self.default_svd_method
+        if self.keeps_second_moment:
+            raise ValueError(
+                f"Invalid estimator={self.name!r} for build(G): it draws from the second moment Σ of many "
+                "gradients; use estimators.optimal_projection(Sigma, ...) or build_from_basis(*optimal_basis(Sigma), ...)"
+            )
         if self.name == "plumage":
             return plumage_projection(G, rank, generator, svd_method=method, uniform_mix=uniform_mix)
         if self.name in ("galore", "gum"):
@@ -95,8 +103,11 @@ class EstimatorSpec:
         self, U: Tensor, sigma: Tensor, rank: int, generator: torch.Generator, *, uniform_mix: float = 0.0
     ) -> Projection:
         """:meth:`build` when the short-side basis ``U``  # (s, s) and spectrum ``sigma``  # (s,) are
-        already known (e.g. from a Gram matrix summed over row shards)."""
-        if self.name == "plumage":
+        already known (e.g. from a Gram matrix summed over row shards). ``optimal``: ``(Q, √λ)`` of
+        ``Σ`` (:func:`~plumage_ds.estimators.optimal.optimal_basis`); its design is PLUMAGE's
+        water-filling fed ``√λ(Σ)`` instead of ``σ(G)``, so the same draw as
+        :func:`~plumage_ds.estimators.optimal.optimal_projection`."""
+        if self.name in ("plumage", "optimal"):
             return plumage_from_basis(U, sigma, rank, generator, uniform_mix=uniform_mix)
         if self.name in ("galore", "gum"):
             return galore_from_basis(U, rank)
@@ -128,9 +139,10 @@ ESTIMATORS: dict[str, EstimatorSpec] = {
             summary="uniformly random orthonormal P from the shared seed, (s/r) P Pᵀ G; no SVD",
         ),
         EstimatorSpec(
+            # no SVD of G: the owner decomposes its Σ (eigh), so svd_method does not apply
             name="optimal", family="lowrank_adam", needs_gradient=True, default_realign=True,
-            default_svd_method="gram", unbiased=True, uses_uniform_mix=True, in_optimizer=False,
-            summary="r directions sampled with π ∝ √λ(Σ), Σ a running mean of G Gᵀ over refreshes (comm hook)",
+            default_svd_method=None, unbiased=True, uses_uniform_mix=True, keeps_second_moment=True,
+            summary="r directions sampled with π ∝ √λ(Σ), Σ the running mean of G Gᵀ over refreshes, kept by the owner",
         ),
         EstimatorSpec(
             name="gum", family="gum", needs_gradient=True, default_realign=False, default_svd_method="gram",

@@ -246,7 +246,7 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid stage={stage!r}: must be 0, 1, 2 or 3")
         if config.spec.family != "lowrank_adam":
             raise ConfigError(
-                "estimator", config.estimator, "the DeepSpeed composite runs 'plumage', 'galore' or 'haar' on its targets"
+                "estimator", config.estimator, "the DeepSpeed composite runs 'plumage', 'galore', 'haar' or 'optimal' on its targets"
             )
         super().__init__([{"params": list(dense_params)}], config.adam_kwargs())
         self.stage = stage
@@ -387,7 +387,7 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
 
     def state_bytes(self) -> dict:
         """This rank's optimizer state, measured: PLUMAGE's target state (``projectors``,
-        ``moments``) and the AdamW state of DeepSpeed's partition (``deepspeed_partition``);
+        ``second_moment``, ``moments``) and the AdamW state of DeepSpeed's partition (``deepspeed_partition``);
         ``total`` is their sum, ``plumage_total`` PLUMAGE's part alone."""
         out = dict(self.plumage.state_bytes())
         inner = 0
@@ -552,7 +552,7 @@ def initialize(model, config, model_parameters=None, **kwargs):
     if cfg.spec.family != "lowrank_adam":
         raise ConfigError(
             "plumage.estimator", cfg.estimator,
-            "the DeepSpeed composite runs 'plumage', 'galore' or 'haar'; for AdamW hand DeepSpeed torch.optim.AdamW",
+            "the DeepSpeed composite runs 'plumage', 'galore', 'haar' or 'optimal'; for AdamW hand DeepSpeed torch.optim.AdamW",
         )
     if not dist.is_initialized():
         backend = "gloo" if os.environ.get("DS_ACCELERATOR", "") == "cpu" or not torch.cuda.is_available() else None

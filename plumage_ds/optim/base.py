@@ -85,6 +85,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
     _state_section = ""  # key of the optimizer's own section in state_dict()
     _state_format = 1
     _projector_keys: tuple = ("P",)  # lowrank state counted as "projectors" by state_bytes()
+    _second_moment_keys: tuple = ()  # lowrank state counted as "second_moment" by state_bytes()
+    _state_dtypes: dict = {}  # state tensors loaded in another dtype than fp32 (by key)
     _supported_cases: tuple = (REPLICATED, ZERO3_FLAT)
 
     def __init__(
@@ -337,10 +339,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> dict:
         """Optimizer-state bytes held by this rank, measured from the tensors.
 
-        ``projectors``: the targets' projector tensors; ``moments``: their other
+        ``projectors``: the targets' projector tensors; ``second_moment``: their gradient
+        second moments ``Σ`` (``estimator="optimal"``, on the owner); ``moments``: their other
         state (moments / momentum buffers); ``non_target``: AdamW moments.
         """
-        out = {"projectors": 0, "moments": 0, "non_target": 0}
+        out = {"projectors": 0, "second_moment": 0, "moments": 0, "non_target": 0}
         for e in self._entries:
             st = self.state.get(e.param, {})
             for key, t in st.items():
@@ -351,6 +354,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
                     out["non_target"] += nbytes
                 elif key in self._projector_keys:
                     out["projectors"] += nbytes
+                elif key in self._second_moment_keys:
+                    out["second_moment"] += nbytes
                 else:
                     out["moments"] += nbytes
         out["total"] = sum(out.values())
@@ -688,7 +693,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return out
 
     def _load_entry_states(self, state_dict: dict, prepare: Callable[[_Entry, dict], dict]) -> dict:
-        """New ``state`` (by parameter): each saved entry made local, checked by ``prepare``, fp32 on the device."""
+        """New ``state`` (by parameter): each saved entry made local, checked by ``prepare``, on the device in
+        fp32 (or its dtype in ``_state_dtypes``)."""
         saved = self._saved_entry_states(state_dict)
         new_state: dict = {}
         for e in self._entries:
@@ -700,7 +706,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
             st = prepare(e, {k: (local(v) if is_dtensor(v) else v) for k, v in st.items()})
             device = local(e.param).device
             new_state[e.param] = {
-                k: (v.to(device=device, dtype=torch.float32).clone() if torch.is_tensor(v) else v) for k, v in st.items()
+                k: (v.to(device=device, dtype=self._state_dtypes.get(k, torch.float32)).clone() if torch.is_tensor(v) else v)
+                for k, v in st.items()
             }
         return new_state
 

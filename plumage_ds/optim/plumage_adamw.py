@@ -6,8 +6,9 @@ For each target matrix ``W`` (``m × n``, oriented to ``(s, l)`` with the short 
 * every ``τ = update_interval`` steps (refresh), one rank (the matrix's *owner*) builds ``P``
   # (s, r) and ``d``  # (r,) from the averaged gradient (PLUMAGE: SVD → min-variance
   probabilities → systematic sample; GaLore: top-r; Haar: random orthonormal, no gradient
-  needed) and, if ``realign``, the moments move to the new basis (``M ← BM``,
-  ``V ← (B∘B)V``, ``B = P_newᵀ P_old``);
+  needed; optimal: the owner's ``Σ``  # (s, s) ← running mean of ``G_o G_oᵀ`` over refreshes,
+  then ``π ∝ √λ(Σ)`` → systematic sample) and, if ``realign``, the moments move to the new basis
+  (``M ← BM``, ``V ← (B∘B)V``, ``B = P_newᵀ P_old``);
 * every step: ``R = Pᵀ G_o``  # (r, l) (times ``D⁻¹`` for ``dinv_placement="coords"``), Adam on
   ``R`` gives ``N``  # (r, l) (times ``D⁻¹`` for ``"lift"``), and
   ``W ← W·(1 − lr·wd) − step_size·scale·P N``.
@@ -52,7 +53,7 @@ from torch import Tensor
 
 from ..config import RIGHT_PROJECTORS, validate_lowrank_options
 from ..estimators import (
-    get_estimator, gram_basis, orient, sampler_generator, short_side_basis,
+    get_estimator, gram_basis, optimal_basis, orient, sampler_generator, second_moment_from_gram, short_side_basis,
 )
 from ..estimators.registry import estimator_problem, resolve_realign
 from .adam import adam_step_size
@@ -226,6 +227,14 @@ def _realignment_fsdp(dist, entries, P_new, P_old) -> list[Tensor]:
     return B
 
 
+def _route(e: _Entry, kind: str) -> str:
+    """How the owner decomposes ``e``'s refresh input: ``"sigma"`` (eigh of its updated ``Σ``),
+    ``"svd"`` (``svd`` of ``G``) or ``"gram"`` (eigh of ``G_o G_oᵀ``)."""
+    if get_estimator(e.group["estimator"]).keeps_second_moment:
+        return "sigma"
+    return "svd" if kind == "grad" and e.group["svd_method"] == "svd" else "gram"
+
+
 def _p_rows(e: _Entry, k: int, S: int) -> tuple[int, int]:
     """Rows of ``P`` held by shard rank ``k`` (the weight's rows for left projections)."""
     if e.p_rows == (0, e.s) and not e.left:  # right projector kept whole on every rank
@@ -266,16 +275,20 @@ class PlumageAdamW(MatrixOptimizer):
             ``M/(sqrt(V)+eps)``); weight decay is decoupled.
         rank: ``r``, number of directions kept per matrix.
         update_interval: ``τ``, steps between refreshes of ``P``.
-        estimator: ``"plumage"`` (unbiased, min-variance), ``"galore"`` (top-r,
-            biased) or ``"haar"`` (uniform random orthonormal, unbiased).
+        estimator: ``"plumage"`` (unbiased, min-variance for the refresh gradient),
+            ``"galore"`` (top-r, biased), ``"haar"`` (uniform random orthonormal, unbiased) or
+            ``"optimal"`` (unbiased, min-variance for gradients with the second moment ``Σ``
+            that the owner keeps: the mean of ``G_o G_oᵀ`` over refresh gradients, float64
+            ``(s, s)`` per matrix, in ``state_dict()`` as ``Sigma`` and ``sigma_count``).
         scale: lift scale ``α`` applied to ``P N``.
         dinv_placement: where ``D⁻¹`` enters: ``"coords"``, ``"lift"`` or ``"none"``.
         realign: realign moments when ``P`` changes (``None``: on for plumage/haar,
             off for galore, as GaLore does not).
         svd_method: ``"gram"`` (eigh of the short-side Gram matrix) or ``"svd"``;
             ``None``: the estimator's default (``svd`` for GaLore, whose moments keep
-            the singular vectors' signs; ``gram`` otherwise; see the estimator registry).
-        uniform_mix: PLUMAGE only: mix ε of uniform probability into the
+            the singular vectors' signs; ``gram`` otherwise; see the estimator registry;
+            ``optimal`` decomposes ``Σ`` and takes ``gram`` only).
+        uniform_mix: PLUMAGE and optimal: mix ε of uniform probability into the
             sampling design so no direction has ``p = 0`` (keeps the estimate
             unbiased for later gradients between refreshes; 0 = the paper's design).
         seed: sampler seed.
@@ -309,6 +322,8 @@ class PlumageAdamW(MatrixOptimizer):
     _state_section = "plumage"
     _state_format = _STATE_FORMAT
     _projector_keys = ("P", "d")
+    _second_moment_keys = ("Sigma",)
+    _state_dtypes = {"Sigma": torch.float64}
     _supported_cases = (REPLICATED, FSDP_ROWS, ZERO3_FLAT)
 
     def __init__(
@@ -376,10 +391,16 @@ class PlumageAdamW(MatrixOptimizer):
 
     def _validate_group(self, g: dict) -> None:
         validate_lowrank_options(**{k: g[k] for k in _LOWRANK_KEYS if k != "realign"})
-        if not get_estimator(g["estimator"]).in_optimizer:
+        spec = get_estimator(g["estimator"])
+        if not spec.in_optimizer:
             raise ValueError(
-                f"Invalid estimator={g['estimator']!r}: available in the DDP comm hook only so far "
-                "(plumage_ds.distributed.comm_hook); the optimizer takes 'plumage', 'galore' or 'haar'"
+                f"Invalid estimator={g['estimator']!r}: available in the DDP comm hook only "
+                "(plumage_ds.distributed.comm_hook)"
+            )
+        if spec.keeps_second_moment and g["svd_method"] != "gram":
+            raise ValueError(
+                f"Invalid svd_method={g['svd_method']!r}: estimator {spec.name!r} decomposes its second moment Σ "
+                "(eigh), not G; leave svd_method=None"
             )
         if g["realign"] is not None and not isinstance(g["realign"], bool):
             raise ValueError(f"Invalid realign={g['realign']!r}: must be True, False or None")
@@ -410,7 +431,8 @@ class PlumageAdamW(MatrixOptimizer):
         for e in targets:
             svd_cost = float(e.s * e.s * e.l) if get_estimator(e.group["estimator"]).needs_gradient else 0.0
             costs.append(svd_cost + 2.0 * e.r * e.l)
-            state_bytes.append(2 * e.r * e.l * 4)
+            sigma_bytes = 8 * e.s * e.s if get_estimator(e.group["estimator"]).keeps_second_moment else 0
+            state_bytes.append(2 * e.r * e.l * 4 + sigma_bytes)
         for e, o in zip(targets, self._distributor.assign_owners(costs, state_bytes)):
             e.owner = o
         for e in entries:
@@ -620,8 +642,10 @@ class PlumageAdamW(MatrixOptimizer):
         mine = [j for j, b in enumerate(basis) if b is not None]  # this rank owns their SVD
         drawn, error = self._draw_projections([svd[j] for j in mine], [basis[j] for j in mine])
         new_on_owner: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(svd)
-        for j, pd in zip(mine, drawn):
-            new_on_owner[j] = pd
+        for j, (P, d, kept) in zip(mine, drawn):
+            new_on_owner[j] = (P, d)
+            if kept:  # optimal: the owner's updated Σ and its count
+                staged.setdefault(svd[j].index, {}).update(kept)
         shared = ops["share_projectors"](dist, svd, new_on_owner)
         error = dist.agree_error(error, "refresh")
         if error is not None:
@@ -662,10 +686,14 @@ class PlumageAdamW(MatrixOptimizer):
                 new["exp_avg"], new["exp_avg_sq"] = realigned[e.index]
 
     def _draw_projections(self, entries: list[_Entry], basis: list[tuple]) -> tuple[list, Optional[str]]:
-        """The owner's new ``(P  # (s, r), d  # (r,))`` for ``entries`` and an error message (``None`` if all went well).
+        """The owner's new ``(P  # (s, r), d  # (r,), kept)`` for ``entries`` and an error message (``None``
+        if all went well); ``kept`` is the state to stage besides ``P, d`` (``{}`` but for ``optimal``).
 
         The spectra come from Gram matrices (given as ``("gram", S)``, or ``G_o G_oᵀ`` in float64 from
-        ``("grad", G)`` with ``svd_method="gram"``) through ``eigh``, or from ``svd`` of ``G``. Matrices
+        ``("grad", G)`` with ``svd_method="gram"``) through ``eigh``, or from ``svd`` of ``G``. Estimators
+        that keep ``Σ`` (``optimal``) first fold the Gram matrix into it (:meth:`_second_moments`) and
+        decompose ``Σ`` (:func:`~plumage_ds.estimators.optimal.optimal_basis`); ``kept`` is then the new
+        ``{"Sigma", "sigma_count"}``. Matrices
         go group by group (:func:`~plumage_ds.optim.batched.stack_plan`): small same-shape ones in one
         batched decomposition, big ones alone, and each group is sampled before the next is
         decomposed, so at most one group's Gram matrices and bases are alive at a time. A matrix
@@ -678,27 +706,27 @@ class PlumageAdamW(MatrixOptimizer):
         error: Optional[str] = None
         keys, sizes = [], []
         for e, (kind, X) in zip(entries, basis):
-            by_svd = kind == "grad" and e.group["svd_method"] == "svd"
-            keys.append((by_svd, tuple(X.shape) if by_svd else e.s, X.device))
-            sizes.append(X.numel() if by_svd else e.s * e.s)
+            route = _route(e, kind)
+            keys.append((route, tuple(X.shape) if route == "svd" else e.s, X.device))
+            sizes.append(X.numel() if route == "svd" else e.s * e.s)
         plan = stack_plan(keys, sizes, [8 * n for n in sizes], basis[0][1].device, DECOMPOSITION_STACK_ELEMENTS)
         for part in plan:
             es, bs = [entries[i] for i in part], [basis[i] for i in part]
             try:
-                spectra = self._spectra(es, bs)
+                spectra, kept = self._decompose(es, bs)
             except Exception as err:  # noqa: BLE001 - agreed on by the caller, raised on every rank
                 error = error or self._first_failure(es, bs, err)
-                spectra = [None] * len(part)
-            for i, e, spectrum in zip(part, es, spectra):
+                spectra, kept = [None] * len(part), [{}] * len(part)
+            for i, e, spectrum, keep in zip(part, es, spectra, kept):
                 device = basis[i][1].device
-                out[i] = (torch.zeros(e.s, e.r, device=device), torch.ones(e.r, device=device))  # if it fails
+                out[i] = (torch.zeros(e.s, e.r, device=device), torch.ones(e.r, device=device), {})  # if it fails
                 if spectrum is None:
                     continue
                 try:
                     proj = get_estimator(e.group["estimator"]).build_from_basis(
                         *spectrum, e.r, self._generator(e), uniform_mix=e.group["uniform_mix"]
                     )
-                    out[i] = (proj.P.float(), proj.d.float())
+                    out[i] = (proj.P.float(), proj.d.float(), keep)
                 except Exception as err:  # noqa: BLE001 - agreed on by the caller, raised on every rank
                     error = error or f"refresh of {e.name!r} failed: {type(err).__name__}: {err}"
         return out, error
@@ -707,16 +735,50 @@ class PlumageAdamW(MatrixOptimizer):
         """Names the first matrix of a failed group that fails on its own (error path only)."""
         for e, b in zip(entries, basis):
             try:
-                self._spectra([e], [b])
+                self._decompose([e], [b])
             except Exception as alone:  # noqa: BLE001
                 return f"refresh of {e.name!r} failed: {type(alone).__name__}: {alone}"
         names = [e.name for e in entries]
         return f"refresh of {names} failed together: {type(err).__name__}: {err}"
 
+    def _decompose(self, entries: list[_Entry], basis: list[tuple]) -> tuple[list, list[dict]]:
+        """Spectra of one :func:`stack_plan` group (one route) and the state each item keeps (``{}``
+        but for estimators that keep ``Σ``, see :meth:`_second_moments`)."""
+        if _route(entries[0], basis[0][0]) == "sigma":
+            basis, kept = self._second_moments(entries, basis)
+            return self._spectra(entries, basis), kept
+        return self._spectra(entries, basis), [{}] * len(entries)
+
+    def _second_moments(self, entries: list[_Entry], basis: list[tuple]) -> tuple[list[tuple], list[dict]]:
+        """Owner, estimators that keep ``Σ``: ``Σ ← (1 − 1/k)·Σ + (1/k)·G_o G_oᵀ`` at the ``k``-th refresh
+        (the running mean of the refresh gradients' Gram matrices, float64 ``(s, s)``).
+
+        Returns ``[("sigma", Σ_new)]`` to decompose and the state to stage, ``{"Sigma", "sigma_count"}``
+        (nothing is written here). ``("grad", G)`` items get their Gram matrix ``G_o G_oᵀ`` in float64
+        first (batched), ``("gram", S)`` items (summed over row shards) are used as they are.
+        """
+        grams = [X if kind == "gram" else None for kind, X in basis]
+        need = [i for i, g in enumerate(grams) if g is None]
+        Go = [orient(basis[i][1].detach().double(), entries[i].left) for i in need]  # (s, l) each
+        for i, S in zip(need, matmuls(Go, [G.mT for G in Go])):
+            grams[i] = S
+        out, kept = [], []
+        for e, gram in zip(entries, grams):
+            st = self.state.get(e.param, {})
+            k = st.get("sigma_count", 0) + 1
+            Sigma = second_moment_from_gram(st.get("Sigma"), gram, 1.0 / k)  # (s, s) float64
+            out.append(("sigma", Sigma))
+            kept.append({"Sigma": Sigma, "sigma_count": k})
+        return out, kept
+
     @staticmethod
     def _spectra(entries: list[_Entry], basis: list[tuple]) -> list[tuple[Tensor, Tensor]]:
-        """``(U, σ)`` of each item of one :func:`stack_plan` group: one (batched) decomposition."""
+        """``(U, σ)`` of each item of one :func:`stack_plan` group: one (batched) decomposition
+        (``(Q, √λ)`` of ``Σ`` for ``("sigma", Σ)`` items)."""
         kind, X0 = basis[0]
+        if kind == "sigma":
+            Q, root = optimal_basis(X0 if len(basis) == 1 else torch.stack([X for _, X in basis]))
+            return [(Q, root)] if len(basis) == 1 else list(zip(Q.unbind(0), root.unbind(0)))
         if kind == "grad" and entries[0].group["svd_method"] == "svd":
             G = X0 if len(basis) == 1 else torch.stack([X for _, X in basis])
             U, sigma = short_side_basis(G, "svd")
@@ -739,6 +801,10 @@ class PlumageAdamW(MatrixOptimizer):
         """FSDP2 and dense parameters: every rank holds its piece; replicated targets: the owner only."""
         return e.case == FSDP_ROWS or e.owner in (EVERY_RANK, self._distributor.rank)
 
+    def _holds_sigma(self, e: _Entry) -> bool:
+        """``optimal`` targets: the owner (the rank that draws ``P``) keeps ``Σ``, in every sharding case."""
+        return e.lowrank and get_estimator(e.group["estimator"]).keeps_second_moment and e.owner == self._distributor.rank
+
     @staticmethod
     def _moment_cols(e: _Entry) -> int:
         return e.cols[1] - e.cols[0] if e.case == FSDP_ROWS else e.l
@@ -760,6 +826,8 @@ class PlumageAdamW(MatrixOptimizer):
         ``state[i]`` holds this rank's state of parameter ``i``: replicated weights keep ``P, d``
         on every rank and moments on the owner; under FSDP2 every rank holds its shard of
         ``P``/``M``/``V`` as ``DTensor`` s (``torch.distributed.checkpoint`` reshards them).
+        ``optimal``: ``Sigma`` (float64 ``(s, s)``) and ``sigma_count`` on the matrix's owner only,
+        in every case (plain values: DCP writes them once, the new owner loads them).
         ``plumage`` records the ownership plan and world size.
         """
         return self._state_dict_with({
@@ -795,6 +863,8 @@ class PlumageAdamW(MatrixOptimizer):
         def prepare(e: _Entry, st: dict) -> dict:
             if full and not self._holds_moments(e):  # keep only what this rank owns
                 st = {k: v for k, v in st.items() if k not in ("exp_avg", "exp_avg_sq")}
+            if full and not self._holds_sigma(e):
+                st = {k: v for k, v in st.items() if k not in ("Sigma", "sigma_count")}
             if full and not e.lowrank and e.case != FSDP_ROWS:  # whole dense moments: keep this rank's chunk
                 st = {k: self._chunk_of_full(e, k, v) for k, v in st.items()}
             self._check_entry_state(e, st)
@@ -820,13 +890,40 @@ class PlumageAdamW(MatrixOptimizer):
         else:
             expect = {"exp_avg": self._dense_chunk_shape(e)}
         expect["exp_avg_sq"] = expect["exp_avg"]
-        self._check_state_tensors(e, st, expect, ("step",))
+        if self._holds_sigma(e):
+            expect["Sigma"] = (e.s, e.s)
+        self._check_state_tensors(e, st, expect, ("step", "sigma_count"))
         if "step" not in st:
             raise ValueError(f"Invalid state_dict: {e.name} has no step")
         if e.lowrank and st["step"] > 0 and not {"P", "d"} <= set(st):
             raise ValueError(f"Invalid state_dict: {e.name} lacks its projector (P, d) after {st['step']} steps")
         if self._holds_moments(e) and st["step"] > 0 and not {"exp_avg", "exp_avg_sq"} <= set(st):
             raise ValueError(f"Invalid state_dict: {e.name} lacks its moments after {st['step']} steps")
+        self._check_sigma_state(e, st)
+
+    def _check_sigma_state(self, e: _Entry, st: dict) -> None:
+        """``optimal``: the owner holds ``Sigma``  # (s, s) (shape and finiteness checked with the rest),
+        symmetric, with ``sigma_count >= 1``; both or neither, and both once a refresh ran."""
+        kept = {"Sigma", "sigma_count"} & set(st)
+        if not self._holds_sigma(e):
+            if kept:
+                raise ValueError(
+                    f"Invalid state_dict: {e.name} holds {sorted(kept)} but its second moment lives on rank {e.owner} "
+                    f"(its owner), not on rank {self._distributor.rank}"
+                )
+            return
+        if len(kept) == 1 or (st["step"] > 0 and not kept):
+            raise ValueError(
+                f"Invalid state_dict: {e.name} lacks its second moment (Sigma and sigma_count) after {st['step']} steps"
+            )
+        if not kept:
+            return
+        if st["sigma_count"] < 1:
+            raise ValueError(f"Invalid state_dict: {e.name} sigma_count={st['sigma_count']!r}: must be >= 1")
+        S = st["Sigma"].double()
+        asym = float((S - S.mT).abs().max())
+        if asym > 1e-10 * float(S.abs().max()):
+            raise ValueError(f"Invalid state_dict: {e.name}.Sigma is not symmetric (max |Σ − Σᵀ| = {asym:.3g})")
 
 
 def merge_shards(shards: list[dict]) -> dict:

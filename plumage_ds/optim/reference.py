@@ -10,6 +10,8 @@ Math for a low-rank target ``W`` of shape ``(m, n)`` with gradient ``G``
     G_o = orient(G)                       # (s, l); Gᵀ when m >= n (right projection)
     every τ steps (refresh k = step // τ):
         P, d = spec.build(G)              # P (s, r) orthonormal, d (r,) inclusion probs
+          optimal: Σ ← (1 − 1/k')Σ + (1/k') G_o G_oᵀ   (k'-th refresh: the running mean)
+                   P, d = optimal_projection(Σ)      # π ∝ √λ(Σ) water-filled
         M, V = B M, (B∘B) V  with B = P_newᵀ P_old   (realignment, if enabled)
     R = Pᵀ G_o                            # (r, l)      [÷ d[:, None] if dinv == "coords"]
     M = β1 M + (1 − β1) R                 # (r, l)
@@ -30,14 +32,16 @@ import torch
 from torch import Tensor
 
 from ..config import validate_adam_options, validate_lowrank_options
-from ..estimators import deorient, is_left, orient, realign_moments, realignment, sampler_generator
+from ..estimators import (
+    deorient, is_left, optimal_projection, orient, realign_moments, realignment, sampler_generator, second_moment_update,
+)
 from ..estimators.registry import get_estimator, resolve_realign, resolve_svd_method
 
 __all__ = ["ReferencePlumageAdam"]
 
 
 class ReferencePlumageAdam(torch.optim.Optimizer):
-    """PLUMAGE / GaLore / Haar–Stiefel Adam on one device (oracle implementation).
+    """PLUMAGE / GaLore / Haar–Stiefel / optimal Adam on one device (oracle implementation).
 
     Every constructor keyword is also a param-group default, so groups may override
     them. Groups may additionally set ``lowrank: bool``; without it a parameter is
@@ -47,7 +51,9 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
       * ``step``: int, number of updates applied to this parameter;
       * ``exp_avg`` / ``exp_avg_sq``: Adam moments ``M``, ``V`` in fp32,
         ``(r, l)`` for low-rank matrices, the parameter's shape for dense ones;
-      * ``P`` ``(s, r)`` and ``d`` ``(r,)`` in fp32 for low-rank matrices.
+      * ``P`` ``(s, r)`` and ``d`` ``(r,)`` in fp32 for low-rank matrices;
+      * ``optimal`` only: ``Sigma`` ``(s, s)`` float64, the mean of ``G_o G_oᵀ`` over the
+        ``sigma_count`` refresh gradients seen so far.
     """
 
     def __init__(
@@ -65,6 +71,7 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
         dinv_placement: str = "none",
         realign: bool | None = None,
         svd_method: str | None = None,
+        uniform_mix: float = 0.0,
         seed: int = 0,
     ):
         svd_method = resolve_svd_method(estimator, svd_method) or "gram"  # haar takes no SVD
@@ -76,6 +83,7 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
             scale=scale,
             dinv_placement=dinv_placement,
             svd_method=svd_method,
+            uniform_mix=uniform_mix,
         )
         if realign is not None and not isinstance(realign, bool):
             raise ValueError(f"Invalid {realign=}: must be None, True or False")
@@ -91,6 +99,7 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
             dinv_placement=dinv_placement,
             realign=realign,
             svd_method=svd_method,
+            uniform_mix=uniform_mix,
             seed=seed,
         )
         super().__init__(params, defaults)
@@ -180,7 +189,13 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
             k = state["step"] // group["update_interval"]  # refresh index
             gen = sampler_generator(group["seed"], matrix_id, k)
             spec = get_estimator(group["estimator"], family="lowrank_adam")
-            proj = spec.build(G, group["rank"], gen, svd_method=group["svd_method"])
+            if spec.keeps_second_moment:  # optimal: Σ ← running mean of the refresh gradients' G_o G_oᵀ
+                count = state.get("sigma_count", 0) + 1
+                state["Sigma"] = second_moment_update(state.get("Sigma"), G, 1.0 / count)  # (s, s) float64
+                state["sigma_count"] = count
+                proj = optimal_projection(state["Sigma"], group["rank"], gen, uniform_mix=group["uniform_mix"])
+            else:
+                proj = spec.build(G, group["rank"], gen, svd_method=group["svd_method"], uniform_mix=group["uniform_mix"])
             P_new = proj.P.float()  # (s, r)
             d_new = proj.d.float().to(P_new.device)  # (r,)
             if "P" not in state:

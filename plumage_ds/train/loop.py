@@ -168,7 +168,7 @@ def check_job(cfg: JobConfig, world_size: Optional[int] = None):
     if not spec.in_optimizer and cfg.train.engine != "ddp_hook":
         from plumage_ds.train.engines.base import unsupported
 
-        raise unsupported(cfg.train.engine, spec.name, "it runs in the DDP comm hook only so far (train.engine=ddp_hook)")
+        raise unsupported(cfg.train.engine, spec.name, "it runs in the DDP comm hook only (train.engine=ddp_hook)")
     engine_class(cfg.train.engine).check(cfg, world)
     return tokenizer
 

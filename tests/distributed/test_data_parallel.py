@@ -19,7 +19,10 @@ under the real ``torchrun`` launcher is in ``tests/distributed/test_main_job.py`
 * uneven cases: more ranks than matrices, a rank owning nothing, frozen / unused / one-rank-only
   parameters, ``rank >= short side`` (reported fallback; ``strict=True`` raises);
 * distributed checkpoints: W=2 → W=2 bitwise; W=2 → W=1 and W=4 via ``merge_shards`` within
-  1e-6; an unmerged shard on another world size raises ``ValueError``.
+  1e-6; an unmerged shard on another world size raises ``ValueError``;
+* ``estimator="optimal"`` at W=2: matches the oracle and single-device ``PlumageAdamW``, ``Σ`` lives on
+  each matrix's owner only (also in the saved shards), resume W=2 → W=2 bitwise and W=2 → W=1 via
+  ``merge_shards`` within 1e-6.
 """
 
 from __future__ import annotations
@@ -264,6 +267,48 @@ def _single_device_refs(ckpt) -> dict:
     return out
 
 
+OPTIMAL = dict(estimator="optimal", uniform_mix=0.1)
+
+
+def _optimal_runs(rank, world, ckpt) -> dict:
+    """``estimator="optimal"``: a W=2 run saving shards after SAVE_AT steps, resumed at W=2 from this
+    rank's shard; on rank 1 the single-device references and a W=1 resume from the merged shards."""
+    path = os.path.join(ckpt, "optimal_w2_rank{}.pt")
+
+    def save(step, opt):
+        if step + 1 == SAVE_AT:
+            torch.save(opt.state_dict(), path.format(rank))
+            if rank == 0:
+                torch.save(model.state_dict(), os.path.join(ckpt, "optimal_model_w2.pt"))
+
+    model = tiny_llama()
+    opt = sharded(llama_groups(model), **OPTIMAL)
+    train(model, opt, rank=rank, world=world, data=llama_tokens, loss_fn=llama_loss, steps=STEPS, on_step=save)
+    out = summary(model, opt)
+    out["sigma_on_this_rank"] = sorted(e.index for e in opt._entries if "Sigma" in opt.state.get(e.param, {}))
+    out["sigma_counts"] = sorted({st["sigma_count"] for st in opt.state.values() if "sigma_count" in st})
+    dist.barrier()  # shard files complete
+    model = tiny_llama(seed=123)
+    model.load_state_dict(torch.load(os.path.join(ckpt, "optimal_model_w2.pt"), weights_only=True))
+    opt = sharded(llama_groups(model), **OPTIMAL)
+    opt.load_state_dict(torch.load(path.format(rank), weights_only=True))
+    train(model, opt, rank=rank, world=world, data=llama_tokens, loss_fn=llama_loss, steps=STEPS, start=SAVE_AT)
+    out["resume_w2"] = params_of(model)
+    if rank == 1:
+        kw = {**KW, **OPTIMAL}
+        model = tiny_llama()
+        opt = ReferencePlumageAdam(llama_groups(model), rank=RANK, **kw)
+        out["oracle"] = params_of(train(model, opt, rank=0, world=1, data=llama_tokens, loss_fn=llama_loss, steps=STEPS))
+        model = tiny_llama()
+        opt = PlumageAdamW(llama_groups(model), rank=RANK, **kw)
+        out["single"] = params_of(train(model, opt, rank=0, world=1, data=llama_tokens, loss_fn=llama_loss, steps=STEPS))
+        out["resume_w1"] = resume_full(
+            os.path.join(ckpt, "optimal_model_w2.pt"), [path.format(r) for r in range(world)],
+            lambda m: PlumageAdamW(llama_groups(m), rank=RANK, **kw),
+        )
+    return out
+
+
 def _worker_w2(rank, world, ckpt):
     out = _llama_runs(rank, world, ckpt=ckpt)
     dist.barrier()  # checkpoint files complete
@@ -289,6 +334,7 @@ def _worker_w2(rank, world, ckpt):
             os.path.join(ckpt, "model_w2.pt"), shards, lambda m: sharded(llama_groups(m), mine), group=mine
         )
     dist.barrier()
+    out["optimal"] = _optimal_runs(rank, world, ckpt)
     return out
 
 
@@ -414,7 +460,7 @@ def expected_state_bytes(report, rank, world, active=None) -> dict:
     moments = sum(2 * rl(row) * 4 for row in p["lowrank"] if row["owner"] == rank)
     projectors = sum(proj(row) * 4 for row in p["lowrank"])
     non_target = sum(2 * chunk_len(row, world, rank) * 4 for row in p["dense"])
-    return {"projectors": projectors, "moments": moments, "non_target": non_target,
+    return {"projectors": projectors, "second_moment": 0, "moments": moments, "non_target": non_target,
             "total": projectors + moments + non_target}
 
 
@@ -643,6 +689,34 @@ def test_checkpoint_resume(w2, w4):
                       *((f"W=4 rank {r}", res["resume_w4"]) for r, res in enumerate(w4))):
         diff = max_abs(got, full)
         assert diff <= 1e-6, (name, diff)
+
+
+@pytest.mark.distributed
+def test_optimal_matches_single_device_and_resumes(w2, ckpt_dir):
+    """``estimator="optimal"``: W=2 follows the oracle and ``PlumageAdamW``; ``Σ`` lives on the owner only
+    (in memory and in the saved shards, where it is float64); resume W=2 → W=2 bitwise, W=2 → W=1 via
+    ``merge_shards`` within 1e-6."""
+    runs = [res["optimal"] for res in w2]
+    refs = runs[1]
+    assert max_abs(refs["single"], refs["oracle"]) <= 1e-5
+    assert runs[0]["replicas_equal"] and max_abs(runs[0]["params"], runs[1]["params"]) == 0.0
+    assert max_abs(runs[0]["params"], refs["single"]) <= 1e-5
+    owners = runs[0]["ownership"]
+    targets = [i for i, row in enumerate(runs[0]["report"]) if row["mode"] == "optimal"]
+    for rank, run in enumerate(runs):
+        assert run["sigma_on_this_rank"] == [i for i in targets if owners[i] == rank]
+        assert run["sigma_counts"] == [len(range(0, STEPS, TAU))]  # one Gram per refresh
+        assert run["state_bytes"]["second_moment"] == sum(
+            8 * _oriented(row["shape"])[0] ** 2 for row in plan(run["report"])["lowrank"] if row["owner"] == rank
+        )
+        sd = torch.load(os.path.join(ckpt_dir, f"optimal_w2_rank{rank}.pt"), weights_only=True)
+        for index, st in sd["state"].items():
+            assert ("Sigma" in st) == ("sigma_count" in st) == (index in targets and owners[index] == rank), index
+            assert "Sigma" not in st or (st["Sigma"].dtype == torch.float64 and st["sigma_count"] == 3)
+    full = runs[0]["params"]
+    for run in runs:
+        assert all(torch.equal(run["resume_w2"][n], full[n]) for n in full), "W=2 → W=2 resume is not bitwise"
+    assert max_abs(refs["resume_w1"], full) <= 1e-6
 
 
 @pytest.mark.distributed

@@ -60,7 +60,8 @@ def batch(step: int, learnable: bool = False) -> torch.Tensor:
 
 
 def ds_config(
-    stage: int, *, gas: int = 1, clip: float = 0.0, bf16: bool = False, warmup: bool = False, persistent: bool = False
+    stage: int, *, gas: int = 1, clip: float = 0.0, bf16: bool = False, warmup: bool = False, persistent: bool = False,
+    estimator: str = "plumage",
 ) -> dict:
     cfg = {
         "train_batch_size": GLOBAL_BATCH,
@@ -72,7 +73,7 @@ def ds_config(
         "plumage": {
             "rank": RANK,
             "update_interval": TAU,
-            "estimator": "plumage",
+            "estimator": estimator,
             "target_modules": TARGETS,
             "seed": SEED,
         },
@@ -154,10 +155,11 @@ def _worker(rank, world, port, ckpt_root):
 
     out: dict = {}
 
-    def plain(stage, gas=1, clip=0.0, bf16=False, warmup=False, ckpt=False, learnable=False, persistent=False):
+    def plain(stage, gas=1, clip=0.0, bf16=False, warmup=False, ckpt=False, learnable=False, persistent=False,
+              estimator="plumage"):
         def fn():
             model = tiny_llama()
-            cfg = ds_config(stage, gas=gas, clip=clip, bf16=bf16, warmup=warmup, persistent=persistent)
+            cfg = ds_config(stage, gas=gas, clip=clip, bf16=bf16, warmup=warmup, persistent=persistent, estimator=estimator)
             engine, _, _, _ = pds.initialize(model=model, config=cfg)
             comp = pds.plumage_optimizer(engine)
             res = {}
@@ -175,6 +177,7 @@ def _worker(rank, world, port, ckpt_root):
                 lrs=lrs,
                 params=_params(model),
                 state_bytes=comp.state_bytes(),
+                sigma_counts=sorted({st["sigma_count"] for st in comp.plumage.state.values() if "sigma_count" in st}),
                 comm=comp.comm_stats(),
                 report=comp.plumage.matrix_report(),
                 target_grads_none=all(p.grad is None for p in comp._targets),
@@ -277,6 +280,7 @@ def _worker(rank, world, port, ckpt_root):
     for stage in (0, 1, 2, 3):
         record(out, f"gas_clip{stage}", plain(stage, gas=2, clip=CLIP))
     record(out, "stage3_persistent", plain(3, persistent=True))
+    record(out, "stage3_optimal", plain(3, estimator="optimal"))
     record(out, "fp32_learn", plain(2, learnable=True))
     record(out, "bf16", plain(2, bf16=True, learnable=True))
     record(out, "strict", strict)
@@ -303,11 +307,11 @@ def _get(ds_runs, name):
 # ------------------------------------------------------------------------------------- reference
 
 
-def reference(steps=STEPS, clip=0.0, lrs=None):
+def reference(steps=STEPS, clip=0.0, lrs=None, estimator="plumage"):
     model = tiny_llama()
     groups, _ = lowrank_param_groups(model, target_modules=TARGETS, rank=RANK)
     opt = PlumageAdamW(
-        groups, lr=LR, weight_decay=WD, update_interval=TAU, estimator="plumage", seed=SEED, max_grad_norm=clip
+        groups, lr=LR, weight_decay=WD, update_interval=TAU, estimator=estimator, seed=SEED, max_grad_norm=clip
     )
     losses = []
     for step in range(steps):
@@ -363,6 +367,22 @@ def test_matches_single_device(ds_runs, stage):
     assert mean_losses(ds_runs, f"stage{stage}") == pytest.approx(ref_losses, abs=1e-5)
     modes = {row["mode"] for row in run["report"]}
     assert modes == {"plumage"}
+
+
+@pytest.mark.distributed
+def test_optimal_matches_single_device_under_zero3(ds_runs):
+    """``estimator="optimal"`` in the composite (ZeRO-3, gradients projected during backward): the
+    owners keep ``Σ`` (one Gram per refresh) and the run follows single-device ``PlumageAdamW``."""
+    run, runs = _get(ds_runs, "stage3_optimal")
+    ref, ref_losses = reference(estimator="optimal")
+    assert run["replicas_equal"] and {row["mode"] for row in run["report"]} == {"optimal"}
+    assert all(r["stage3_optimal"]["sigma_counts"] == [len(range(0, STEPS, TAU))] for r in runs)
+    for k, r in enumerate(runs):  # Σ (float64, s × s) of the targets this rank owns
+        owned = [row for row in run["report"] if row["owner"] == k]
+        assert owned and r["stage3_optimal"]["state_bytes"]["second_moment"] == sum(
+            8 * _oriented(row["shape"])[0] ** 2 for row in owned)
+    assert max_diff(run["params"], ref) <= 1e-5
+    assert mean_losses(ds_runs, "stage3_optimal") == pytest.approx(ref_losses, abs=1e-5)
 
 
 @pytest.mark.distributed

@@ -4,15 +4,17 @@ Four spawned jobs (W = 2, 3, 4 and a W = 2 resume) on a tiny LLaMA with left- an
 targets, each compared with single-process ``PlumageAdamW`` on the same global batch (fp32,
 τ = 3 so several refreshes in 20 steps):
 
-* world-size invariance at W = 2, 3 (uneven row split) and 4, for plumage, galore and haar, with
-  the plain route (``model.parameters()``) and with ``lowrank_param_groups`` (names in the report);
+* world-size invariance at W = 2, 3 (uneven row split) and 4, for plumage, galore and haar (and
+  optimal at W = 2), with the plain route (``model.parameters()``) and with ``lowrank_param_groups``
+  (names in the report);
 * HSDP on a 2 × 2 mesh, compressed (``fully_shard`` on the shard sub-mesh, ``replicate_group``)
   and native (FSDP on the 2-D mesh); counted replicate-group bytes equal the formula;
 * state bytes per rank, projectors included, equal the sharded formula at W = 2 and 4 and sum to
   ~1/W of the single-process state;
 * ``right_projectors="replicated"``: right-projected targets cost no optimizer communication on
   ordinary steps;
-* ``torch.distributed.checkpoint``: save at W = 4, load at W = 4 (bitwise) and W = 2 (1e-6);
+* ``torch.distributed.checkpoint``: save at W = 4, load at W = 4 (bitwise) and W = 2 (1e-6), for
+  plumage and for optimal, whose ``Σ`` lives on each matrix's owner only (the owner at W = 2 loads it);
 * bf16 ``MixedPrecisionPolicy``: the loss tracks the fp32 run;
 * layouts no case covers (``Shard(1)``, a 2-D tensor-parallel mesh, FSDP1 flat parameters, mixed
   plain/DTensor parameters) raise ``ValueError`` at construction, naming the parameter.
@@ -33,6 +35,8 @@ pytestmark = pytest.mark.distributed
 BATCH, STEPS, SAVE_AT = 12, 20, 7  # global batch divisible by 2, 3, 4
 KW = dict(lr=3e-3, weight_decay=0.1, update_interval=3, rank=4, seed=1)
 ESTIMATORS = ("plumage", "galore", "haar")
+ESTIMATORS_W2 = ESTIMATORS + ("optimal",)  # optimal: at W = 2 only (CI time)
+DCP_ESTIMATORS = ("plumage", "optimal")
 TOL = 1e-5
 
 
@@ -138,7 +142,7 @@ def job_w2(rank, world):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     mesh = init_device_mesh("cpu", (world,))
-    out = {est: _run_fsdp(rank, world, mesh, est) for est in ESTIMATORS}
+    out = {est: _run_fsdp(rank, world, mesh, est) for est in ESTIMATORS_W2}
     out["plumage_groups"] = _run_fsdp(rank, world, mesh, "plumage", groups=True)
     # right-projected targets only (gate/up), whole P on every rank: no optimizer traffic but the flags
     model = _shard(tiny_llama(), mesh)
@@ -188,11 +192,18 @@ def job_w3(rank, world):
     return {est: _run_fsdp(rank, world, mesh, est) for est in ESTIMATORS}
 
 
-def _dcp_build(world):
+def _dcp_build(world, estimator):
     from torch.distributed.device_mesh import init_device_mesh
 
     model = _shard(tiny_llama(), init_device_mesh("cpu", (world,)))
-    return model, PlumageAdamW(model.parameters(), estimator="plumage", **KW)
+    return model, PlumageAdamW(model.parameters(), estimator=estimator, **KW)
+
+
+def _sigma_held(opt) -> dict:
+    """Which targets this rank holds ``Σ`` of (``optimal``), their owners and counts."""
+    held = [e for e in opt._entries if "Sigma" in opt.state.get(e.param, {})]
+    mine = [e.index for e in opt._entries if e.lowrank and e.owner == opt.distributor.rank]
+    return {"held": [e.index for e in held], "owned": mine, "counts": sorted({opt.state[e.param]["sigma_count"] for e in held})}
 
 
 def _dcp_load(model, opt, path):
@@ -213,16 +224,19 @@ def job_w4(rank, world, ckpt):
     mesh = init_device_mesh("cpu", (world,))
     out = {est: _run_fsdp(rank, world, mesh, est) for est in ESTIMATORS}
     # DCP: save after SAVE_AT steps, keep training; a fresh model/optimizer loads and resumes
-    model, opt = _dcp_build(world)
-    _train(model, opt, rank, world, range(SAVE_AT))
-    msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
-    _train(model, opt, rank, world, range(SAVE_AT, STEPS))
-    out["dcp_uninterrupted"] = _full(model)
-    model, opt = _dcp_build(world)
-    _dcp_load(model, opt, ckpt)
-    _train(model, opt, rank, world, range(SAVE_AT, STEPS))
-    out["dcp_same_world"] = _full(model)
+    out["dcp"] = {}
+    for est in DCP_ESTIMATORS:
+        model, opt = _dcp_build(world, est)
+        _train(model, opt, rank, world, range(SAVE_AT))
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=f"{ckpt}/{est}")
+        _train(model, opt, rank, world, range(SAVE_AT, STEPS))
+        run = {"uninterrupted": _full(model), "sigma": _sigma_held(opt)}
+        model, opt = _dcp_build(world, est)
+        _dcp_load(model, opt, f"{ckpt}/{est}")
+        _train(model, opt, rank, world, range(SAVE_AT, STEPS))
+        run["same_world"] = _full(model)
+        out["dcp"][est] = run
     # HSDP 2 x 2: compressed (FSDP on the shard sub-mesh, the optimizer across replicas) and native
     mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     for name in ("hsdp_compressed", "hsdp_native"):
@@ -255,10 +269,14 @@ def job_w4(rank, world, ckpt):
 
 
 def job_resume_w2(rank, world, ckpt):
-    model, opt = _dcp_build(world)
-    _dcp_load(model, opt, ckpt)
-    _train(model, opt, rank, world, range(SAVE_AT, STEPS))
-    return _full(model)
+    out = {}
+    for est in DCP_ESTIMATORS:
+        model, opt = _dcp_build(world, est)
+        _dcp_load(model, opt, f"{ckpt}/{est}")
+        loaded = _sigma_held(opt)
+        _train(model, opt, rank, world, range(SAVE_AT, STEPS))
+        out[est] = {"params": _full(model), "loaded": loaded, "after": _sigma_held(opt)}
+    return out
 
 
 # ----------------------------------------------------------------------------- oracle and jobs
@@ -282,7 +300,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def references():
-    return {est: _reference(est) for est in ESTIMATORS}
+    return {est: _reference(est) for est in ESTIMATORS_W2}
 
 
 @pytest.fixture(scope="module")
@@ -309,8 +327,9 @@ def w4(checkpoint_dir):
 # ----------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize(
+    "world, estimator", [(w, est) for w in (2, 3, 4) for est in ESTIMATORS] + [(2, "optimal")]
+)
 def test_fsdp_matches_single_process(request, references, world, estimator):
     results = request.getfixturevalue(f"w{world}")
     for res in results:
@@ -344,7 +363,7 @@ def _expected_state_bytes(local: list[dict]) -> dict:
     projectors = sum(((a["p_rows"][1] - a["p_rows"][0]) * a["r"] + a["r"]) * 4 for a in local if a["lowrank"])
     moments = sum(2 * a["r"] * (a["cols"][1] - a["cols"][0]) * 4 for a in local if a["lowrank"])
     non_target = sum(2 * a["local_numel"] * 4 for a in local if not a["lowrank"])
-    return {"projectors": projectors, "moments": moments, "non_target": non_target,
+    return {"projectors": projectors, "second_moment": 0, "moments": moments, "non_target": non_target,
             "total": projectors + moments + non_target}
 
 
@@ -379,10 +398,21 @@ def test_replicated_right_projectors_need_no_communication(w2):
 
 def test_dcp_resume_same_and_other_world_size(w4, checkpoint_dir):
     for res in w4:
-        assert _max_diff(res["dcp_same_world"], res["dcp_uninterrupted"]) == 0.0
+        for est in DCP_ESTIMATORS:
+            assert _max_diff(res["dcp"][est]["same_world"], res["dcp"][est]["uninterrupted"]) == 0.0, est
     resumed = run_workers(job_resume_w2, 2, checkpoint_dir)
     for res in resumed:
-        assert _max_diff(res, w4[0]["dcp_uninterrupted"]) < 1e-6
+        for est in DCP_ESTIMATORS:
+            assert _max_diff(res[est]["params"], w4[0]["dcp"][est]["uninterrupted"]) < 1e-6, est
+    # optimal: Σ is owner-only state; each rank holds Σ of exactly the targets it owns, at W = 4 and
+    # after loading at W = 2 (other owners), with the saved counts (3 refreshes before SAVE_AT, 4 after)
+    assert all(r["dcp"]["optimal"]["sigma"]["held"] == r["dcp"]["optimal"]["sigma"]["owned"] for r in w4)
+    assert all(r["dcp"]["plumage"]["sigma"]["held"] == [] for r in w4)
+    for res in resumed:
+        assert res["optimal"]["loaded"]["held"] == res["optimal"]["loaded"]["owned"]
+        assert res["optimal"]["loaded"]["counts"] == [3] and res["optimal"]["after"]["counts"] == [7]
+    assert sorted(i for r in resumed for i in r["optimal"]["loaded"]["held"]) == sorted(
+        i for r in w4 for i in r["dcp"]["optimal"]["sigma"]["held"])
 
 
 @pytest.mark.parametrize("name", ["hsdp_compressed", "hsdp_native"])

@@ -90,6 +90,7 @@ CASES = [
     dict(estimator="galore", svd_method="gram", dinv_placement="none"),
     dict(estimator="galore", svd_method="svd", dinv_placement="none", realign=True),
     dict(estimator="haar", dinv_placement="coords"),
+    dict(estimator="optimal", dinv_placement="none", uniform_mix=0.1),
 ]
 
 

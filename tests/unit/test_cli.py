@@ -86,12 +86,6 @@ def test_train_in_process_every_estimator(tmp_path, tiny_config_path, estimator)
     assert modes == {"adamw"} if estimator == "adamw" else estimator in modes
 
 
-def test_hook_only_estimator_is_refused_on_other_engines(tmp_path, tiny_config_path):
-    """``optimal`` runs in the comm hook only so far: a clear error (exit 2), not a crash at the first step."""
-    args = ["train", "--config", tiny_config_path, "--out", tmp_path / "o", "--set", "optimizer.estimator=optimal"]
-    assert run_main(*args) == 2
-
-
 def test_same_seed_same_losses(tmp_path, tiny_config_path):
     argv = ["train", "--config", tiny_config_path, "--steps", "2", "--no-progress", "--set", "train.log_interval=1"]
     assert run_main(*argv, "--out", tmp_path / "a") == 0

@@ -28,6 +28,9 @@ BAD_OPTIMIZER = [
     ({"lr": "fast"}, "Invalid {p}lr='fast': must be a number"),
     ({"uniform_mix": 1.5}, "Invalid {p}uniform_mix=1.5: must be in [0, 1]"),
     ({"estimator": "haar", "svd_method": "gram"}, "Invalid {p}svd_method='gram': estimator 'haar' takes no SVD"),
+    ({"estimator": "optimal", "svd_method": "svd"}, "Invalid {p}svd_method='svd': estimator 'optimal' takes no SVD"),
+    ({"estimator": "galore", "uniform_mix": 0.1},
+     "Invalid {p}uniform_mix=0.1: applies to estimators 'plumage' and 'optimal' only, not 'galore'"),
     ({"comm_hook": {"start_iter": -1}}, "Invalid {p}comm_hook.start_iter=-1: must be an integer >= 0"),
 ]
 
@@ -109,7 +112,9 @@ def test_roundtrip_and_types():
 def test_registry_facts():
     assert list(ESTIMATORS) == ["adamw", "plumage", "galore", "haar", "optimal", "gum"]
     assert [n for n, s in ESTIMATORS.items() if s.needs_gradient] == ["plumage", "galore", "optimal", "gum"]
-    assert [n for n, s in ESTIMATORS.items() if not s.in_optimizer] == ["optimal"]  # the comm hook only, so far
+    assert all(s.in_optimizer for s in ESTIMATORS.values())
+    assert [n for n, s in ESTIMATORS.items() if s.keeps_second_moment] == ["optimal"]
+    assert resolve_svd_method("optimal", None) is None  # it decomposes Σ, not G
     assert resolve_svd_method("galore", None) == "svd"  # galore-torch's signs
     assert [resolve_realign(n, None) for n in ("plumage", "galore", "haar")] == [True, False, True]
     assert resolve_realign("galore", True) is True

@@ -45,7 +45,7 @@ def _max_diff(a: nn.Module, b: nn.Module) -> float:
 HPARAMS = dict(lr=1e-2, rank=3, update_interval=3, seed=7, weight_decay=0.05)
 
 
-@pytest.mark.parametrize("estimator", ["plumage", "galore", "haar"])
+@pytest.mark.parametrize("estimator", ["plumage", "galore", "haar", "optimal"])
 @pytest.mark.parametrize("dinv_placement", ["none", "coords", "lift"])
 def test_matches_reference(estimator: str, dinv_placement: str) -> None:
     """Production optimizer follows the readable oracle step for step (refreshes included)."""
@@ -62,6 +62,11 @@ def test_matches_reference(estimator: str, dinv_placement: str) -> None:
         if "P" in s1:
             torch.testing.assert_close(s1["P"], s2["P"], rtol=0, atol=1e-5)
             torch.testing.assert_close(s1["exp_avg"], s2["exp_avg"], rtol=1e-5, atol=1e-7)
+        assert ("Sigma" in s1) == ("Sigma" in s2) == (estimator == "optimal" and "P" in s1)
+        if "Sigma" in s1:
+            assert s1["sigma_count"] == s2["sigma_count"] == 4  # refreshes at steps 0, 3, 6, 9
+            # the weights agree to ~1e-7, so do the later refresh gradients and Σ (relative to its scale)
+            torch.testing.assert_close(s1["Sigma"], s2["Sigma"], rtol=0, atol=1e-6 * float(s1["Sigma"].abs().max()))
 
 
 def _mlp_with_square(seed: int = 0) -> nn.Module:
@@ -70,6 +75,65 @@ def _mlp_with_square(seed: int = 0) -> nn.Module:
     return nn.Sequential(
         nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 8), nn.Tanh(), nn.Linear(8, 24)
     )
+
+
+@pytest.mark.parametrize("uniform_mix", [0.0, 0.1])
+def test_optimal_matches_reference_left_right_square(uniform_mix: float) -> None:
+    """``estimator="optimal"`` follows the oracle over 5 refreshes on left (8×20), right (20×12,
+    24×8) and square (20×20) weights; ``Σ`` is float64 and equal to the oracle's."""
+    m1, m2 = _mlp_with_square(), _mlp_with_square()
+    kw = dict(HPARAMS, estimator="optimal", uniform_mix=uniform_mix)
+    ref = ReferencePlumageAdam(m1.parameters(), **kw)
+    opt = PlumageAdamW(m2.parameters(), **kw)
+    _train(m1, ref, range(14))
+    _train(m2, opt, range(14))
+    assert _max_diff(m1, m2) < 1e-6
+    shapes = set()
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        if p1.dim() == 2:
+            shapes.add("left" if p1.shape[0] < p1.shape[1] else "square" if p1.shape[0] == p1.shape[1] else "right")
+            S = opt.state[p2]["Sigma"]
+            assert S.dtype == torch.float64 and S.shape == (min(p1.shape),) * 2 and opt.state[p2]["sigma_count"] == 5
+            torch.testing.assert_close(ref.state[p1]["Sigma"], S, rtol=0, atol=1e-6 * float(S.abs().max()))
+    assert shapes == {"left", "right", "square"}
+
+
+def test_optimal_sigma_is_the_mean_of_refresh_grams() -> None:
+    """After ``k`` refreshes the owner's ``Σ`` is the mean of ``G_o G_oᵀ`` of the ``k`` refresh gradients
+    (right projection: ``G_o = Gᵀ``), and ``state_bytes`` counts it (``8·s²``)."""
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(10, 6))  # right projection: s = 6
+    opt = PlumageAdamW([W], lr=1e-2, rank=2, update_interval=2, estimator="optimal")
+    grams = []
+    for step in range(7):
+        G = torch.randn(10, 6, generator=torch.Generator().manual_seed(step))
+        if step % 2 == 0:
+            grams.append(G.double().mT @ G.double())
+        W.grad = G
+        opt.step()
+        torch.testing.assert_close(opt.state[W]["Sigma"], torch.stack(grams).mean(0), rtol=1e-12, atol=1e-12)
+        assert opt.state[W]["sigma_count"] == len(grams)
+    assert opt.state_bytes()["second_moment"] == 8 * 6 * 6
+
+
+@pytest.mark.parametrize("shape", [(8, 20), (20, 12), (12, 12)])
+def test_optimal_first_refresh_draws_plumage_design(shape: tuple) -> None:
+    """With ``Σ = G_o G_oᵀ`` (one refresh gradient) the optimal design is PLUMAGE's ``p ∝ σ``: the same
+    indices, the same ``d``, the same estimator ``P D⁻¹ Pᵀ`` (columns may differ in sign) and the
+    same first update."""
+    torch.manual_seed(1)
+    W0, G = torch.randn(*shape), torch.randn(*shape)
+    runs = {}
+    for est in ("plumage", "optimal"):
+        W = nn.Parameter(W0.clone())
+        opt = PlumageAdamW([W], lr=1e-2, rank=3, update_interval=5, estimator=est, seed=3, uniform_mix=0.1)
+        W.grad = G.clone()
+        opt.step()
+        runs[est] = (W.detach().clone(), opt.state[W]["P"], opt.state[W]["d"])
+    (W_p, P_p, d_p), (W_o, P_o, d_o) = runs["plumage"], runs["optimal"]
+    torch.testing.assert_close(d_o, d_p, rtol=1e-5, atol=0)
+    torch.testing.assert_close(P_o @ torch.diag(1 / d_o) @ P_o.mT, P_p @ torch.diag(1 / d_p) @ P_p.mT, rtol=0, atol=1e-4)
+    torch.testing.assert_close(W_o, W_p, rtol=0, atol=1e-6)
 
 
 def test_galore_default_settings_match_galore_torch() -> None:
@@ -140,7 +204,7 @@ def _roundtrip(sd: dict) -> dict:
     return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.parametrize("estimator", ["plumage", "haar"])
+@pytest.mark.parametrize("estimator", ["plumage", "haar", "optimal"])
 def test_bitwise_resume(estimator: str) -> None:
     """Save after 5 steps (mid-period), load with weights_only, continue: bitwise equal to uninterrupted."""
     kw = dict(HPARAMS, estimator=estimator)
@@ -160,6 +224,47 @@ def test_bitwise_resume(estimator: str) -> None:
     _train(resumed, opt_b, range(5, 11))
     for p, q in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
+
+
+def _optimal_corrupt(sd: dict, how: str) -> dict:
+    sd = _roundtrip(sd)
+    st = next(st for st in sd["state"].values() if "Sigma" in st)
+    if how == "asymmetric":
+        st["Sigma"][0, 1] += 1.0
+    elif how == "shape":
+        st["Sigma"] = torch.zeros(3, 3, dtype=torch.float64)
+    elif how == "nan":
+        st["Sigma"][2, 2] = float("inf")
+    elif how == "missing":
+        del st["Sigma"]
+    elif how == "count":
+        st["sigma_count"] = 0
+    return sd
+
+
+@pytest.mark.parametrize(
+    "how,match",
+    [
+        ("asymmetric", r"^Invalid state_dict: 0\.weight\.Sigma is not symmetric \(max \|Σ − Σᵀ\| = 1\)$"),
+        ("shape", r"^Invalid state_dict: 0\.weight\.Sigma has shape \(3, 3\), expected \(12, 12\)$"),
+        ("nan", r"^Invalid state_dict: 0\.weight\.Sigma holds non-finite values$"),
+        ("missing", r"^Invalid state_dict: 0\.weight lacks its second moment \(Sigma and sigma_count\) after 4 steps$"),
+        ("count", r"^Invalid state_dict: 0\.weight sigma_count=0: must be >= 1$"),
+    ],
+)
+def test_optimal_bad_sigma_is_rejected_and_state_kept(how: str, match: str) -> None:
+    """A corrupt ``Σ`` raises a ValueError naming the parameter; nothing is loaded."""
+    model = _mlp()
+    names = [n for n, _ in model.named_parameters()]
+    opt = PlumageAdamW([{"params": list(model.parameters()), "names": names}], **dict(HPARAMS, estimator="optimal"))
+    _train(model, opt, range(4))
+    before = _roundtrip(opt.state_dict())
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(_optimal_corrupt(opt.state_dict(), how))
+    after = opt.state_dict()
+    for i, st in before["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, after["state"][i][k]) if torch.is_tensor(v) else v == after["state"][i][k]
 
 
 def test_state_dict_holds_only_tensors_and_scalars() -> None:
@@ -233,6 +338,8 @@ def test_bad_checkpoint_is_rejected_and_state_kept(how: str, match: str) -> None
         (dict(lr=-1.0), r"Invalid lr=-1.0"),
         (dict(betas=(0.9, 1.0)), r"Invalid betas=\(0.9, 1.0\)"),
         (dict(svd_method="qr"), r"Invalid svd_method='qr'"),
+        (dict(estimator="optimal", svd_method="svd"),
+         r"^Invalid svd_method='svd': estimator 'optimal' decomposes its second moment Σ \(eigh\), not G; leave svd_method=None$"),
         (dict(max_grad_norm=-1.0), r"Invalid max_grad_norm=-1.0"),
     ],
 )

@@ -55,7 +55,7 @@ class DDPHookEngine(DDPEngine):
     def check(cls, job: JobConfig, world_size: int) -> None:
         cfg = job.optimizer
         if cfg.spec.family != "lowrank_adam":
-            raise unsupported(cls.name, cfg.estimator, "the comm hook compresses with 'plumage', 'galore' or 'haar'")
+            raise unsupported(cls.name, cfg.estimator, "the comm hook compresses with 'plumage', 'galore', 'haar' or 'optimal'")
         for key, default in _HOOK_UNUSED.items():
             if getattr(cfg, key) != default:
                 raise ConfigError(

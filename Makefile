@@ -18,7 +18,7 @@ DEMO_OUT    ?= runs/demo
 DEMO_ESTIMATORS ?= adamw galore plumage haar gum
 # Each estimator at its own best LR from the quality harness's sweep (docs/quality.md §3: demo
 # model, 300 steps, 5 seeds); `DEMO_LRS=` runs them all at the config's one LR instead.
-DEMO_LRS    ?= adamw=1e-3 galore=4e-3 plumage=4e-3 haar=4e-3 gum=1.6e-2
+DEMO_LRS    ?= adamw=1e-3 galore=4e-3 plumage=4e-3 haar=4e-3 gum=1.6e-2 optimal=4e-3
 DEMO_ARGS   ?=
 
 QUALITY_ARGS ?=

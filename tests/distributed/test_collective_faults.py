@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import time
+from typing import Optional
 
 import pytest
 import torch
@@ -60,6 +61,16 @@ def _snapshot(model, opt) -> tuple:
 
 def _same(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and a[1] == b[1]
+
+
+def _step_error(opt) -> tuple[Optional[str], float]:
+    """``(error, seconds)`` of one ``opt.step()``: ``"Type: message"`` of its RuntimeError, or ``None``."""
+    t0 = time.perf_counter()
+    try:
+        opt.step()
+        return None, time.perf_counter() - t0
+    except RuntimeError as err:
+        return f"{type(err).__name__}: {err}", time.perf_counter() - t0
 
 
 def _run(out, name, fn):
@@ -126,15 +137,11 @@ def job(rank: int, world: int) -> dict:
                 raise torch.linalg.LinAlgError("eigh failed to converge (injected)")
 
             spectral.torch.linalg.eigh = broken
-        t0 = time.perf_counter()
         try:
-            opt.step()
-            error = None
-        except RuntimeError as err:
-            error = f"{type(err).__name__}: {err}"
+            error, seconds = _step_error(opt)
         finally:
             spectral.torch.linalg.eigh = healthy
-        res = {"error": error, "seconds": time.perf_counter() - t0, "unchanged": _same(before, _snapshot(model, opt)),
+        res = {"error": error, "seconds": seconds, "unchanged": _same(before, _snapshot(model, opt)),
                "owners": sorted({r["owner"] for r in opt.matrix_report() if r["mode"] == "plumage"})}
         opt.step()  # the same gradients, healthy eigh everywhere
         res["moved"] = not all(torch.equal(a, b) for a, b in zip(before[0], model.parameters()))
@@ -169,13 +176,8 @@ def timeout_job(rank: int, world: int) -> dict:
     before = _snapshot(model, opt)
     if rank == 1:
         time.sleep(4.0)  # late: rank 0 has given up on the step's first collective
-    t0 = time.perf_counter()
-    try:
-        opt.step()
-        error = None
-    except RuntimeError as err:
-        error = f"{type(err).__name__}: {err}"
-    return {"error": error, "seconds": time.perf_counter() - t0, "unchanged": _same(before, _snapshot(model, opt))}
+    error, seconds = _step_error(opt)
+    return {"error": error, "seconds": seconds, "unchanged": _same(before, _snapshot(model, opt))}
 
 
 @pytest.fixture(scope="module")

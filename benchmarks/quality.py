@@ -95,7 +95,7 @@ def corpus_overrides(corpus: str, out: Path) -> list[str]:
     if kind == "text" and sep and path:
         if not Path(path).is_dir():
             raise ValueError(f"Invalid corpus={corpus!r}: {path!r} is not a directory")
-        return ["data.source=text", f"data.root={Path(path).resolve()}"]
+        return ["data.source=text", f"data.path={Path(path).resolve()}"]
     raise ValueError(f"Invalid corpus={corpus!r}: must be 'embedded', 'manpages' or 'text:DIR'")
 
 

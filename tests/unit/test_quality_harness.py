@@ -74,8 +74,15 @@ def test_bad_arguments_exit_2(quality, tmp_path, capsys, argv, message):
 
 
 def test_corpus_overrides_map_text_folders(quality, tmp_path):
+    """The overrides are valid for the main job's config (applied as its ``--set`` would apply them)."""
+    from plumage_ds.cli import apply_overrides
+    from plumage_ds.config import load_config
+
     assert quality.corpus_overrides("embedded", tmp_path) == []
-    assert quality.corpus_overrides(f"text:{tmp_path}", tmp_path) == ["data.source=text", f"data.root={tmp_path.resolve()}"]
+    overrides = quality.corpus_overrides(f"text:{tmp_path}", tmp_path)
+    assert overrides == ["data.source=text", f"data.path={tmp_path.resolve()}"]
+    cfg = apply_overrides(load_config("configs/demo.yaml"), overrides)
+    assert (cfg.data.source, cfg.data.path) == ("text", str(tmp_path.resolve()))
 
 
 def test_refresh_spikes_pair_against_adamw(quality):

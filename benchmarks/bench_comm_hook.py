@@ -68,7 +68,7 @@ def hook_kwargs(variant: str, args: dict) -> dict:
     """
     estimator, _, rest = variant.partition(":")
     kw = dict(estimator=estimator, rank=args["rank"], update_interval=args["tau"], kappa=1, uniform_mix=0.0,
-              target_modules=HOOK_TARGETS[args.get("hook_targets", "all")])
+              target_modules=HOOK_TARGETS[args["hook_targets"]])
     if "=" in rest:
         for item in rest.split(","):
             key, _, value = item.partition("=")

@@ -54,8 +54,9 @@ from plumage_ds.train.compare import gap_closed  # noqa: E402
 LOWRANK = ("plumage", "galore", "haar", "optimal", "gum")
 
 ARM_DEFAULTS: dict[str, tuple[str, ...]] = {
-    # The config's svd_method default is "gram" for every estimator; GaLore's moments keep the
-    # singular vectors' signs across refreshes, so only "svd" reproduces galore-torch.
+    # GaLore's moments keep the singular vectors' signs across refreshes, so only "svd" reproduces
+    # galore-torch. It is also GaLore's config default now (svd_method=None → the estimator's
+    # default); the override stays explicit so every recorded table names the same setting.
     "galore": ("optimizer.svd_method=svd",),
 }
 

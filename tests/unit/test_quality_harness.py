@@ -73,7 +73,7 @@ def test_bad_arguments_exit_2(quality, tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_corpus_overrides_map_text_folders(quality, tmp_path):
+def test_corpus_overrides_map_text_folders(quality, tiny_config_path, tmp_path):
     """The overrides are valid for the main job's config (applied as its ``--set`` would apply them)."""
     from plumage_ds.cli import apply_overrides
     from plumage_ds.config import load_config
@@ -81,7 +81,7 @@ def test_corpus_overrides_map_text_folders(quality, tmp_path):
     assert quality.corpus_overrides("embedded", tmp_path) == []
     overrides = quality.corpus_overrides(f"text:{tmp_path}", tmp_path)
     assert overrides == ["data.source=text", f"data.path={tmp_path.resolve()}"]
-    cfg = apply_overrides(load_config("configs/demo.yaml"), overrides)
+    cfg = apply_overrides(load_config(tiny_config_path), overrides)
     assert (cfg.data.source, cfg.data.path) == ("text", str(tmp_path.resolve()))
 
 

@@ -248,12 +248,22 @@ class Runner:
 
     def one(self, run: Run, corpus_sets: list[str]) -> Outcome:
         run_dir = run.dir(self.out)
+        sets = run_overrides(run, corpus_sets, self.ns.set)
+        recorded = run_dir / "sets.json"
+        if recorded.is_file() and json.loads(recorded.read_text(encoding="utf-8")) != sets:
+            old = json.loads(recorded.read_text(encoding="utf-8"))
+            raise ValueError(
+                f"Invalid --out {str(self.out)!r}: run {run_dir} was made with other overrides "
+                f"(only there: {sorted(set(old) - set(sets))}; only now: {sorted(set(sets) - set(old))}); "
+                "pass another --out"
+            )
         done = read_outcome(run_dir)
         if done is not None:
             with self.lock:
                 self.skipped += 1
             return done
         run_dir.mkdir(parents=True, exist_ok=True)
+        recorded.write_text(json.dumps(sets), encoding="utf-8")
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
         t0 = time.time()
         with self.lock:

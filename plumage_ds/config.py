@@ -352,6 +352,9 @@ class OptimizerConfig:
 
     estimator: str = "plumage"
     lr: float = 1e-3
+    # LR of the parameters that stay dense (embeddings, norms, output head, biases, matrices not selected
+    # or too small for the rank), for every estimator, adamw included; None: lr. The LR schedule scales both.
+    dense_lr: Optional[float] = None
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -391,6 +394,8 @@ class OptimizerConfig:
         check_types(self)
         spec = check_estimator(self.estimator)
         validate_adam_options(lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+        if self.dense_lr is not None:
+            _check_positive("dense_lr", self.dense_lr)
         _check_positive("rank", self.rank, integer=True)
         _check_positive("update_interval", self.update_interval, integer=True)
         _check_positive("scale", self.scale)

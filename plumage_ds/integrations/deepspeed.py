@@ -248,6 +248,8 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
             raise ConfigError(
                 "estimator", config.estimator, "the DeepSpeed composite runs 'plumage', 'galore', 'haar' or 'optimal' on its targets"
             )
+        if config.dense_lr is not None and not config.lr > 0:
+            raise ConfigError("dense_lr", config.dense_lr, f"needs lr > 0 under DeepSpeed (lr={config.lr!r} is the schedule's base)")
         super().__init__([{"params": list(dense_params)}], config.adam_kwargs())
         self.stage = stage
         self.dense_names = list(dense_names) if dense_names else None
@@ -257,6 +259,9 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
         self.plumage = cls(target_groups, **kwargs, process_group=process_group)
         self.plumage.external_grad_sq_norm = self._dense_grad_sq_norm
         self._base_lr = float(config.lr)
+        # DeepSpeed's schedulers (WarmupLR...) write absolute LRs for lr into the group: the dense
+        # step runs at that value times dense_lr / lr
+        self._dense_lr_ratio = 1.0 if config.dense_lr is None else config.dense_lr / config.lr
         self._plumage_base_lr = [float(g["lr"]) for g in self.plumage.param_groups]
         self._targets = [p for g in self.plumage.param_groups for p in g["params"]]
         self.engine_attached = False  # stage 0: set by attach_engine (the engine must not all-reduce)
@@ -330,8 +335,8 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
                     "(initialize() and the plumage_ds.integrations.hf helpers do it)"
                 )
             self._allreduce_dense_grads()
-        # LR schedule: DeepSpeed's scheduler writes lr into our (single) group;
-        # the PLUMAGE groups follow with the same multiplier.
+        # LR schedule: DeepSpeed's scheduler writes lr into our (single) group; the PLUMAGE
+        # groups follow with the same multiplier, the dense step scales it by dense_lr / lr.
         lr = float(self.param_groups[0]["lr"])
         for g, base in zip(self.plumage.param_groups, self._plumage_base_lr):
             g["lr"] = base * (lr / self._base_lr) if self._base_lr > 0 else lr
@@ -368,11 +373,12 @@ class PlumageDeepSpeedOptimizer(torch.optim.Optimizer):
                 st["step"] += 1
                 adam_update_moments(st["exp_avg"], st["exp_avg_sq"], G, beta1, beta2)
                 N = adam_direction(st["exp_avg"], st["exp_avg_sq"], group["eps"])
-                size = adam_step_size(group["lr"], st["step"], beta1, beta2)
+                lr = group["lr"] * self._dense_lr_ratio
+                size = adam_step_size(lr, st["step"], beta1, beta2)
                 if p.dtype == torch.float32:
-                    p.mul_(1.0 - group["lr"] * group["weight_decay"]).sub_(N, alpha=size)
+                    p.mul_(1.0 - lr * group["weight_decay"]).sub_(N, alpha=size)
                 else:
-                    p.copy_(p.float().mul_(1.0 - group["lr"] * group["weight_decay"]).sub_(N, alpha=size))
+                    p.copy_(p.float().mul_(1.0 - lr * group["weight_decay"]).sub_(N, alpha=size))
         # DeepSpeed's zero_grad only covers its own groups: the targets' (and their projections) are ours.
         self.plumage.zero_grad(set_to_none=True)
         return loss

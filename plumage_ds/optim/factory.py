@@ -15,14 +15,43 @@ from .param_groups import lowrank_param_groups
 
 
 def select_groups(model: nn.Module, cfg: OptimizerConfig) -> tuple[list[dict], list[dict]]:
-    """``lowrank_param_groups`` with the config's ``target_modules``, ``rank`` and ``strict``."""
-    return lowrank_param_groups(model, target_modules=cfg.target_modules, rank=cfg.rank, strict=cfg.strict)
+    """``lowrank_param_groups`` with the config's ``target_modules``, ``rank`` and ``strict``; the
+    dense group carries ``lr=cfg.dense_lr`` when that is set (the one place it is applied)."""
+    groups, report = lowrank_param_groups(model, target_modules=cfg.target_modules, rank=cfg.rank, strict=cfg.strict)
+    if cfg.dense_lr is not None:
+        for g in groups:
+            if not g["lowrank"]:
+                g["lr"] = cfg.dense_lr
+    return groups, report
 
 
-def adamw_rows(model: nn.Module) -> list[dict]:
-    """One report row per trainable parameter for the full-rank AdamW baseline."""
+def adamw_params(model: nn.Module, cfg: OptimizerConfig) -> list:
+    """What ``torch.optim.AdamW`` gets for ``estimator='adamw'``, in every engine.
+
+    Every trainable tensor, in one group at ``cfg.lr``; with ``cfg.dense_lr`` set, the split of
+    :func:`select_groups` instead: the tensors a low-rank estimator would project at ``lr``, the
+    rest at ``dense_lr``, so a full-rank baseline can train the dense parameters exactly as the
+    low-rank arms do.
+    """
+    if cfg.dense_lr is None:
+        return [p for p in model.parameters() if p.requires_grad]
+    groups, _ = select_groups(model, cfg)
+    return [{"params": g["params"], "lr": g.get("lr", cfg.lr)} for g in groups]
+
+
+def adamw_rows(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
+    """One report row per trainable parameter for the full-rank AdamW baseline (its LR when split)."""
+    if cfg.dense_lr is None:
+        lr_of = {}
+    else:
+        lr_of = {id(p): g["lr"] for g in adamw_params(model, cfg) for p in g["params"]}
     return [
-        {"name": n, "shape": list(p.shape), "mode": "adamw", "reason": "estimator=adamw"}
+        {
+            "name": n,
+            "shape": list(p.shape),
+            "mode": "adamw",
+            "reason": "estimator=adamw" + (f" (lr={lr_of[id(p)]:g})" if lr_of else ""),
+        }
         for n, p in model.named_parameters()
         if p.requires_grad
     ]
@@ -40,8 +69,7 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, **extra) -> tuple[to
     if family == "adamw":
         if extra:
             raise ValueError(f"Invalid arguments {sorted(extra)} for estimator='adamw' (torch.optim.AdamW)")
-        params = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, **cfg.adam_kwargs()), adamw_rows(model)
+        return torch.optim.AdamW(adamw_params(model, cfg), **cfg.adam_kwargs()), adamw_rows(model, cfg)
     groups, _ = select_groups(model, cfg)
     if family == "gum":
         from .gum import GUM

@@ -5,8 +5,9 @@ separately, so one failing run fails only the tests that read it). Checked, on a
 ``τ=2`` so 3 refreshes in 6 steps), against the single-device ``PlumageAdamW`` with the same targets
 and hyperparameters (non-targets: AdamW, same arithmetic):
 
-* stages 0, 1, 2, 3: parameters after 6 steps within 1e-5 (stage 1 with DeepSpeed's WarmupLR, the
-  reference fed the same per-step lr; stage 3 with every parameter partitioned, persistence
+* stages 0, 1, 2, 3: parameters after 6 steps within 1e-5 (stage 1 with DeepSpeed's WarmupLR and
+  ``plumage.dense_lr``, the reference fed the same per-step lr, times ``dense_lr / lr`` for the
+  non-targets; stage 3 with every parameter partitioned, persistence
   threshold 0, and with the default threshold where the small targets stay gathered); replicas
   bitwise identical; target gradients after backward differ per rank (so
   DeepSpeed did not reduce them — PLUMAGE did, compressed);
@@ -52,6 +53,7 @@ VOCAB, SEQ, GLOBAL_BATCH = 64, 16, 8
 RANK, TAU, STEPS, SAVE_AT = 4, 2, 6, 3
 LR, WD, SEED = 3e-3, 0.1, 1
 CLIP = 0.05
+DENSE_LR = 1e-2  # stage 1: the non-targets' LR (DeepSpeed's WarmupLR writes lr's schedule; the dense step scales it)
 TARGETS = [r"self_attn|mlp"]
 
 
@@ -61,7 +63,7 @@ def batch(step: int, learnable: bool = False) -> torch.Tensor:
 
 def ds_config(
     stage: int, *, gas: int = 1, clip: float = 0.0, bf16: bool = False, warmup: bool = False, persistent: bool = False,
-    estimator: str = "plumage",
+    estimator: str = "plumage", dense_lr: float | None = None,
 ) -> dict:
     cfg = {
         "train_batch_size": GLOBAL_BATCH,
@@ -79,6 +81,8 @@ def ds_config(
         },
         "steps_per_print": 10_000,
     }
+    if dense_lr is not None:
+        cfg["plumage"]["dense_lr"] = dense_lr
     if stage == 3 and not persistent:  # partition every parameter (the default keeps params < 1e5 elements whole)
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     if bf16:
@@ -156,10 +160,11 @@ def _worker(rank, world, port, ckpt_root):
     out: dict = {}
 
     def plain(stage, gas=1, clip=0.0, bf16=False, warmup=False, ckpt=False, learnable=False, persistent=False,
-              estimator="plumage"):
+              estimator="plumage", dense_lr=None):
         def fn():
             model = tiny_llama()
-            cfg = ds_config(stage, gas=gas, clip=clip, bf16=bf16, warmup=warmup, persistent=persistent, estimator=estimator)
+            cfg = ds_config(stage, gas=gas, clip=clip, bf16=bf16, warmup=warmup, persistent=persistent, estimator=estimator,
+                            dense_lr=dense_lr)
             engine, _, _, _ = pds.initialize(model=model, config=cfg)
             comp = pds.plumage_optimizer(engine)
             res = {}
@@ -270,7 +275,8 @@ def _worker(rank, world, port, ckpt_root):
         return fn
 
     for stage in (0, 1, 2, 3):
-        record(out, f"stage{stage}", plain(stage, warmup=(stage == 1), ckpt=(stage in (0, 2, 3))))
+        record(out, f"stage{stage}", plain(stage, warmup=(stage == 1), ckpt=(stage in (0, 2, 3)),
+                                           dense_lr=DENSE_LR if stage == 1 else None))
     for policy in ("skip", "raise"):
         for where in ("target", "all"):
             record(out, f"nonfinite_{policy}_{where}", nonfinite(policy, where))
@@ -307,7 +313,7 @@ def _get(ds_runs, name):
 # ------------------------------------------------------------------------------------- reference
 
 
-def reference(steps=STEPS, clip=0.0, lrs=None, estimator="plumage"):
+def reference(steps=STEPS, clip=0.0, lrs=None, estimator="plumage", dense_lr=None):
     model = tiny_llama()
     groups, _ = lowrank_param_groups(model, target_modules=TARGETS, rank=RANK)
     opt = PlumageAdamW(
@@ -317,7 +323,7 @@ def reference(steps=STEPS, clip=0.0, lrs=None, estimator="plumage"):
     for step in range(steps):
         if lrs is not None:
             for g in opt.param_groups:
-                g["lr"] = lrs[step]
+                g["lr"] = lrs[step] * (dense_lr / LR if dense_lr is not None and not g["lowrank"] else 1.0)
         opt.zero_grad(set_to_none=True)
         loss = lm_loss(model, batch(step))
         loss.backward()
@@ -349,7 +355,7 @@ def test_matches_single_device(ds_runs, stage):
     lrs = run["lrs"] if stage == 1 else None
     if stage == 1:
         assert lrs[0] == 0.0 and lrs[-1] == pytest.approx(LR), lrs  # WarmupLR really drove the lr
-    ref, ref_losses = reference(lrs=lrs)
+    ref, ref_losses = reference(lrs=lrs, dense_lr=DENSE_LR if stage == 1 else None)
     assert run["replicas_equal"]
     assert run["target_grads_none"]
     # DeepSpeed did not reduce the target gradients (they differ per rank after backward): PLUMAGE did

@@ -7,7 +7,8 @@ uninterrupted reference of the resume test. Checked:
 * every pairing the engines support completes (finite losses, both ranks' state measured), and
   the pairings they do not support fail before any process group with a message naming both;
 * ``adamw`` equals ``torch.optim.AdamW`` (single process, same global batches and LR schedule) on
-  every engine, local included: max |Δw| ≤ 1e-5 after 3 steps;
+  every engine, local included, with ``optimizer.dense_lr`` splitting the LR (attention/MLP
+  matrices at ``lr``, the rest at ``dense_lr``): max |Δw| ≤ 1e-5 after 3 steps;
 * the sharded engine under the real ``torchrun`` launcher, killed with SIGKILL after step 3
   (checkpoint at step 2) and resumed with ``--resume``, ends bitwise equal to the uninterrupted run;
 * the deepspeed engine under the real ``deepspeed`` launcher trains, checkpoints and saves weights
@@ -52,11 +53,14 @@ EXTRA = {"hsdp": ["train.hsdp_shard_size=1"]}
 COMMON = [f"train.steps={STEPS}", "data.batch_size=2", "train.eval_batches=2", "train.log_interval=1",
           "train.eval_interval=3", "optimizer.rank=4", "optimizer.update_interval=2", "optimizer.comm_hook.start_iter=1",
           "train.warmup_steps=1"]  # fmt: skip
+ADAMW = ["optimizer.dense_lr=3e-3"]  # every adamw run: two LRs, by the low-rank arms' target selection
 RESUME = ["train.steps=6", "train.save_interval=2", "optimizer.estimator=plumage", "train.engine=sharded"]
 
 
 def job(engine: str, estimator: str, ds_json: str, extra=()):
     sets = COMMON + [f"train.engine={engine}", f"optimizer.estimator={estimator}", *EXTRA.get(engine, []), *extra]
+    if estimator == "adamw":
+        sets += ADAMW
     if engine == "deepspeed":
         sets.append(f"train.deepspeed_config={ds_json}")
     return load_job_config(str(TINY), sets)
@@ -136,7 +140,8 @@ def test_unsupported_pairs_refused_before_any_process_group(engine, estimator, t
 
 
 def _reference_adamw(cfg) -> dict:
-    """Single-process torch.optim.AdamW on the same global batches and LR schedule."""
+    """Single-process torch.optim.AdamW on the same global batches and LR schedule; ``dense_lr`` for
+    everything but the attention/MLP projection matrices (selected by name here, independently)."""
     from plumage_ds.train.data import BatchStream, load_corpus
     from plumage_ds.train.engines.base import lr_multiplier
     from plumage_ds.train.model import build_model, causal_lm_loss
@@ -144,7 +149,13 @@ def _reference_adamw(cfg) -> dict:
     corpus = load_corpus(cfg.data)
     stream = BatchStream(corpus, cfg.data, seed=cfg.train.seed)
     model = build_model(cfg.model, vocab_size=corpus.vocab_size, seq_len=cfg.data.seq_len, seed=cfg.train.seed)
-    opt = torch.optim.AdamW(model.parameters(), **cfg.optimizer.adam_kwargs())
+    named = list(model.named_parameters())
+    matrices = [p for n, p in named if n.endswith("_proj.weight")]
+    rest = [p for n, p in named if not n.endswith("_proj.weight")]
+    assert matrices and rest and cfg.optimizer.dense_lr != cfg.optimizer.lr
+    opt = torch.optim.AdamW(
+        [{"params": matrices}, {"params": rest, "lr": cfg.optimizer.dense_lr}], **cfg.optimizer.adam_kwargs()
+    )
     tc = cfg.train
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_multiplier(s, steps=tc.steps, warmup_steps=tc.warmup_steps, schedule=tc.lr_schedule)
@@ -164,7 +175,7 @@ def test_adamw_equals_torch_adamw_on_every_engine(runs, tmp_path):
     root, results = runs
     ref = _reference_adamw(job("ddp", "adamw", ""))
     # local: one process with the whole global batch (batch_size * W windows per step)
-    local = load_job_config(str(TINY), COMMON + ["optimizer.estimator=adamw", f"data.batch_size={2 * W}"])
+    local = load_job_config(str(TINY), COMMON + ADAMW + ["optimizer.estimator=adamw", f"data.batch_size={2 * W}"])
     train(local, tmp_path / "local", progress=False)
     outs = {"local": tmp_path / "local", **{e: root / f"{e}-adamw" for e in ("ddp", "sharded", "deepspeed", "fsdp2", "hsdp")}}
     for engine, out in outs.items():

@@ -56,6 +56,10 @@ def test_harness_end_to_end_and_resume(quality, tiny_config_path, tmp_path, caps
     assert quality.main(argv) == 0  # resumable: every run is finished, nothing starts
     assert "0 runs started, 10 reused" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text())["corpora"]["embedded"]["arms"] == arms
+    # a run folder is reused only for the overrides it was made with: a new --set into the same --out is refused
+    assert quality.main(argv + ["--set", "optimizer.dense_lr=0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "was made with other overrides (only there: []; only now: ['optimizer.dense_lr=0.01'])" in err
 
 
 @pytest.mark.parametrize(

@@ -109,6 +109,37 @@ def test_config_route_takes_all_linear(models):
     assert len(targets) == PER_LAYER["gpt2"] * LAYERS and all(".h." in n for n in targets)
 
 
+@pytest.mark.parametrize("estimator", ["adamw", "plumage", "gum"])
+def test_dense_lr_steps_the_non_targets_only(estimator):
+    """``optimizer.dense_lr``: the tensors a low-rank estimator leaves dense take their first Adam
+    step (``|Δ| = lr·|g|/(|g| + eps)``, so ``max |Δ| ≈ lr``) at ``dense_lr``; the targets step exactly
+    as without it — for the full-rank baseline too, which splits by the same selection."""
+    from plumage_ds.config import OptimizerConfig
+    from plumage_ds.testing import tiny_llama
+
+    def first_step(dense_lr):
+        model = tiny_llama()
+        opt, rows = build_optimizer(model, OptimizerConfig(estimator=estimator, lr=1e-3, dense_lr=dense_lr, rank=4))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        lm_loss(model, token_batch(0, 4)).backward()
+        opt.step()
+        return {n: p.detach() - before[n] for n, p in model.named_parameters()}, rows
+
+    base, _ = first_step(None)
+    split, rows = first_step(0.05)
+    _, report = lowrank_param_groups(tiny_llama(), rank=4)
+    targets = {r["name"] for r in report if r["mode"] == "lowrank"}
+    assert targets and len(targets) < len(split)
+    for name, delta in split.items():
+        if name in targets:
+            assert torch.equal(delta, base[name]), name
+        else:
+            for d, lr in ((delta, 0.05), (base[name], 1e-3)):
+                assert 0.98 * lr < d.abs().max() < 1.001 * lr, name
+    if estimator == "adamw":
+        assert {r["reason"] for r in rows} == {"estimator=adamw (lr=0.001)", "estimator=adamw (lr=0.05)"}
+
+
 # ----------------------------------------------------------------------------- tied weights
 
 

@@ -20,6 +20,7 @@ import torch
 from plumage_ds.config import ConfigError, JobConfig
 from plumage_ds.io import atomic_torch_save
 from plumage_ds.optim import build_optimizer
+from plumage_ds.optim.factory import adamw_params
 
 from .base import Engine, unsupported
 
@@ -70,7 +71,7 @@ class DDPHookEngine(DDPEngine):
         self.wrap(model)
         self.hook_state = PlumageHookState(self.module, self.cfg)
         self.module.register_comm_hook(self.hook_state, plumage_hook)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), **self.cfg.adam_kwargs())
+        self.optimizer = torch.optim.AdamW(adamw_params(self.model, self.cfg), **self.cfg.adam_kwargs())
         self.scheduler = self.make_scheduler(self.optimizer)
         self.rows = [
             {"name": name, "shape": list(shape), "mode": mode, "reason": reason}

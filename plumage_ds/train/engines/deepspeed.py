@@ -164,12 +164,12 @@ class DeepSpeedEngine(Engine):
                 self.composite = pds.plumage_optimizer(engine)
                 self.rows = self.composite.matrix_report()
             else:
-                from plumage_ds.optim.factory import adamw_rows
+                from plumage_ds.optim.factory import adamw_params, adamw_rows
 
-                opt = torch.optim.AdamW(model.parameters(), **self.cfg.adam_kwargs())
+                opt = torch.optim.AdamW(adamw_params(model, self.cfg), **self.cfg.adam_kwargs())
                 engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds, lr_scheduler=self.make_scheduler)
                 self.composite = None
-                self.rows = adamw_rows(model)
+                self.rows = adamw_rows(model, self.cfg)
         except AssertionError as err:  # DeepSpeed's config checks are asserts
             raise ValueError(f"Invalid train.deepspeed_config (rejected by DeepSpeed): {err}") from None
         self.module = self.ds_engine = engine

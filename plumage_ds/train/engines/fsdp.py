@@ -24,7 +24,7 @@ import torch
 
 from plumage_ds.config import ConfigError, JobConfig
 from plumage_ds.optim import build_optimizer
-from plumage_ds.optim.factory import adamw_rows
+from plumage_ds.optim.factory import adamw_params, adamw_rows
 
 from .base import Engine, unsupported
 
@@ -49,8 +49,8 @@ class FSDP2Engine(Engine):
         mesh, optimizer_kw = self.mesh()
         self.model = self.module = shard_model(model.to(self.device), mesh)
         if self.cfg.spec.family == "adamw":
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), **self.cfg.adam_kwargs())
-            self.rows = adamw_rows(self.model)
+            self.optimizer = torch.optim.AdamW(adamw_params(self.model, self.cfg), **self.cfg.adam_kwargs())
+            self.rows = adamw_rows(self.model, self.cfg)
         else:
             self.optimizer, self.rows = build_optimizer(self.model, self.cfg, **optimizer_kw)
         self.scheduler = self.make_scheduler(self.optimizer)

@@ -23,7 +23,7 @@ import torch
 from plumage_ds.config import JobConfig
 from plumage_ds.io import atomic_torch_save
 from plumage_ds.optim import build_optimizer
-from plumage_ds.optim.factory import adamw_rows
+from plumage_ds.optim.factory import adamw_params, adamw_rows
 
 from .base import tensor_bytes, unsupported
 from .ddp import DDPEngine
@@ -46,9 +46,9 @@ class ShardedEngine(DDPEngine):
 
             self.wrap(model)
             self.optimizer = ZeroRedundancyOptimizer(
-                list(self.model.parameters()), optimizer_class=torch.optim.AdamW, **self.cfg.adam_kwargs()
+                adamw_params(self.model, self.cfg), optimizer_class=torch.optim.AdamW, **self.cfg.adam_kwargs()
             )
-            self.rows = adamw_rows(self.model)
+            self.rows = adamw_rows(self.model, self.cfg)
         else:
             from plumage_ds.distributed import DataParallelDistributor
 

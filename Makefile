@@ -1,5 +1,5 @@
 # make test  — install into .venv (once) and run the test suite
-# make demo  — install into .venv (once), train adamw/galore/plumage/haar/gum on configs/demo.yaml, compare, plot
+# make demo  — install into .venv (once), train adamw/galore/plumage/optimal/haar/gum on configs/demo.yaml, compare, plot
 # make quality — the same estimators over 5 seeds, each at its best LR (benchmarks/quality.py)
 #
 # Works on a fresh machine with python3.11+, pip and gcc. torch is installed first and
@@ -15,10 +15,11 @@ TORCH_PIN   ?= torch==2.13.0
 PYTEST_ARGS ?=
 DEMO_CONFIG ?= configs/demo.yaml
 DEMO_OUT    ?= runs/demo
-DEMO_ESTIMATORS ?= adamw galore plumage haar gum
-# Each estimator at its own best LR from the quality harness's sweep (docs/quality.md §3: demo
-# model, 300 steps, 5 seeds); `DEMO_LRS=` runs them all at the config's one LR instead.
-DEMO_LRS    ?= adamw=1e-3 galore=4e-3 plumage=4e-3 haar=4e-3 gum=1.6e-2 optimal=4e-3
+DEMO_ESTIMATORS ?= adamw galore plumage optimal haar gum
+# Each estimator at its own best matrix LR from the quality harness (docs/quality.md §9: demo model,
+# 300 steps, swept over 5 seeds, every estimator's dense parameters at the config's dense_lr);
+# `DEMO_LRS=` runs them all at the config's one lr instead.
+DEMO_LRS    ?= adamw=1e-3 galore=2e-3 plumage=2e-3 haar=4e-3 gum=1.6e-2 optimal=2e-3
 DEMO_ARGS   ?=
 
 QUALITY_ARGS ?=
@@ -70,7 +71,7 @@ bench: $(VENV)/.installed
 # Training quality over seeds (docs/quality.md): every estimator at its own best LR, gap closed
 # per seed, loss curves. Resumable (finished runs are reused); hours on 2 cores at 600 steps.
 quality: $(VENV)/.installed
-	$(RUN) $(PY) benchmarks/quality.py --config $(DEMO_CONFIG) --out runs/quality --steps 600 --seeds 5 --jobs 2 $(QUALITY_ARGS)
+	$(RUN) $(PY) benchmarks/quality.py --config $(DEMO_CONFIG) --out runs/quality --steps 600 --seeds 5 --sweep-seeds 5 --jobs 2 $(QUALITY_ARGS)
 
 clean-runs:
 	rm -rf runs

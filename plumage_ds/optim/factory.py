@@ -39,12 +39,10 @@ def adamw_params(model: nn.Module, cfg: OptimizerConfig) -> list:
     return [{"params": g["params"], "lr": g.get("lr", cfg.lr)} for g in groups]
 
 
-def adamw_rows(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
-    """One report row per trainable parameter for the full-rank AdamW baseline (its LR when split)."""
-    if cfg.dense_lr is None:
-        lr_of = {}
-    else:
-        lr_of = {id(p): g["lr"] for g in adamw_params(model, cfg) for p in g["params"]}
+def adamw_rows(model: nn.Module, params: list) -> list[dict]:
+    """One report row per trainable parameter for the full-rank AdamW baseline; ``params`` is what
+    :func:`adamw_params` returned (its groups' LRs are named when it split them)."""
+    lr_of = {id(p): g["lr"] for g in params if isinstance(g, dict) for p in g["params"]}
     return [
         {
             "name": n,
@@ -69,7 +67,8 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, **extra) -> tuple[to
     if family == "adamw":
         if extra:
             raise ValueError(f"Invalid arguments {sorted(extra)} for estimator='adamw' (torch.optim.AdamW)")
-        return torch.optim.AdamW(adamw_params(model, cfg), **cfg.adam_kwargs()), adamw_rows(model, cfg)
+        params = adamw_params(model, cfg)
+        return torch.optim.AdamW(params, **cfg.adam_kwargs()), adamw_rows(model, params)
     groups, _ = select_groups(model, cfg)
     if family == "gum":
         from .gum import GUM

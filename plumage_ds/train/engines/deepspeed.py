@@ -166,10 +166,11 @@ class DeepSpeedEngine(Engine):
             else:
                 from plumage_ds.optim.factory import adamw_params, adamw_rows
 
-                opt = torch.optim.AdamW(adamw_params(model, self.cfg), **self.cfg.adam_kwargs())
+                params = adamw_params(model, self.cfg)
+                self.rows = adamw_rows(model, params)  # before DeepSpeed swaps the groups' tensors for its own
+                opt = torch.optim.AdamW(params, **self.cfg.adam_kwargs())
                 engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds, lr_scheduler=self.make_scheduler)
                 self.composite = None
-                self.rows = adamw_rows(model, self.cfg)
         except AssertionError as err:  # DeepSpeed's config checks are asserts
             raise ValueError(f"Invalid train.deepspeed_config (rejected by DeepSpeed): {err}") from None
         self.module = self.ds_engine = engine

@@ -49,8 +49,9 @@ class FSDP2Engine(Engine):
         mesh, optimizer_kw = self.mesh()
         self.model = self.module = shard_model(model.to(self.device), mesh)
         if self.cfg.spec.family == "adamw":
-            self.optimizer = torch.optim.AdamW(adamw_params(self.model, self.cfg), **self.cfg.adam_kwargs())
-            self.rows = adamw_rows(self.model, self.cfg)
+            params = adamw_params(self.model, self.cfg)
+            self.optimizer = torch.optim.AdamW(params, **self.cfg.adam_kwargs())
+            self.rows = adamw_rows(self.model, params)
         else:
             self.optimizer, self.rows = build_optimizer(self.model, self.cfg, **optimizer_kw)
         self.scheduler = self.make_scheduler(self.optimizer)

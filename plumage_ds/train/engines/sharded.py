@@ -45,10 +45,9 @@ class ShardedEngine(DDPEngine):
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
             self.wrap(model)
-            self.optimizer = ZeroRedundancyOptimizer(
-                adamw_params(self.model, self.cfg), optimizer_class=torch.optim.AdamW, **self.cfg.adam_kwargs()
-            )
-            self.rows = adamw_rows(self.model, self.cfg)
+            params = adamw_params(self.model, self.cfg)
+            self.optimizer = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **self.cfg.adam_kwargs())
+            self.rows = adamw_rows(self.model, params)
         else:
             from plumage_ds.distributed import DataParallelDistributor
 

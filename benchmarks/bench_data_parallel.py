@@ -89,7 +89,7 @@ def _run_method(method: str, rank: int, world: int, args) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from plumage_ds.config import DataConfig, ModelConfig
-    from plumage_ds.distributed import ShardedPlumageAdamW
+    from plumage_ds.optim import ShardedPlumageAdamW
     from plumage_ds.distributed.comm import summed_bytes
     from plumage_ds.optim import PlumageAdamW, lowrank_param_groups
     from plumage_ds.train.data import BatchStream, load_corpus, rank_slice

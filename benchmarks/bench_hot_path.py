@@ -5,12 +5,12 @@
 
 ``--curve``: ``PlumageAdamW.step()`` alone (gradients set by hand, no model) on ``N`` target matrices of
 one shape, ``N`` from 8 to 512, ordinary steps (no refresh): the batched path (default) and the
-same code under :func:`plumage_ds.optim.batched.per_matrix` (a matrix at a time), interleaved,
+same code under :func:`plumage_ds.kernels.batched.per_matrix` (a matrix at a time), interleaved,
 median over repetitions. The ratio ``ms / N`` is the cost per matrix: flat when the step has no
 per-matrix overhead left.
 
 ``--sweep``: for one shape family ``(s, 2.6875·s)`` with ``r = s/4``, the projection ``Pᵀ G``, the lift
-``P N`` and the Gram ``eigh`` of 16 and 128 matrices through :mod:`plumage_ds.optim.batched` stacked
+``P N`` and the Gram ``eigh`` of 16 and 128 matrices through :mod:`plumage_ds.kernels.batched` stacked
 and one call per matrix (what sets ``STACK_ELEMENTS`` for CPU).
 """
 
@@ -43,7 +43,7 @@ def _median_ms(fn, reps: int, device: torch.device = torch.device("cpu")) -> flo
 
 def curve(shape: tuple[int, int], counts: list[int], rank: int, reps: int) -> list[dict]:
     from plumage_ds import PlumageAdamW
-    from plumage_ds.optim import batched
+    from plumage_ds.kernels import batched
 
     rows = []
     for n in counts:
@@ -76,7 +76,7 @@ def sweep(sides: list[int], count: int, reps: int, device: torch.device = torch.
     """Projection ``Pᵀ G``, lift ``P N`` and Gram ``eigh`` of ``count`` matrices ``(s, 2.6875·s)``, ``r = s/4``,
     stacked (one ``bmm`` / batched ``eigh``) and one call per matrix: ``(proj, lift, eigh)`` ms each way."""
     from plumage_ds.estimators import gram_basis
-    from plumage_ds.optim import batched
+    from plumage_ds.kernels import batched
 
     rows = []
     for s in sides:

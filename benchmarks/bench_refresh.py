@@ -34,7 +34,7 @@ LAYERS, RANK = 6, 128
 
 
 def _worker(rank: int, world: int, steps: int) -> dict:
-    from plumage_ds.distributed import ShardedPlumageAdamW
+    from plumage_ds.optim import ShardedPlumageAdamW
 
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in SHAPES * LAYERS]

@@ -23,7 +23,7 @@ when ``--device cuda`` finds no CUDA device):
    the peak ``torch.cuda.max_memory_allocated`` over its steps (weights, gradients and state).
 3. **Stacking on this device.** ``Pᵀ G``, ``P N`` and the Gram ``eigh`` of 16 same-shape matrices, stacked
    and one call per matrix (``benchmarks/bench_hot_path.py``'s sweep): what ``STACK_ELEMENTS`` should be
-   for the device (``plumage_ds/optim/batched.py``; CPU measured, GPU not yet).
+   for the device (``plumage_ds/kernels/batched.py``; CPU measured, GPU not yet).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _mlp(seed: int = 0) -> nn.Module:
 
 
 def _train(model: nn.Module, opt, steps: int, device: torch.device, per_matrix: bool = False) -> None:
-    from plumage_ds.optim import batched
+    from plumage_ds.kernels import batched
 
     for step in range(steps):
         g = torch.Generator().manual_seed(1000 + step)

@@ -41,7 +41,7 @@ from plumage_ds.estimators import (  # noqa: E402
     plumage_design,
     second_moment_update,
 )
-from plumage_ds.optim.param_groups import lowrank_param_groups  # noqa: E402
+from plumage_ds.targets import lowrank_param_groups  # noqa: E402
 from plumage_ds.train.data import BatchStream, load_corpus  # noqa: E402
 from plumage_ds.train.model import build_model, causal_lm_loss  # noqa: E402
 

@@ -26,9 +26,15 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .estimators.registry import ESTIMATORS, SVD_METHODS, estimator_problem, resolve_svd_method
+
 DINV_PLACEMENTS = ("coords", "lift", "none")
-SVD_METHODS = ("gram", "svd")
-ENGINES = ("local", "ddp", "ddp_hook", "sharded", "deepspeed", "fsdp2", "hsdp")
+ENGINES = {
+    "local": "local", "ddp": "ddp", "ddp_hook": "ddp", "sharded": "sharded", "deepspeed": "deepspeed",
+    "fsdp2": "fsdp", "hsdp": "fsdp",
+}  # fmt: skip
+"""``train.engine`` names, each with the module of ``plumage_ds.train.engines`` that holds its engine class
+(the class whose ``name`` is the key): the one list of engines."""
 DATA_SOURCES = ("stdlib", "text", "jsonl", "hf_dataset")
 NONFINITE_POLICIES = ("skip", "raise")
 QUANTIZE_CHOICES = ("int8", "fp16")
@@ -59,14 +65,15 @@ class ConfigKeyError(ValueError):
 
 
 # --------------------------------------------------------------------------- value checks
+# The one copy of each check: every optimizer, adapter and engine validates through these.
 
 
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
+def check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(name, value, f"must be one of {list(choices)}")
 
 
-def _check_positive(name: str, value: Any, *, integer: bool = False) -> None:
+def check_positive(name: str, value: Any, *, integer: bool = False) -> None:
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or not value > 0 or (
         not integer and not math.isfinite(value)
@@ -74,7 +81,7 @@ def _check_positive(name: str, value: Any, *, integer: bool = False) -> None:
         raise ConfigError(name, value, "must be a positive integer" if integer else "must be a positive finite number")
 
 
-def _check_nonneg(name: str, value: Any, *, integer: bool = False) -> None:
+def check_nonneg(name: str, value: Any, *, integer: bool = False) -> None:
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or not value >= 0 or (
         not integer and not math.isfinite(value)
@@ -82,14 +89,24 @@ def _check_nonneg(name: str, value: Any, *, integer: bool = False) -> None:
         raise ConfigError(name, value, "must be an integer >= 0" if integer else "must be a finite number >= 0")
 
 
-def _check_unit(name: str, value: Any, *, closed: bool = True) -> None:
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(name, value, "must be True or False")
+
+
+def check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, value, "must be an integer")
+
+
+def check_unit(name: str, value: Any, *, closed: bool = True) -> None:
     ok = not isinstance(value, bool) and isinstance(value, (int, float))
     ok = ok and (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0)
     if not ok:
         raise ConfigError(name, value, "must be in [0, 1]" if closed else "must be in [0, 1)")
 
 
-def _check_betas(betas: Any) -> None:
+def check_betas(betas: Any) -> None:
     ok = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
         isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas
     )
@@ -101,29 +118,28 @@ def validate_lowrank_options(
     *,
     rank: Any,
     update_interval: Any,
-    estimator: Any,
     scale: Any,
-    dinv_placement: Any,
     svd_method: Any,
+    estimator: Any = None,
+    dinv_placement: Any = "none",
     uniform_mix: Any = 0.0,
 ) -> None:
     """The low-rank knobs of :class:`~plumage_ds.optim.PlumageAdamW` (and GUM, the reference).
 
-    ``estimator`` must be a registered ``lowrank_adam`` estimator (``plumage``, ``galore``, ``haar``, ``optimal``).
+    ``estimator`` (when given) must be a registered ``lowrank_adam`` estimator.
     """
-    _check_unit("uniform_mix", uniform_mix)
-    _check_positive("rank", rank, integer=True)
-    _check_positive("update_interval", update_interval, integer=True)
-    check_estimator(estimator, family="lowrank_adam")
-    _check_positive("scale", scale)
-    _check_choice("dinv_placement", dinv_placement, DINV_PLACEMENTS)
-    _check_choice("svd_method", svd_method, SVD_METHODS)
+    check_unit("uniform_mix", uniform_mix)
+    check_positive("rank", rank, integer=True)
+    check_positive("update_interval", update_interval, integer=True)
+    if estimator is not None:
+        check_estimator(estimator, family="lowrank_adam")
+    check_positive("scale", scale)
+    check_choice("dinv_placement", dinv_placement, DINV_PLACEMENTS)
+    check_choice("svd_method", svd_method, SVD_METHODS)
 
 
 def check_estimator(name: Any, *, family: Optional[str] = None):
     """The registry entry of ``name`` (:mod:`plumage_ds.estimators.registry`), or a :class:`ConfigError`."""
-    from .estimators.registry import ESTIMATORS, estimator_problem
-
     problem = estimator_problem(name, family)
     if problem is not None:
         raise ConfigError("estimator", name, problem)
@@ -131,10 +147,10 @@ def check_estimator(name: Any, *, family: Optional[str] = None):
 
 
 def validate_adam_options(*, lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
-    _check_nonneg("lr", lr)
-    _check_betas(betas)
-    _check_nonneg("eps", eps)
-    _check_nonneg("weight_decay", weight_decay)
+    check_nonneg("lr", lr)
+    check_betas(betas)
+    check_nonneg("eps", eps)
+    check_nonneg("weight_decay", weight_decay)
 
 
 # --------------------------------------------------------------------------- types from annotations
@@ -307,8 +323,8 @@ class GumConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        _check_positive("gamma", self.gamma, integer=True)
-        _check_unit("momentum", self.momentum, closed=False)
+        check_positive("gamma", self.gamma, integer=True)
+        check_unit("momentum", self.momentum, closed=False)
 
 
 @dataclass(kw_only=True)
@@ -327,12 +343,12 @@ class CommHookConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        _check_nonneg("start_iter", self.start_iter, integer=True)
+        check_nonneg("start_iter", self.start_iter, integer=True)
         if not self.min_compression_rate >= 1.0 or not math.isfinite(self.min_compression_rate):
             raise ConfigError("min_compression_rate", self.min_compression_rate, "must be a number >= 1")
-        _check_nonneg("resample_interval", self.resample_interval, integer=True)
+        check_nonneg("resample_interval", self.resample_interval, integer=True)
         if self.quantize is not None:
-            _check_choice("quantize", self.quantize, QUANTIZE_CHOICES)
+            check_choice("quantize", self.quantize, QUANTIZE_CHOICES)
         if self.sigma_weight is not None and not 0.0 < self.sigma_weight <= 1.0:
             raise ConfigError("sigma_weight", self.sigma_weight, "must be in (0, 1] (null: the running mean)")
 
@@ -373,7 +389,7 @@ class OptimizerConfig:
     collective_timeout: float = 0.0  # seconds a collective of the step may wait (0: the process group's timeout)
     backward_projection: Optional[bool] = None  # keep Pᵀ G (r×l), not G (m×n), from backward to step; None: on for ZeRO-3 only
     # regexes on module names (re.search) and/or "all-linear"; None: the default selection (attention and
-    # MLP matrices of LLaMA/Mistral/Qwen, GPT-2, BERT/RoBERTa, T5, ViT naming; see optim/param_groups.py)
+    # MLP matrices of LLaMA/Mistral/Qwen, GPT-2, BERT/RoBERTa, T5, ViT naming; see targets.py)
     target_modules: Optional[tuple[str, ...]] = None
     gum: GumConfig = field(default_factory=GumConfig)
     comm_hook: CommHookConfig = field(default_factory=CommHookConfig)
@@ -395,22 +411,23 @@ class OptimizerConfig:
         spec = check_estimator(self.estimator)
         validate_adam_options(lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
         if self.dense_lr is not None:
-            _check_positive("dense_lr", self.dense_lr)
-        _check_positive("rank", self.rank, integer=True)
-        _check_positive("update_interval", self.update_interval, integer=True)
-        _check_positive("scale", self.scale)
-        _check_choice("dinv_placement", self.dinv_placement, DINV_PLACEMENTS)
-        _check_unit("uniform_mix", self.uniform_mix)
-        _check_nonneg("max_grad_norm", self.max_grad_norm)
-        _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
-        _check_nonneg("collective_timeout", self.collective_timeout)
-        _check_choice("right_projectors", self.right_projectors, RIGHT_PROJECTORS)
+            check_positive("dense_lr", self.dense_lr)
+        check_positive("rank", self.rank, integer=True)
+        check_positive("update_interval", self.update_interval, integer=True)
+        check_positive("scale", self.scale)
+        check_choice("dinv_placement", self.dinv_placement, DINV_PLACEMENTS)
+        check_unit("uniform_mix", self.uniform_mix)
+        check_nonneg("max_grad_norm", self.max_grad_norm)
+        check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        check_nonneg("collective_timeout", self.collective_timeout)
+        check_choice("right_projectors", self.right_projectors, RIGHT_PROJECTORS)
         if self.svd_method is not None:
-            _check_choice("svd_method", self.svd_method, SVD_METHODS)
+            check_choice("svd_method", self.svd_method, SVD_METHODS)
             if spec.default_svd_method is None:
                 raise ConfigError("svd_method", self.svd_method, f"estimator {spec.name!r} takes no SVD; leave it null")
         if self.uniform_mix != 0.0 and not spec.uses_uniform_mix:
-            raise ConfigError("uniform_mix", self.uniform_mix, f"applies to estimators 'plumage' and 'optimal' only, not {spec.name!r}")
+            users = " and ".join(repr(n) for n, s in ESTIMATORS.items() if s.uses_uniform_mix)
+            raise ConfigError("uniform_mix", self.uniform_mix, f"applies to estimators {users} only, not {spec.name!r}")
         if self.realign is not None and spec.family != "lowrank_adam":
             raise ConfigError("realign", self.realign, f"estimator {spec.name!r} keeps no moments in P's basis; leave it null")
         if self.target_modules is not None and not self.target_modules:
@@ -434,18 +451,14 @@ class OptimizerConfig:
         return {k: getattr(self, k) for k in ("lr", "betas", "eps", "weight_decay")}
 
     def lowrank_kwargs(self) -> dict:
-        """Keyword arguments of :class:`PlumageAdamW` (all but ``params``/``distributor``), resolved."""
-        from .estimators.registry import resolve_svd_method
-
+        """Keyword arguments of :class:`PlumageAdamW` (all but ``params``), resolved."""
         out = {f: getattr(self, f) for f in PLUMAGE_ADAMW_KEYS}
         out["svd_method"] = resolve_svd_method(self.estimator, self.svd_method) or "gram"  # haar: unused
         out["backward_projection"] = bool(self.backward_projection)  # None: off (the ZeRO-3 composite turns it on)
         return out
 
     def gum_kwargs(self) -> dict:
-        """Keyword arguments of :class:`GUM` (all but ``params``/``distributor``), resolved."""
-        from .estimators.registry import resolve_svd_method
-
+        """Keyword arguments of :class:`GUM` (all but ``params``), resolved."""
         out = {f: getattr(self, f) for f in GUM_SHARED_KEYS}
         out["svd_method"] = resolve_svd_method(self.estimator, self.svd_method)
         out.update(dataclasses.asdict(self.gum))
@@ -461,6 +474,7 @@ PLUMAGE_ADAMW_KEYS = (
 
 GUM_SHARED_KEYS = (
     "lr", "betas", "eps", "weight_decay", "rank", "update_interval", "scale", "svd_method", "seed", "strict", "nonfinite",
+    "max_grad_norm", "collective_timeout",
 )  # fmt: skip
 
 
@@ -535,7 +549,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        _check_choice("source", self.source, DATA_SOURCES)
+        check_choice("source", self.source, DATA_SOURCES)
         if self.source != "stdlib" and not self.path:
             raise ConfigError("path", self.path, f"source {self.source!r} needs a path")
         if not self.field:
@@ -544,11 +558,11 @@ class DataConfig:
             raise ConfigError("extensions", list(self.extensions), "must be a list of suffixes like '.txt'")
         if not self.tokenizer:
             raise ConfigError("tokenizer", self.tokenizer, "must be 'byte' or a directory with tokenizer.json")
-        _check_positive("seq_len", self.seq_len, integer=True)
-        _check_positive("batch_size", self.batch_size, integer=True)
+        check_positive("seq_len", self.seq_len, integer=True)
+        check_positive("batch_size", self.batch_size, integer=True)
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError("eval_fraction", self.eval_fraction, "must be in (0, 1)")
-        _check_positive("max_corpus_bytes", self.max_corpus_bytes, integer=True)
+        check_positive("max_corpus_bytes", self.max_corpus_bytes, integer=True)
 
 
 @dataclass(kw_only=True)
@@ -573,25 +587,25 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        _check_choice("engine", self.engine, ENGINES)
+        check_choice("engine", self.engine, tuple(ENGINES))
         if (self.engine == "deepspeed") != (self.deepspeed_config is not None):
             if self.engine == "deepspeed":
                 raise ConfigError("deepspeed_config", None, "engine 'deepspeed' needs a DeepSpeed JSON (or --deepspeed)")
             raise ConfigError("deepspeed_config", self.deepspeed_config, f"only for engine 'deepspeed', not {self.engine!r}")
-        _check_positive("steps", self.steps, integer=True)
-        _check_nonneg("warmup_steps", self.warmup_steps, integer=True)
-        _check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
-        _check_positive("grad_accum", self.grad_accum, integer=True)
-        _check_positive("eval_interval", self.eval_interval, integer=True)
-        _check_positive("eval_batches", self.eval_batches, integer=True)
-        _check_positive("log_interval", self.log_interval, integer=True)
-        _check_nonneg("save_interval", self.save_interval, integer=True)
-        _check_positive("keep_last", self.keep_last, integer=True)
-        _check_nonneg("hsdp_shard_size", self.hsdp_shard_size, integer=True)
+        check_positive("steps", self.steps, integer=True)
+        check_nonneg("warmup_steps", self.warmup_steps, integer=True)
+        check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        check_positive("grad_accum", self.grad_accum, integer=True)
+        check_positive("eval_interval", self.eval_interval, integer=True)
+        check_positive("eval_batches", self.eval_batches, integer=True)
+        check_positive("log_interval", self.log_interval, integer=True)
+        check_nonneg("save_interval", self.save_interval, integer=True)
+        check_positive("keep_last", self.keep_last, integer=True)
+        check_nonneg("hsdp_shard_size", self.hsdp_shard_size, integer=True)
         if self.hsdp_shard_size and self.engine != "hsdp":
             raise ConfigError("hsdp_shard_size", self.hsdp_shard_size, f"only for engine 'hsdp', not {self.engine!r}")
-        _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
-        _check_nonneg("num_threads", self.num_threads, integer=True)
+        check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        check_nonneg("num_threads", self.num_threads, integer=True)
 
 
 @dataclass(kw_only=True)

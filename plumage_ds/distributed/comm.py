@@ -240,10 +240,3 @@ def first_error(message: Optional[str], group: Optional[dist.ProcessGroup]) -> O
     got: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(got, message, group=group)
     return next((m for m in got if m is not None), None)
-
-
-def flat_concat(tensors: list[Tensor], dtype=torch.float32, device=None) -> Tensor:
-    """Concatenate flattened tensors (empty list → empty tensor)."""
-    if not tensors:
-        return torch.empty(0, dtype=dtype, device=device)
-    return torch.cat([t.reshape(-1).to(dtype) for t in tensors])

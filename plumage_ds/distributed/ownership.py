@@ -1,17 +1,32 @@
-"""Deterministic ownership plan: which rank owns each matrix's SVD and Adam state."""
+"""Deterministic ownership plan: which rank owns each matrix's refresh (and, in the optimizer, its moments).
+
+One cost model (:func:`lowrank_load`) for every user of the plan — the optimizers in every sharding
+case and the DDP comm hook — and one greedy balance (:func:`greedy_ownership`).
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 
+def lowrank_load(s: int, l: int, r: int, *, decomposes: bool, keeps_moments: bool, keeps_second_moment: bool) -> tuple[float, int]:
+    """``(compute, state bytes)`` of owning one ``(s, l)`` target matrix at rank ``r``.
+
+    Compute: the refresh decomposition ``s²·l`` (estimators that build ``P`` from the gradient) plus,
+    where the owner runs Adam, ``2·r·l`` per step. State: fp32 moments ``2·r·l`` and, for estimators
+    that keep a second moment, ``Σ`` in float64 ``s²``.
+    """
+    compute = (float(s * s * l) if decomposes else 0.0) + (2.0 * r * l if keeps_moments else 0.0)
+    state = (2 * r * l * 4 if keeps_moments else 0) + (8 * s * s if keeps_second_moment else 0)
+    return compute, state
+
+
 def greedy_ownership(costs: Sequence[float], state_bytes: Sequence[int], world_size: int) -> list[int]:
     """Longest-processing-time greedy over a combined load.
 
-    Each item's weight is its share of total compute cost (SVD ``~s²·l`` plus
-    Adam work) plus its share of total state bytes, so both are balanced. Items
-    are placed heaviest first (ties by index) on the rank with the smallest load
-    so far (ties by rank). Pure function of its inputs: every rank computes the
+    Each item's weight is its share of total compute cost plus its share of total state bytes, so
+    both are balanced. Items are placed heaviest first (ties by index) on the rank with the
+    smallest load so far (ties by rank). Pure function of its inputs: every rank computes the
     same plan, and so does a resumed run.
     """
     if world_size < 1:

@@ -1,4 +1,5 @@
-"""Pure estimator math (no ``torch.distributed``): probabilities, samplers, projectors, the registry."""
+"""Pure estimator math (no ``torch.distributed``): probabilities, samplers, projectors, the estimator
+strategies (:mod:`.registry`) and the owner refresh shared by the optimizers and the comm hook (:mod:`.refresh`)."""
 
 from .gum import sample_layers
 from .optimal import (
@@ -25,13 +26,16 @@ from .projectors import (
     realign_moments,
     realignment,
 )
-from .registry import ESTIMATORS, EstimatorSpec, estimator_names, estimator_problem, get_estimator
-from .sampling import derive_seed, sampler_generator, systematic_sample
+from .refresh import RefreshInput, RefreshResult, owner_refresh
+from .registry import ESTIMATORS, Estimator, estimator_names, estimator_problem, get_estimator, oriented_gram
+from .sampling import derive_seed, is_refresh, refresh_index, sampler_generator, systematic_sample
 from .spectral import deorient, gram_basis, is_left, orient, oriented_shape, short_side_basis
 
 __all__ = [
     "ESTIMATORS",
-    "EstimatorSpec",
+    "Estimator",
+    "RefreshInput",
+    "RefreshResult",
     "Projection",
     "deorient",
     "derive_seed",
@@ -46,6 +50,7 @@ __all__ = [
     "gram_basis",
     "haar_projection",
     "inclusion_probabilities",
+    "is_refresh",
     "is_deterministic",
     "is_left",
     "mix_uniform",
@@ -54,6 +59,8 @@ __all__ = [
     "optimal_probabilities",
     "optimal_projection",
     "orient",
+    "oriented_gram",
+    "owner_refresh",
     "oriented_shape",
     "plumage_design",
     "plumage_from_basis",
@@ -61,6 +68,7 @@ __all__ = [
     "projection_from_design",
     "realign_moments",
     "realignment",
+    "refresh_index",
     "sample_layers",
     "sampler_generator",
     "scaled_projector",

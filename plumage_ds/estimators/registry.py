@@ -1,44 +1,45 @@
-"""The estimator registry: every name ``optimizer.estimator`` accepts, and the facts about it.
+"""The estimator registry: every name ``optimizer.estimator`` accepts, as one strategy object each.
 
 One table instead of string comparisons scattered over the optimizer, the reference, the comm
-hook and the config. Each :class:`EstimatorSpec` says
+hook and the config. Each :class:`Estimator` holds the facts about one estimator and the math
+that differs between estimators; every caller asks it instead of comparing names:
 
 * ``family`` — which optimizer runs it: ``"adamw"`` (``torch.optim.AdamW``, no projection),
   ``"lowrank_adam"`` (Adam on ``R = Pᵀ G_o``: :class:`~plumage_ds.optim.PlumageAdamW`, the
   reference oracle, the DeepSpeed composite, the comm hook) or ``"gum"`` (:class:`~plumage_ds.optim.GUM`);
 * ``needs_gradient`` — ``P`` is built from the (averaged) gradient, so a refresh moves the full
-  gradient to the matrix's owner and runs an SVD there; ``False`` (Haar) means every rank draws
-  the same ``P`` from the shared seed with no communication;
+  gradient to the matrix's owner and decomposes it there; ``False`` (Haar) means every rank draws
+  the same ``P`` from the shared seed (:meth:`Estimator.draw`) with no communication;
 * ``default_realign`` — map the Adam moments into the new basis when ``P`` changes
   (``M ← B M``, ``V ← (B∘B) V``, ``B = P_newᵀ P_old``);
-* ``default_svd_method`` — ``"gram"`` or ``"svd"`` for estimators that take an SVD, ``None`` otherwise
-  (``plumage``: ``gram``, about 2× faster, and its estimate and realignment do not depend on the
-  signs of the singular vectors; ``galore``: ``svd``, to reproduce galore-torch);
+* ``default_svd_method`` — ``"gram"`` or ``"svd"`` for estimators that decompose ``G``, ``None``
+  otherwise (``plumage``: ``gram``, about 2× faster; ``galore``: ``svd``, to reproduce galore-torch);
 * ``unbiased`` — ``E[Ĝ] = G`` over the estimator's randomness;
 * ``keeps_second_moment`` — the owner keeps ``Σ``  # (s, s), the running mean of ``G_o G_oᵀ`` over
-  refresh gradients, and ``P`` is drawn from its spectrum (``optimal``; :mod:`.optimal`);
-* ``uses_uniform_mix`` — whether the ``uniform_mix`` floor on inclusion probabilities applies;
-* :meth:`EstimatorSpec.build` — how to build ``(P, d)`` for one matrix.
+  refresh gradients, and ``P`` is drawn from its spectrum (``optimal``; :meth:`Estimator.second_moment`);
+* ``redraws`` — the sampling design is random, so a kept design ``(U, p)`` can be redrawn from
+  between refreshes (the comm hook's ``resample_interval``);
+* ``uses_uniform_mix`` — whether the ``uniform_mix`` floor on inclusion probabilities applies.
+
+The math of a refresh: :meth:`Estimator.design` (a sampling design ``(U, p)`` from a short-side
+spectrum), :meth:`Estimator.from_spectrum` (``P, d`` drawn from it), :meth:`Estimator.draw` (no
+spectrum needed) and :meth:`Estimator.build` (from one gradient: the oracle's entry point). The
+owner refresh shared by the optimizers and the comm hook is :mod:`.refresh`.
 
 Pure facts and tensor math: no ``torch.distributed``, nothing imported from above ``estimators/``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .projectors import (
-    Projection,
-    galore_from_basis,
-    galore_projection,
-    haar_projection,
-    plumage_from_basis,
-    plumage_projection,
-)
+from .optimal import optimal_basis, second_moment_from_gram
+from .probabilities import inclusion_probabilities, mix_uniform
+from .projectors import Projection, galore_from_basis, haar_projection, projection_from_design
+from .spectral import orient, short_side_basis
 
 SVD_METHODS = ("gram", "svd")
 """``gram``: ``eigh`` of the short-side Gram matrix ``G_o G_oᵀ`` (about 3× faster on CPU);
@@ -47,25 +48,62 @@ SVD_METHODS = ("gram", "svd")
 FAMILIES = ("adamw", "lowrank_adam", "gum")
 
 
-@dataclass(frozen=True)
-class EstimatorSpec:
-    """Facts about one estimator (see the module docstring)."""
+class Estimator:
+    """Facts about one estimator and how it builds ``(P, d)``; subclasses override what differs.
 
-    name: str
-    family: str
-    needs_gradient: bool
-    default_realign: bool
-    default_svd_method: Optional[str]
-    unbiased: bool
-    uses_uniform_mix: bool
-    summary: str
+    Shapes are in the oriented frame: ``U``  # (s, s) a short-side basis (columns by descending
+    spectrum), ``sigma``  # (s,), ``P``  # (s, r), ``d``  # (r,).
+    """
+
+    name: str = ""
+    family: str = "lowrank_adam"
+    summary: str = ""
+    needs_gradient: bool = True
+    default_realign: bool = True
+    default_svd_method: Optional[str] = "gram"
+    unbiased: bool = True
+    uses_uniform_mix: bool = False
+    keeps_second_moment: bool = False
     in_optimizer: bool = True  # PlumageAdamW/GUM run it (False: the DDP comm hook only)
-    keeps_second_moment: bool = False  # the owner keeps Σ = mean of G_o G_oᵀ over refreshes (optimal)
+
+    def __repr__(self) -> str:
+        return f"Estimator({self.name!r})"
 
     @property
     def has_projector(self) -> bool:
         """A projector ``P`` that changes every ``update_interval`` steps (all but ``adamw``)."""
         return self.family != "adamw"
+
+    @property
+    def redraws(self) -> bool:
+        """A random design drawn from a spectrum: a kept ``(U, p)`` can be redrawn between refreshes."""
+        return self.unbiased and self.needs_gradient
+
+    def _no(self, what: str) -> ValueError:
+        return ValueError(f"Invalid estimator={self.name!r}: it {what}")
+
+    # ------------------------------------------------------------------ refresh math
+    def design(self, U: Tensor, sigma: Tensor, rank: int, *, uniform_mix: float = 0.0) -> tuple[Tensor, Tensor]:
+        """The sampling design ``(U, p)``: ``p``  # (s,) float64 inclusion probabilities, ``Σ p = min(r, s)``."""
+        raise self._no("has no sampling design drawn from a spectrum")
+
+    def from_spectrum(
+        self, U: Tensor, sigma: Tensor, rank: int, generator: torch.Generator, *, uniform_mix: float = 0.0
+    ) -> Projection:
+        """``(P, d)`` drawn from a known short-side basis and spectrum (one uniform from ``generator``)."""
+        return projection_from_design(*self.design(U, sigma, rank, uniform_mix=uniform_mix), generator)
+
+    def draw(self, short_dim: int, rank: int, generator: torch.Generator, *, device=None) -> Projection:
+        """``(P, d)`` without any spectrum (estimators with ``needs_gradient = False``)."""
+        raise self._no("needs a gradient to build P")
+
+    def second_moment(self, Sigma: Optional[Tensor], gram: Tensor, weight: float) -> Tensor:
+        """``Σ ← (1 − w)·Σ + w·G_o G_oᵀ``  # (s, s) float64 (``keeps_second_moment`` estimators only)."""
+        raise self._no("keeps no second moment")
+
+    def spectrum_of_second_moment(self, Sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """``(Q, √λ)`` of ``Σ`` (``keeps_second_moment`` estimators only; a stack is one batched ``eigh``)."""
+        raise self._no("keeps no second moment")
 
     def build(
         self,
@@ -78,79 +116,83 @@ class EstimatorSpec:
         svd_method: Optional[str] = None,
         uniform_mix: float = 0.0,
     ) -> Projection:
-        """``(P, d)`` for one matrix: ``P``  # (s, r), ``d``  # (r,).
+        """``(P, d)`` for one matrix from its (averaged) gradient ``G`` in stored orientation.
 
-        ``G`` is the averaged gradient in its stored orientation (``None`` is allowed only when
-        ``needs_gradient`` is false; then ``short_dim`` gives ``s``). Randomness comes from
-        ``generator`` only, so every rank that passes the same generator gets the same ``P``.
+        ``G=None`` is allowed when ``needs_gradient`` is false (``short_dim`` then gives ``s``).
+        Randomness comes from ``generator`` only, so every rank that passes the same generator gets
+        the same ``P``.
         """
-        method = svd_method or self.default_svd_method
+        if not self.needs_gradient:
+            s = short_dim if short_dim is not None else min(G.shape)
+            return self.draw(s, rank, generator, device=device if device is not None else getattr(G, "device", None))
         if self.keeps_second_moment:
             raise ValueError(
                 f"Invalid estimator={self.name!r} for build(G): it draws from the second moment Σ of many "
-                "gradients; use estimators.optimal_projection(Sigma, ...) or build_from_basis(*optimal_basis(Sigma), ...)"
+                "gradients; use estimators.optimal_projection(Sigma, ...) or from_spectrum(*optimal_basis(Sigma), ...)"
             )
-        if self.name == "plumage":
-            return plumage_projection(G, rank, generator, svd_method=method, uniform_mix=uniform_mix)
-        if self.name in ("galore", "gum"):
-            return galore_projection(G, rank, svd_method=method)
-        if self.name == "haar":
-            s = short_dim if short_dim is not None else min(G.shape)
-            return haar_projection(s, rank, generator, device=device if device is not None else getattr(G, "device", None))
-        raise ValueError(f"Invalid estimator={self.name!r}: {self.family} estimators have no projector")
-
-    def build_from_basis(
-        self, U: Tensor, sigma: Tensor, rank: int, generator: torch.Generator, *, uniform_mix: float = 0.0
-    ) -> Projection:
-        """:meth:`build` when the short-side basis ``U``  # (s, s) and spectrum ``sigma``  # (s,) are
-        already known (e.g. from a Gram matrix summed over row shards). ``optimal``: ``(Q, √λ)`` of
-        ``Σ`` (:func:`~plumage_ds.estimators.optimal.optimal_basis`); its design is PLUMAGE's
-        water-filling fed ``√λ(Σ)`` instead of ``σ(G)``, so the same draw as
-        :func:`~plumage_ds.estimators.optimal.optimal_projection`."""
-        if self.name in ("plumage", "optimal"):
-            return plumage_from_basis(U, sigma, rank, generator, uniform_mix=uniform_mix)
-        if self.name in ("galore", "gum"):
-            return galore_from_basis(U, rank)
-        raise ValueError(f"Invalid estimator={self.name!r}: it does not draw P from a spectrum")
+        if not self.has_projector:
+            raise ValueError(f"Invalid estimator={self.name!r}: {self.family} estimators have no projector")
+        U, sigma = short_side_basis(G, svd_method or self.default_svd_method)
+        return self.from_spectrum(U, sigma, rank, generator, uniform_mix=uniform_mix)
 
 
-ESTIMATORS: dict[str, EstimatorSpec] = {
-    spec.name: spec
-    for spec in (
-        EstimatorSpec(
-            name="adamw", family="adamw", needs_gradient=False, default_realign=False, default_svd_method=None,
-            unbiased=True, uses_uniform_mix=False, summary="torch.optim.AdamW on every parameter (full rank)",
-        ),
-        EstimatorSpec(
-            name="plumage", family="lowrank_adam", needs_gradient=True, default_realign=True,
-            default_svd_method="gram", unbiased=True, uses_uniform_mix=True,
-            summary="r singular directions sampled with min-variance probabilities, E[Ĝ] = G",
-        ),
-        EstimatorSpec(
-            # svd: GaLore keeps its moments across refreshes without realignment, so the singular
-            # vectors' SIGNS are part of the algorithm; only torch.linalg.svd's (galore-torch's) match it
-            name="galore", family="lowrank_adam", needs_gradient=True, default_realign=False,
-            default_svd_method="svd", unbiased=False, uses_uniform_mix=False,
-            summary="top-r singular directions (biased), no realignment, as GaLore",
-        ),
-        EstimatorSpec(
-            name="haar", family="lowrank_adam", needs_gradient=False, default_realign=True,
-            default_svd_method=None, unbiased=True, uses_uniform_mix=False,
-            summary="uniformly random orthonormal P from the shared seed, (s/r) P Pᵀ G; no SVD",
-        ),
-        EstimatorSpec(
-            # no SVD of G: the owner decomposes its Σ (eigh), so svd_method does not apply
-            name="optimal", family="lowrank_adam", needs_gradient=True, default_realign=True,
-            default_svd_method=None, unbiased=True, uses_uniform_mix=True, keeps_second_moment=True,
-            summary="r directions sampled with π ∝ √λ(Σ), Σ the running mean of G Gᵀ over refreshes, kept by the owner",
-        ),
-        EstimatorSpec(
-            name="gum", family="gum", needs_gradient=True, default_realign=False, default_svd_method="gram",
-            unbiased=True, uses_uniform_mix=False,
-            summary="GaLore projection + Muon + layer-wise sampling of full-rank residuals",
-        ),
-    )
-}
+class _AdamW(Estimator):
+    name, family, needs_gradient = "adamw", "adamw", False
+    default_realign, default_svd_method = False, None
+    summary = "torch.optim.AdamW on every parameter (full rank)"
+
+    def draw(self, short_dim, rank, generator, *, device=None):
+        raise self._no("has no projector")
+
+
+class _Plumage(Estimator):
+    name, uses_uniform_mix = "plumage", True
+    summary = "r singular directions sampled with min-variance probabilities, E[Ĝ] = G"
+
+    def design(self, U, sigma, rank, *, uniform_mix=0.0):
+        return U, mix_uniform(inclusion_probabilities(sigma, rank), uniform_mix)
+
+
+class _GaLore(Estimator):
+    # svd: GaLore keeps its moments across refreshes without realignment, so the singular vectors'
+    # SIGNS are part of the algorithm; torch.linalg.svd's (galore-torch's) are the ones to match
+    name, default_realign, default_svd_method, unbiased = "galore", False, "svd", False
+    summary = "top-r singular directions (biased), no realignment, as GaLore"
+
+    def from_spectrum(self, U, sigma, rank, generator, *, uniform_mix=0.0):
+        return galore_from_basis(U, rank)
+
+
+class _Haar(Estimator):
+    name, needs_gradient, default_svd_method = "haar", False, None
+    summary = "uniformly random orthonormal P from the shared seed, (s/r) P Pᵀ G; no SVD"
+
+    def draw(self, short_dim, rank, generator, *, device=None):
+        return haar_projection(short_dim, rank, generator, device=device)
+
+
+class _Optimal(_Plumage):
+    # no decomposition of G: the owner decomposes its Σ (eigh), so svd_method does not apply
+    name, default_svd_method, keeps_second_moment = "optimal", None, True
+    summary = "r directions sampled with π ∝ √λ(Σ), Σ the running mean of G Gᵀ over refreshes, kept by the owner"
+
+    def second_moment(self, Sigma, gram, weight):
+        return second_moment_from_gram(Sigma, gram, weight)
+
+    def spectrum_of_second_moment(self, Sigma):
+        return optimal_basis(Sigma)
+
+
+class _Gum(_GaLore):
+    name, family, default_svd_method, unbiased = "gum", "gum", "gram", True
+    summary = "GaLore projection + Muon + layer-wise sampling of full-rank residuals"
+
+    @property
+    def redraws(self) -> bool:
+        return False  # unbiased through the layer draw, not through a random P
+
+
+ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (_AdamW(), _Plumage(), _GaLore(), _Haar(), _Optimal(), _Gum())}
 
 RENAMED = {"topr": "galore"}
 """Old estimator names and their current names (a clear error, never a silent alias)."""
@@ -171,8 +213,8 @@ def estimator_problem(name: object, family: Optional[str] = None) -> Optional[st
     return None
 
 
-def get_estimator(name: object, *, key: str = "estimator", family: Optional[str] = None) -> EstimatorSpec:
-    """The spec of ``name``; ``ValueError`` naming ``key`` and the value otherwise.
+def get_estimator(name: object, *, key: str = "estimator", family: Optional[str] = None) -> Estimator:
+    """The strategy of ``name``; ``ValueError`` naming ``key`` and the value otherwise.
 
     ``family`` restricts the accepted names (e.g. ``"lowrank_adam"`` for :class:`PlumageAdamW`).
     """
@@ -190,3 +232,9 @@ def resolve_realign(name: str, realign: Optional[bool]) -> bool:
 def resolve_svd_method(name: str, svd_method: Optional[str]) -> Optional[str]:
     """``svd_method`` if set, else the estimator's default (``None``: it takes no SVD)."""
     return get_estimator(name).default_svd_method if svd_method is None else svd_method
+
+
+def oriented_gram(G: Tensor, left: bool) -> Tensor:
+    """``G_o G_oᵀ``  # (s, s) in float64 from a gradient in stored orientation (``left``: ``G_o = G``)."""
+    Go = orient(G.detach().double(), left)  # (s, l)
+    return Go @ Go.mT

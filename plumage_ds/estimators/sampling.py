@@ -26,6 +26,16 @@ def derive_seed(*parts: int) -> int:
     return h & ((1 << 63) - 1)
 
 
+def refresh_index(step: int, interval: int) -> int:
+    """Which refresh period ``step`` (0-based, updates applied so far) falls in: ``step // interval``."""
+    return step // interval
+
+
+def is_refresh(step: int, interval: int) -> bool:
+    """``P`` changes at this step (the first of its period): ``step % interval == 0``."""
+    return step % interval == 0
+
+
 def sampler_generator(seed: int, matrix_id: int, draw_index: int) -> torch.Generator:
     """CPU generator for draw ``draw_index`` of matrix ``matrix_id``.
 

@@ -29,7 +29,7 @@ Accelerate — :func:`prepare` builds the optimizer the accelerator's engine nee
 
 * DeepSpeed plugin: the composite, handed to ``accelerator.prepare`` (the engine is attached:
   stage 0 then does not all-reduce the targets uncompressed);
-* DDP (``MULTI_CPU``/``MULTI_GPU``...): :class:`~plumage_ds.distributed.ShardedPlumageAdamW`
+* DDP (``MULTI_CPU``/``MULTI_GPU``...): :class:`~plumage_ds.optim.ShardedPlumageAdamW`
   (owner-sharded state, compressed target reduction). The model is returned **unwrapped** (no
   DDP): the optimizer reduces every gradient itself;
 * single process: :class:`~plumage_ds.optim.PlumageAdamW`.
@@ -44,14 +44,20 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import OptimizerConfig, from_dict
-from ..optim import PlumageAdamW
-from ..optim.factory import select_groups
+from ..optim.factory import matrix_optimizer, select_groups
 from .deepspeed import _log_report, attach_engine, build_composite, plumage_optimizer
 
 __all__ = ["PlumageTrainer", "prepare", "make_optimizer", "inner_optimizer"]
 
 
-_ENGINE_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, max_grad_norm=0.0)
+_ENGINE_KEYS = ("lr", "betas", "eps", "weight_decay", "max_grad_norm")
+"""The hyperparameters the engine's own arguments give (``TrainingArguments``, ``prepare``'s keywords)."""
+
+
+def _engine_options(**given) -> dict:
+    """``given`` with every ``None`` replaced by :class:`OptimizerConfig`'s default (the one schema's)."""
+    defaults = OptimizerConfig()
+    return {k: getattr(defaults, k) if given.get(k) is None else given[k] for k in _ENGINE_KEYS}
 
 
 def _config(plumage: Optional[dict], **given) -> OptimizerConfig:
@@ -79,32 +85,27 @@ def make_optimizer(
     model: nn.Module,
     *,
     plumage: Optional[dict] = None,
-    lr: float = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    max_grad_norm: float = 0.0,
+    lr: Optional[float] = None,
+    betas: Optional[tuple[float, float]] = None,
+    eps: Optional[float] = None,
+    weight_decay: Optional[float] = None,
+    max_grad_norm: Optional[float] = None,
     deepspeed_stage: Optional[int] = None,
     sharded: bool = False,
 ) -> torch.optim.Optimizer:
-    """The PLUMAGE optimizer for ``model`` in one engine.
+    """The PLUMAGE optimizer for ``model`` in one engine (``None``: the one schema's default).
 
     ``deepspeed_stage`` set: the DeepSpeed composite (hand it to DeepSpeed as ``optimizer=`` and call
     :func:`~plumage_ds.integrations.deepspeed.attach_engine` on the engine). Else ``sharded``:
-    :class:`~plumage_ds.distributed.ShardedPlumageAdamW` over the default process group (model not
+    :class:`~plumage_ds.optim.ShardedPlumageAdamW` over the default process group (model not
     wrapped in DDP); else :class:`PlumageAdamW` (single process, or a DDP-wrapped model).
     Logs the per-parameter mode table on rank 0.
     """
-    cfg = _config(plumage, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+    cfg = _config(plumage, **_engine_options(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm))
     if deepspeed_stage is not None:
         return build_composite(model, config=cfg, stage=deepspeed_stage)
     groups, _ = select_groups(model, cfg)
-    if sharded:
-        from ..distributed import ShardedPlumageAdamW
-
-        opt = ShardedPlumageAdamW(groups, **cfg.lowrank_kwargs())
-    else:
-        opt = PlumageAdamW(groups, **cfg.lowrank_kwargs())
+    opt = matrix_optimizer(groups, cfg, **({"process_group": dist.group.WORLD} if sharded else {}))
     if _is_rank0():
         _log_report(opt.matrix_report(), [], title=type(opt).__name__)
     return opt
@@ -161,11 +162,11 @@ def prepare(
     model: nn.Module,
     *objects: Any,
     plumage: Optional[dict] = None,
-    lr: float = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    max_grad_norm: float = 0.0,
+    lr: Optional[float] = None,
+    betas: Optional[tuple[float, float]] = None,
+    eps: Optional[float] = None,
+    weight_decay: Optional[float] = None,
+    max_grad_norm: Optional[float] = None,
 ) -> tuple:
     """``accelerator.prepare`` with a PLUMAGE optimizer: returns ``(model, optimizer, *objects)``.
 
@@ -248,7 +249,7 @@ def _trainer_class():
             if comm_hook is not None and not isinstance(comm_hook, dict):
                 raise ValueError(f"Invalid comm_hook={comm_hook!r}: expected a mapping of PlumageHookState options")
             self._plumage_options = dict(plumage or {})
-            _config(self._plumage_options, **_ENGINE_DEFAULTS)  # validate now, before any training state exists
+            _config(self._plumage_options, **_engine_options())  # validate now, before any training state exists
             self._comm_hook = comm_hook
             super().__init__(*args, **kwargs)
             if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import OptimizerConfig
-from .param_groups import lowrank_param_groups
+from ..targets import lowrank_param_groups
 
 
 def select_groups(model: nn.Module, cfg: OptimizerConfig) -> tuple[list[dict], list[dict]]:
@@ -61,21 +61,25 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, **extra) -> tuple[to
     ``adamw``: ``torch.optim.AdamW`` on everything. ``max_grad_norm`` is the caller's job for
     every optimizer without a ``max_grad_norm`` attribute (AdamW, GUM): clip before ``step()``. ``lowrank_adam`` estimators:
     :class:`PlumageAdamW` on the matrices matched by ``cfg.target_modules``. ``gum``: :class:`GUM`.
-    ``extra`` goes to the constructor (e.g. a ``distributor``).
+    ``extra`` goes to the constructor (e.g. ``process_group``, ``replicate_group``).
     """
-    family = cfg.spec.family
-    if family == "adamw":
+    if cfg.spec.family == "adamw":
         if extra:
             raise ValueError(f"Invalid arguments {sorted(extra)} for estimator='adamw' (torch.optim.AdamW)")
         params = adamw_params(model, cfg)
         return torch.optim.AdamW(params, **cfg.adam_kwargs()), adamw_rows(model, params)
     groups, _ = select_groups(model, cfg)
-    if family == "gum":
+    opt = matrix_optimizer(groups, cfg, **extra)
+    return opt, opt.matrix_report()
+
+
+def matrix_optimizer(groups: list[dict], cfg: OptimizerConfig, **extra):
+    """The matrix optimizer of ``cfg``'s estimator family on ``groups``: :class:`PlumageAdamW`
+    (``lowrank_adam``) or :class:`GUM` (``gum``); ``extra`` overrides/extends the config's keywords."""
+    if cfg.spec.family == "gum":
         from .gum import GUM
 
-        opt = GUM(groups, **cfg.gum_kwargs(), **extra)
-    else:
-        from .plumage_adamw import PlumageAdamW
+        return GUM(groups, **{**cfg.gum_kwargs(), **extra})
+    from .plumage_adamw import PlumageAdamW
 
-        opt = PlumageAdamW(groups, **cfg.lowrank_kwargs(), **extra)
-    return opt, opt.matrix_report()
+    return PlumageAdamW(groups, **{**cfg.lowrank_kwargs(), **extra})

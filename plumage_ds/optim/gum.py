@@ -25,12 +25,15 @@ with period-wise momentum resets, no projector, no SVD), because the residual
 alone would drop the top-r part and be biased.
 
 Everything else (1-D parameters, groups with ``lowrank=False``, matrices whose
-``rank >= s``) gets AdamW with the arithmetic of :mod:`plumage_ds.optim.adam`,
+``rank >= s``) gets AdamW with the arithmetic of :mod:`plumage_ds.kernels.adam`,
 identical to :class:`~plumage_ds.optim.PlumageAdamW`'s dense path.
 
-The step is written as phases over lists through a distributor, as in
-:class:`~plumage_ds.optim.PlumageAdamW`; only the single-process
-:class:`~plumage_ds.optim.LocalDistributor` is supported for now.
+Distribution is the layout's (:mod:`plumage_ds.distributed.layouts`), as for
+:class:`~plumage_ds.optim.PlumageAdamW`: Newton–Schulz needs a whole matrix, so each target's
+branch input goes whole to its owner (the averaged ``G`` for drawn targets, the averaged
+``Pᵀ G_o`` — compressed — for the others), the owner runs Muon, and every rank receives its piece
+of the update. Under FSDP2 that is the rows gathered to the owner and the update's rows scattered
+back; the refresh (GaLore ``P``) goes through the same owner refresh as PLUMAGE's.
 """
 
 from __future__ import annotations
@@ -42,11 +45,11 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor
 
-from ..config import validate_lowrank_options
-from ..estimators import galore_projection, orient, sample_layers, sampler_generator
-from .base import CollectiveStepError, MatrixOptimizer, _Entry
-from .distributor import Distributor, LocalDistributor
-from .sharding import REPLICATED
+from ..config import check_int, check_positive, check_unit, validate_lowrank_options
+from ..distributed.layouts import FSDP_ROWS, REPLICATED, ZERO3_FLAT, Entry
+from ..estimators import orient, refresh_index, sample_layers, sampler_generator
+from ..estimators.registry import get_estimator
+from .base import MatrixOptimizer
 
 LAYER_DRAW_ID = 2**31 - 1
 """The ``matrix_id`` slot of :func:`sampler_generator` used for the layer draw."""
@@ -126,22 +129,12 @@ def update_coefficient(lr: float, scale: float, shape: tuple[int, ...] | torch.S
     return lr * scale * RMS_MATCH * math.sqrt(max(shape))
 
 
-def _check_momentum(momentum: Any) -> None:
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
-        raise ValueError(f"Invalid momentum={momentum!r}: must be in [0, 1)")
-
-
-def _check_gamma(gamma: Any) -> None:
-    if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
-        raise ValueError(f"Invalid gamma={gamma!r}: must be a positive integer")
-
-
 # --------------------------------------------------------------------------- optimizer
 
 
 @dataclass
-class _GumEntry(_Entry):
-    """An :class:`~plumage_ds.optim.base._Entry` with its place in the layer draw."""
+class _GumEntry(Entry):
+    """An :class:`~plumage_ds.distributed.layouts.Entry` with its place in the layer draw."""
 
     target: int = -1  # position among the N_L targets (index into the layer-draw mask)
 
@@ -150,10 +143,10 @@ class GUM(MatrixOptimizer):
     """GaLore projection + Muon + layer-wise sampling (unbiased); AdamW elsewhere.
 
     Args:
-        params: parameters or groups. A group may set ``lowrank`` (bool) and any
-            per-group hyperparameter below; ``names`` (list of str, aligned with
-            ``params``) labels the rows of :meth:`matrix_report`. Without
-            ``lowrank``, every 2-D parameter is a target.
+        params: ``model.named_parameters()`` (the default selection of ``target_modules`` picks the
+            targets), parameters, or groups. A group may set ``lowrank`` (bool) and any per-group
+            hyperparameter below; ``names`` (list of str, aligned with ``params``) labels the rows of
+            :meth:`matrix_report`. Without ``lowrank``, every 2-D parameter is a target.
         lr: learning rate of both paths (targets: Moonlight RMS matching makes
             AdamW-sized rates work).
         betas, eps: AdamW on non-targets only.
@@ -169,9 +162,13 @@ class GUM(MatrixOptimizer):
         seed: layer-draw seed.
         strict: raise instead of falling back to AdamW for a requested target
             matrix that cannot take the low-rank path.
+        max_grad_norm: if > 0, clip by the global norm of what the optimizer uses: the averaged
+            branch inputs (``G`` of drawn targets, ``Pᵀ G_o`` of the others) and dense gradients.
         nonfinite: ``"skip"`` (default) a step whose gradients hold NaN/Inf, counted in
             ``skipped_steps``, or ``"raise"``; either way nothing changes.
-        distributor: only the single-process one is supported (default).
+        process_group, replicate_group, collective_timeout, target_modules: as for
+            :class:`~plumage_ds.optim.PlumageAdamW` (every sharding case: one process, the
+            owner-sharded data-parallel optimizer, FSDP2/HSDP rows, ZeRO-3 flat chunks).
     """
 
     _entry_type = _GumEntry
@@ -179,7 +176,7 @@ class GUM(MatrixOptimizer):
     _state_section = "gum"
     _state_format = _STATE_FORMAT
     _projector_keys = ("P",)
-    _supported_cases = (REPLICATED,)
+    _supported_cases = (REPLICATED, FSDP_ROWS, ZERO3_FLAT)
 
     def __init__(
         self,
@@ -198,47 +195,37 @@ class GUM(MatrixOptimizer):
         svd_method: str = "gram",
         seed: int = 0,
         strict: bool = False,
+        max_grad_norm: float = 0.0,
         nonfinite: str = "skip",
-        distributor: Optional[Distributor] = None,
+        process_group=None,
+        replicate_group=None,
+        collective_timeout: float = 0.0,
+        target_modules: Any = None,
     ) -> None:
         defaults = self._adam_defaults(lr, betas, eps, weight_decay)
         self._validate_lowrank(rank, update_interval, scale, svd_method, momentum, nesterov)
-        _check_gamma(gamma)
-        self._check_seed(seed)
-        dist = distributor if distributor is not None else LocalDistributor()
-        if dist.world_size != 1:
-            raise ValueError(
-                f"GUM supports a single process only (distributor world_size={dist.world_size}); "
-                "its step uses the distributor phases but the multi-rank path is not implemented/tested"
-            )
+        check_positive("gamma", gamma, integer=True)
+        check_int("seed", seed)
         defaults.update(
-            rank=rank,
-            update_interval=update_interval,
-            momentum=momentum,
-            nesterov=nesterov,
-            scale=scale,
-            svd_method=svd_method,
-            lowrank=None,
+            rank=rank, update_interval=update_interval, momentum=momentum, nesterov=nesterov, scale=scale,
+            svd_method=svd_method, lowrank=None,
         )
         self.gamma = gamma
         self._targets: list[_GumEntry] = []
         self._step = 0  # optimizer steps taken (global: periods and draws are global)
         self._mask_cache: tuple[int, Tensor] | None = None
-        super().__init__(params, defaults, seed=seed, strict=strict, distributor=dist, nonfinite=nonfinite)
+        super().__init__(
+            params, defaults, seed=seed, strict=strict, nonfinite=nonfinite, max_grad_norm=max_grad_norm,
+            process_group=process_group, replicate_group=replicate_group, collective_timeout=collective_timeout,
+            target_modules=target_modules,
+        )
 
     # ------------------------------------------------------------------ setup
 
     @staticmethod
     def _validate_lowrank(rank, update_interval, scale, svd_method, momentum, nesterov) -> None:
-        validate_lowrank_options(
-            rank=rank,
-            update_interval=update_interval,
-            estimator="galore",
-            scale=scale,
-            dinv_placement="none",
-            svd_method=svd_method,
-        )
-        _check_momentum(momentum)
+        validate_lowrank_options(rank=rank, update_interval=update_interval, scale=scale, svd_method=svd_method)
+        check_unit("momentum", momentum, closed=False)
         if not isinstance(nesterov, bool):
             raise ValueError(f"Invalid nesterov={nesterov!r}: must be true or false")
 
@@ -257,38 +244,32 @@ class GUM(MatrixOptimizer):
     def _target_mode(self, group: dict) -> str:
         return "gum"
 
-    @staticmethod
-    def _logical_shape(p: Tensor) -> tuple:
-        """``p``'s own shape: GUM does not support ZeRO-3 placeholders."""
-        return tuple(p.shape)
+    def _estimator(self, e: Entry):
+        return get_estimator("gum")
+
+    def _options(self) -> dict:
+        return {**super()._options(), "gamma": self.gamma}
 
     def _build_entries(self) -> None:
         entries = self._plan_entries()
-        n_targets = 0
-        for e in entries:
-            if e.lowrank:
-                e.target = n_targets
-                n_targets += 1
-        intervals = sorted({e.group["update_interval"] for e in entries if e.lowrank})
+        targets = [e for e in entries if e.lowrank]
+        for i, e in enumerate(targets):
+            e.target = i
+        intervals = sorted({e.group["update_interval"] for e in targets})
         if len(intervals) > 1:
             raise ValueError(
                 f"Invalid update_interval: GUM's layer draw is global, so every group holding target "
                 f"matrices needs the same update_interval; got {intervals}"
             )
-        q = sampling_probability(n_targets, self.gamma) if n_targets else 0.0
-        costs, state_bytes = [], []
-        for e in entries:
-            if e.lowrank:
-                costs.append(float(e.s * e.s * e.l) + 10.0 * e.s * e.s * e.l)
-                state_bytes.append(int(4 * (e.s * e.r + q * e.s * e.l + (1 - q) * e.r * e.l)))
-            else:
-                costs.append(2.0 * e.param.numel())
-                state_bytes.append(2 * e.param.numel() * 4)
-        owners = self._distributor.assign_owners(costs, state_bytes)
-        for e, o in zip(entries, owners):
+        # the owner decomposes at period starts and runs Newton–Schulz every step: ~10 products of
+        # (s, s, l) on drawn targets; it keeps the momentum (full-size with probability q)
+        q = sampling_probability(len(targets), self.gamma) if targets else 0.0
+        costs = [float(e.s * e.s * e.l) * 11.0 for e in targets]
+        state_bytes = [int(4 * (e.s * e.r + q * e.s * e.l + (1 - q) * e.r * e.l)) for e in targets]
+        for e, o in zip(targets, self._layout.assign_owners(costs, state_bytes)):
             e.owner = o
         self._entries = entries
-        self._targets = [e for e in entries if e.lowrank]
+        self._targets = targets
         self._mask_cache = None
 
     # ------------------------------------------------------------------ period facts
@@ -313,7 +294,7 @@ class GUM(MatrixOptimizer):
     @property
     def current_period(self) -> int:
         """Period index of the next step (``step // K``)."""
-        return self._step // self.update_interval
+        return refresh_index(self._step, self.update_interval)
 
     def drawn_mask(self, period: Optional[int] = None) -> Tensor:
         """Targets drawn in ``period`` (default: :attr:`current_period`), bool ``(N_L,)``."""
@@ -327,131 +308,101 @@ class GUM(MatrixOptimizer):
     # ------------------------------------------------------------------ reports
 
     def matrix_report(self) -> list[dict]:
-        """One row per parameter: name, shape, mode, reason, owner, and ``drawn``.
+        """One row per parameter: name, shape, mode, reason, owner, sharding, and ``drawn``.
 
         ``drawn`` (targets only, ``None`` otherwise) is the branch of the current
         period: ``True`` full-rank residual, ``False`` low-rank.
         """
         mask = self.drawn_mask()
-        return [
-            {**self._report_row(e), "drawn": bool(mask[e.target]) if e.lowrank else None}
-            for e in self._entries
-        ]
+        return [{**self._report_row(e), "drawn": bool(mask[e.target]) if e.lowrank else None} for e in self._entries]
 
     def state_bytes(self) -> dict:
         """Optimizer-state bytes held by this rank, measured from the tensors.
 
         ``projectors``: ``P`` of the targets; ``moments``: their momentum buffers
-        (``(s, l)`` for drawn, ``(r, l)`` for the others); ``non_target``: AdamW
+        (``(s, l)`` for drawn, ``(r, l)`` for the others, on their owner); ``non_target``: AdamW
         moments.
         """
         return super().state_bytes()
 
     # ------------------------------------------------------------------ step
 
-    def _run_step(self) -> None:
-        dist = self._distributor
-        split = self._begin_step()
-        if split is None:
-            return
-        targets, dense = split
-        k = self._step // self.update_interval
-        q = self.q
-        mask = self.drawn_mask(k)
-        grad32 = self._grad32
-        staged: dict[int, dict] = {}
+    def _current(self, staged: dict, e: Entry, key: str) -> Optional[Tensor]:
+        new = staged.get(e.index, {})
+        return new[key] if key in new else self.state.get(e.param, {}).get(key)
 
-        def current(e: _GumEntry, key: str) -> Optional[Tensor]:
-            new = staged.get(e.index, {})
-            return new[key] if key in new else self.state.get(e.param, {}).get(key)
-
-        # -- phase 1: period start: projectors, momentum reset (staged) --------------
-        # A target refreshes when its state belongs to an earlier period: at the
-        # boundary step, or at its first step with a gradient within the period.
+    def _targets_inputs(self, targets: list[_GumEntry], staged: dict) -> dict:
+        """Period start (staged), then each target's branch input, averaged and whole, on its owner:
+        the gradient of drawn targets (the residual is formed there), ``Pᵀ G_o`` of the others
+        (compressed: projection is linear)."""
+        k = self.current_period
+        q, mask = self.q, self.drawn_mask(k)
+        # A target refreshes when its state belongs to an earlier period: at the boundary step,
+        # or at its first step with a gradient within the period.
         refresh = [e for e in targets if self.state.get(e.param, {}).get("period") != k]
         if refresh:
-            self._refresh(refresh, k, q, mask, grad32, staged)
+            self._refresh(refresh, k, q, mask, staged)
+        drawn = [e for e in targets if bool(mask[e.target])]
+        low = [e for e in targets if not bool(mask[e.target])]
+        layout = self._layout
+        G_owned = layout.full_to_owners(drawn, [self._grad32(e) for e in drawn], tag="gum_grad")
+        # the owner forms the residual G_o − P Pᵀ G_o of a drawn target with its whole P
+        P_drawn = layout.whole_projectors(drawn, [self._current(staged, e, "P") for e in drawn]) if q < 1.0 else [None] * len(drawn)
+        P_low = layout.projectors(low, [self._current(staged, e, "P") for e in low])
+        R_owned = layout.compress_to_owners(low, [self._grad32(e) for e in low], P_low, tag="gum_grad")
+        return {"k": k, "q": q, "drawn": drawn, "low": low, "G": G_owned, "R": R_owned, "P_low": P_low,
+                "P_drawn": P_drawn, "clip_inputs": G_owned + R_owned}
 
-        # -- phase 2: branch inputs to owners --------------------------------------
-        # Drawn (and q == 1): the full oriented gradient, the residual is formed on
-        # the owner. Low-rank: Pᵀ G_o is linear, so it is formed before the reduction.
-        local = []
-        for e in targets:
-            G_o = orient(grad32(e), e.left)  # (s, l)
-            if bool(mask[e.target]):
-                local.append(G_o)
-            else:
-                local.append(current(e, "P").mT @ G_o)  # (r, l)
-        reduced = dist.reduce_to_owners(local, [e.owner for e in targets], "gum_grad")
-        g_owned = dist.reduce_to_owners([grad32(e) for e in dense], [e.owner for e in dense], "dense_grad")
+    def _targets_update(self, targets: list[_GumEntry], work: dict, clip: float, staged: dict) -> dict:
+        """Muon on the owners (new momentum staged), then every rank's piece of each update."""
+        q, drawn, low = work["q"], work["drawn"], work["low"]
+        O_drawn = [None if Y is None else self._muon(e, gum_input(orient(_clipped(Y, clip), e.left), P, True, q), staged)
+                   for e, Y, P in zip(drawn, work["G"], work["P_drawn"])]
+        O_low = [None if Y is None else self._muon(e, _clipped(Y, clip) / (1.0 - q), staged) for e, Y in zip(low, work["R"])]
+        layout = self._layout
+        deltas = layout.full_from_owners(drawn, [None if O is None else orient(O, e.left) for e, O in zip(drawn, O_drawn)],
+                                         tag="gum_update")
+        deltas += layout.lift_from_owners(low, O_low, work["P_low"], tag="gum_update")
+        return {"entries": drawn + low, "deltas": deltas}
 
-        # -- phase 3: Muon on owners (targets), AdamW on owners (others), out of place --
-        O_out: list[Optional[Tensor]] = []
-        for e, Y in zip(targets, reduced):
-            if Y is None:
-                O_out.append(None)
-                continue
-            g = e.group
-            drawn = bool(mask[e.target])
-            if drawn:
-                X = gum_input(Y, current(e, "P"), True, q)
-            else:
-                X = Y / (1.0 - q)  # == gum_input(G_o, P, False, q) for the averaged G_o
-            mu = g["momentum"]
-            M = current(e, "momentum_buffer").mul(mu).add_(X)
-            staged.setdefault(e.index, {})["momentum_buffer"] = M
-            U = X.add(M, alpha=mu) if g["nesterov"] else M
-            O = newton_schulz5(U)
-            O.mul_(update_coefficient(g["lr"], g["scale"], e.param.shape))
-            O_out.append(O)
-        new_dense = self._dense_adamw(dense, g_owned, 1.0, staged)
+    def _muon(self, e: _GumEntry, X: Tensor, staged: dict) -> Tensor:
+        """``M ← μ M + X``, ``U = X + μ M`` (Nesterov) or ``M``, ``O = NS5(U)·lr·scale·0.2·√max(m, n)``."""
+        g = e.group
+        mu = g["momentum"]
+        M = self._current(staged, e, "momentum_buffer").mul(mu).add_(X)
+        staged.setdefault(e.index, {})["momentum_buffer"] = M
+        U = X.add(M, alpha=mu) if g["nesterov"] else M
+        return newton_schulz5(U).mul_(update_coefficient(g["lr"], g["scale"], e.shape))
 
-        # -- phase 4: updates to every rank, then commit ---------------------------
-        shapes = [(e.s, e.l) if bool(mask[e.target]) else (e.r, e.l) for e in targets]
-        O_all = dist.gather_from_owners(O_out, shapes, [e.owner for e in targets], "gum_update")
-        W_all = dist.gather_from_owners(new_dense, [tuple(e.param.shape) for e in dense], [e.owner for e in dense], "dense_update")
-        deltas = [orient(lift(O, current(e, "P"), bool(mask[e.target])), e.left) for e, O in zip(targets, O_all)]
-        self._commit(targets + dense, staged)
-        for e, delta in zip(targets, deltas):
-            self._apply_matrix_update(e.param, delta, e.group["lr"] * e.group["weight_decay"])
-        for e, W in zip(dense, W_all):
-            e.param.copy_(W)
-        self._step += 1
+    def _apply_targets(self, targets: list[_GumEntry], updates: dict) -> None:
+        es = updates["entries"]
+        self._layout.apply_deltas(es, updates["deltas"], [e.group["lr"] * e.group["weight_decay"] for e in es])
 
-    def _refresh(self, refresh: list[_GumEntry], k: int, q: float, mask: Tensor, grad32, staged: dict) -> None:
-        """Stage period ``k`` for ``refresh``: GaLore ``P`` (unless ``q == 1``), zero momentum.
+    def _run_step(self, partition) -> bool:
+        applied = super()._run_step(partition)
+        if applied:
+            self._step += 1
+        return applied
 
-        The previous period's buffers are replaced, so full-size momentum exists
-        only for this period's drawn targets. Collectives: full gradients to owners
-        (``refresh_grad``), ``P`` from owners to everyone (``projector``). A failed SVD on
-        any owner raises :class:`~plumage_ds.optim.base.CollectiveStepError` on every rank.
+    def _refresh(self, refresh: list[_GumEntry], k: int, q: float, mask: Tensor, staged: dict) -> None:
+        """Stage period ``k`` for ``refresh``: GaLore ``P`` (unless ``q == 1``), zero momentum on the owner.
+
+        The previous period's buffers are replaced, so full-size momentum exists only for this
+        period's drawn targets. ``P`` comes from the owner refresh shared with PLUMAGE (the layout
+        moves each gradient to its owner, every rank receives its rows of ``P``); a failed
+        decomposition on any owner raises :class:`~plumage_ds.optim.base.CollectiveStepError` on
+        every rank with nothing changed.
         """
-        dist = self._distributor
-        me = dist.rank
-        need_p = [e for e in refresh if q < 1.0]
-        full = dist.reduce_to_owners([grad32(e) for e in need_p], [e.owner for e in need_p], "refresh_grad")
-        mine: list[Optional[Tensor]] = []
-        error = None
-        for e, G in zip(need_p, full):
-            if G is None:
-                mine.append(None)
-                continue
-            try:
-                mine.append(galore_projection(G, e.r, svd_method=e.group["svd_method"]).P)
-            except Exception as err:  # noqa: BLE001 - agreed on below, raised on every rank
-                error = error or f"refresh of {e.name!r} failed: {type(err).__name__}: {err}"
-                mine.append(torch.zeros(e.s, e.r, device=G.device))
-        got = dist.gather_from_owners(mine, [(e.s, e.r) for e in need_p], [e.owner for e in need_p], "projector")
-        error = dist.agree_error(error, "refresh")
-        if error is not None:
-            raise CollectiveStepError(f"GUM step failed ({error}); parameters and optimizer state are unchanged")
-        P_by_index = {e.index: P for e, P in zip(need_p, got)}
+        need_p = refresh if q < 1.0 else []
+        grads, _ = self._layout.refresh_grads(need_p, [self._grad32(e) for e in need_p])  # HSDP: across replicas
+        new_P = self._refresh_projectors(need_p, grads, staged)
+        me = self._layout.rank
         for e in refresh:
             new = staged.setdefault(e.index, {})
             new["P"] = None  # dropped unless this period has one
             new["momentum_buffer"] = None
-            if e.index in P_by_index:
-                new["P"] = P_by_index[e.index].to(device=e.param.device, dtype=torch.float32).contiguous()
+            if e.index in new_P:
+                new["P"] = new_P[e.index][0].to(device=e.param.device, dtype=torch.float32).contiguous()
             if e.owner == me:
                 shape = (e.s, e.l) if bool(mask[e.target]) else (e.r, e.l)
                 new["momentum_buffer"] = torch.zeros(shape, dtype=torch.float32, device=e.param.device)
@@ -462,37 +413,38 @@ class GUM(MatrixOptimizer):
     def state_dict(self) -> dict:
         """Tensors and plain scalars only (``torch.load(weights_only=True)`` safe).
 
-        ``state[i]`` holds parameter ``i``'s state: targets ``step``, ``period``
-        (ints), ``P`` and ``momentum_buffer``; others ``step``, ``exp_avg``,
-        ``exp_avg_sq``. The drawn set is not stored: :func:`draw_layers` re-derives
-        it from ``gum.seed``/``gamma`` and the period. ``gum.step`` is the global
-        step counter that places periods.
+        ``state[i]`` holds parameter ``i``'s state on this rank: targets ``step``, ``period``
+        (ints), ``P`` (this rank's rows) and, on the owner, ``momentum_buffer``; others ``step``,
+        ``exp_avg``, ``exp_avg_sq`` (this rank's piece). The drawn set is not stored:
+        :func:`draw_layers` re-derives it from ``gum.seed``/``gamma`` and the period. ``gum.step``
+        is the global step counter that places periods.
         """
         return self._state_dict_with({
-            "format": _STATE_FORMAT,
-            "seed": self.seed,
-            "gamma": self.gamma,
-            "step": self._step,
+            "format": _STATE_FORMAT, "seed": self.seed, "gamma": self.gamma, "step": self._step,
             "num_targets": self.num_targets,
         })
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a :meth:`state_dict` of an identically configured optimizer.
 
-        Validates everything first (section format, group count and sizes,
-        hyperparameters that shape the state, seed, γ, modes, ownership, every
-        tensor's shape against the branch its period's draw implies) and only then
-        replaces the state, so a bad checkpoint leaves the optimizer untouched.
-        Saved group hyperparameters (lr, momentum, …) replace the current ones.
+        Validates everything first (section format, group count and sizes, hyperparameters that
+        shape the state, seed, γ, modes, ownership, every tensor's shape against the branch its
+        period's draw implies) and only then replaces the state, so a bad checkpoint leaves the
+        optimizer untouched. Saved group hyperparameters (lr, momentum, …) replace the current
+        ones. Under FSDP2 a ``torch.distributed.checkpoint`` state carries no ``gum`` section: the
+        global step is then the targets' own step count.
         """
         meta, groups = self._check_saved_groups(state_dict, ("rank", "lowrank", "update_interval"))
-        if meta["world_size"] != self._distributor.world_size or meta["ownership"] != self.ownership():
-            raise ValueError(f"Invalid state_dict: saved for world_size={meta['world_size']} with a different ownership plan")
+        self._check_saved_layout(meta, merged_ok=False)
         self._check_saved_modes(meta)
-        for key, mine in (("seed", self.seed), ("gamma", self.gamma), ("num_targets", self.num_targets)):
-            if meta.get(key) != mine:
-                raise ValueError(f"Invalid state_dict: {key}={meta.get(key)!r}, optimizer has {key}={mine!r}")
-        step = meta.get("step")
+        saved = self._saved_entry_states(state_dict)
+        if meta is not None:
+            for key, mine in (("seed", self.seed), ("gamma", self.gamma), ("num_targets", self.num_targets)):
+                if meta.get(key) != mine:
+                    raise ValueError(f"Invalid state_dict: {key}={meta.get(key)!r}, optimizer has {key}={mine!r}")
+            step = meta.get("step")
+        else:
+            step = max((st.get("step", 0) for i, st in saved.items() if isinstance(st, dict)), default=0)
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"Invalid state_dict: gum step={step!r}")
 
@@ -510,18 +462,24 @@ class GUM(MatrixOptimizer):
             raise ValueError(f"Invalid state_dict: {e.name} step={step!r}")
         if e.lowrank:
             period = st.get("period")
-            last = max(global_step - 1, 0) // self.update_interval
+            last = refresh_index(max(global_step - 1, 0), self.update_interval)
             if isinstance(period, bool) or not isinstance(period, int) or not 0 <= period <= last:
                 raise ValueError(f"Invalid state_dict: {e.name} period={period!r} (global step {global_step})")
             drawn = bool(draw_layers(self.seed, self.num_targets, self.gamma, period)[e.target])
-            expect = {"momentum_buffer": (e.s, e.l) if drawn else (e.r, e.l)}
+            expect = {}
+            if e.owner == self._layout.rank:
+                expect["momentum_buffer"] = (e.s, e.l) if drawn else (e.r, e.l)
             if self.q < 1.0:
-                expect["P"] = (e.s, e.r)
+                expect["P"] = (e.p_rows[1] - e.p_rows[0], e.r)
             ints = ("step", "period")
         else:
-            expect = {"exp_avg": tuple(e.param.shape), "exp_avg_sq": tuple(e.param.shape)}
+            expect = {"exp_avg": self._layout.dense_shape(e), "exp_avg_sq": self._layout.dense_shape(e)}
             ints = ("step",)
         missing = sorted(set(expect) - set(st))
         if missing:
             raise ValueError(f"Invalid state_dict: {e.name} lacks {missing}")
         self._check_state_tensors(e, st, expect, ints)
+
+
+def _clipped(Y: Tensor, clip: float) -> Tensor:
+    return Y if clip == 1.0 else Y * clip

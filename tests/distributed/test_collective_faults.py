@@ -83,7 +83,7 @@ def _run(out, name, fn):
 
 def job(rank: int, world: int) -> dict:
     import plumage_ds.estimators.spectral as spectral
-    from plumage_ds.distributed import ShardedPlumageAdamW
+    from plumage_ds.optim import ShardedPlumageAdamW
 
     out: dict = {}
 
@@ -168,7 +168,7 @@ def job(rank: int, world: int) -> dict:
 
 
 def timeout_job(rank: int, world: int) -> dict:
-    from plumage_ds.distributed import ShardedPlumageAdamW
+    from plumage_ds.optim import ShardedPlumageAdamW
 
     model = _model()
     opt = ShardedPlumageAdamW(model.parameters(), collective_timeout=1.5, **KW)

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from plumage_ds.config import ModelConfig
-import plumage_ds.optim.batched as batched
+import plumage_ds.kernels.batched as batched
 from plumage_ds.distributed.comm_hook import PlumageHookState, plumage_hook
 from plumage_ds.estimators import is_left, orient
 from plumage_ds.testing import run_workers

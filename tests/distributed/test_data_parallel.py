@@ -191,7 +191,7 @@ def summary(model, opt, log=None, group=None) -> dict:
 
 
 def sharded(groups, group=None, **kw):
-    from plumage_ds.distributed import ShardedPlumageAdamW
+    from plumage_ds.optim import ShardedPlumageAdamW
 
     return ShardedPlumageAdamW(groups, rank=RANK, process_group=group, **{**KW, **kw})
 

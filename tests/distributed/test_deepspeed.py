@@ -541,7 +541,7 @@ def test_config_split_and_validation():
     from plumage_ds.integrations.deepspeed import PlumageDeepSpeedOptimizer
 
     with pytest.raises(ValueError, match=r"^Invalid dense_lr=0.01: needs lr > 0 under DeepSpeed \(lr=0.0 is the schedule's base\)"):
-        PlumageDeepSpeedOptimizer([torch.zeros(2)], [], config=OptimizerConfig(lr=0.0, dense_lr=0.01), stage=1)
+        PlumageDeepSpeedOptimizer([{"params": [torch.zeros(2)], "lowrank": False}], config=OptimizerConfig(lr=0.0, dense_lr=0.01), stage=1)
 
 
 @pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3", "zero2_bf16", "integration_zero2"])

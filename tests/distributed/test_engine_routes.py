@@ -66,7 +66,7 @@ def _worker(rank, world, port):
     import deepspeed
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from plumage_ds.distributed import ShardedPlumageAdamW
+    from plumage_ds.optim import ShardedPlumageAdamW
     from plumage_ds.integrations import deepspeed as pds
     from plumage_ds.optim import GUM, lowrank_param_groups
 

@@ -38,6 +38,7 @@ ESTIMATORS = ("plumage", "galore", "haar")
 ESTIMATORS_W2 = ESTIMATORS + ("optimal",)  # optimal: at W = 2 only (CI time)
 DCP_ESTIMATORS = ("plumage", "optimal")
 TOL = 1e-5
+GUM_KW = dict(lr=3e-3, weight_decay=0.1, update_interval=3, rank=4, seed=1, gamma=2, momentum=0.9)
 
 
 # ----------------------------------------------------------------------------- workers
@@ -202,7 +203,7 @@ def _dcp_build(world, estimator):
 def _sigma_held(opt) -> dict:
     """Which targets this rank holds ``Σ`` of (``optimal``), their owners and counts."""
     held = [e for e in opt._entries if "Sigma" in opt.state.get(e.param, {})]
-    mine = [e.index for e in opt._entries if e.lowrank and e.owner == opt.distributor.rank]
+    mine = [e.index for e in opt._entries if e.lowrank and e.owner == opt.layout.rank]
     return {"held": [e.index for e in held], "owned": mine, "counts": sorted({opt.state[e.param]["sigma_count"] for e in held})}
 
 
@@ -264,6 +265,13 @@ def job_w4(rank, world, ckpt):
                 for i in opt.state_dict()["state"] for k, a in opt.state_dict()["state"][i].items()
                 for b in [fresh_opt.state_dict()["state"][i][k]]
             )  # fmt: skip
+    # GUM on compressed HSDP 2 x 2: rows gathered within the node, branch inputs averaged across replicas
+    from plumage_ds.optim import GUM
+
+    model = _shard(tiny_llama(), mesh2["shard"])
+    opt = GUM(model.parameters(), replicate_group=mesh2["replicate"].get_group(), **GUM_KW)
+    _train(model, opt, rank, world, range(STEPS))
+    out["hsdp_gum"] = {"params": _full(model), "report": opt.matrix_report()}
     out["placements"] = _check_placements(rank, world)
     return out
 
@@ -300,7 +308,20 @@ def _max_diff(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def references():
-    return {est: _reference(est) for est in ESTIMATORS_W2}
+    from plumage_ds.optim import GUM
+
+    refs = {est: _reference(est) for est in ESTIMATORS_W2}
+    model = tiny_llama()
+    opt = GUM(model.parameters(), **GUM_KW)
+    _train(model, opt, 0, 1, range(STEPS))
+    refs["gum"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return refs
+
+
+def test_gum_on_compressed_hsdp_matches_single_process(w4, references):
+    for res in w4:
+        assert _max_diff(res["hsdp_gum"]["params"], references["gum"]) < TOL
+    assert {r["sharding"] for r in w4[0]["hsdp_gum"]["report"]} == {"fsdp_rows"}
 
 
 @pytest.fixture(scope="module")

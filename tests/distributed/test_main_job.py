@@ -42,19 +42,25 @@ STEPS = 3
 MATRIX = {
     "ddp": ["adamw", "plumage", "galore", "haar", "gum"],
     "ddp_hook": ["plumage", "galore", "haar"],
-    "sharded": ["adamw", "plumage", "galore", "haar"],
-    "deepspeed": ["adamw", "plumage", "galore", "haar"],
-    "fsdp2": ["adamw", "plumage", "galore", "haar"],
-    "hsdp": ["adamw", "plumage"],  # 2 replicas x 1 shard: the optimizer's compressed cross-replica sync
+    "sharded": ["adamw", "plumage", "galore", "haar", "gum"],
+    "deepspeed": ["adamw", "plumage", "galore", "haar", "gum"],
+    "fsdp2": ["adamw", "plumage", "galore", "haar", "gum"],
+    "hsdp": ["adamw", "plumage", "gum"],  # 2 replicas x 1 shard: the optimizer's compressed cross-replica sync
 }
-REFUSED = {("ddp_hook", "adamw"), ("ddp_hook", "gum"), ("sharded", "gum"), ("deepspeed", "gum"), ("fsdp2", "gum"),
-           ("hsdp", "gum")}  # fmt: skip
+REFUSED = {("ddp_hook", "adamw"), ("ddp_hook", "gum")}
 EXTRA = {"hsdp": ["train.hsdp_shard_size=1"]}
 COMMON = [f"train.steps={STEPS}", "data.batch_size=2", "train.eval_batches=2", "train.log_interval=1",
           "train.eval_interval=3", "optimizer.rank=4", "optimizer.update_interval=2", "optimizer.comm_hook.start_iter=1",
           "train.warmup_steps=1"]  # fmt: skip
 ADAMW = ["optimizer.dense_lr=3e-3"]  # every adamw run: two LRs, by the low-rank arms' target selection
 RESUME = ["train.steps=6", "train.save_interval=2", "optimizer.estimator=plumage", "train.engine=sharded"]
+# ddp_hook resumes carrying the hook's whole state: optimal's Σ (on each matrix's owner), resampled designs
+HOOK_RESUME = {
+    "optimal": ["optimizer.estimator=optimal"],
+    "plumage-resample": ["optimizer.estimator=plumage", "optimizer.uniform_mix=0.1", "optimizer.comm_hook.resample_interval=2"],
+}
+HOOK_COMMON = ["train.engine=ddp_hook", "train.steps=6", "train.save_interval=2", "train.keep_last=3"]
+CUT_AT = 2  # the resumed copy keeps the step-2 checkpoint only, as a run killed after step 3 would
 
 
 def job(engine: str, estimator: str, ds_json: str, extra=()):
@@ -79,7 +85,30 @@ def _worker(rank, world, out_root, ds_json, resume_sets):
             except Exception as err:  # noqa: BLE001 - reported per run
                 results[(engine, est)] = {"ok": False, "error": repr(err)}
     train(load_job_config(str(TINY), COMMON + resume_sets), f"{out_root}/resume-reference", progress=False)
+    import torch.distributed as dist
+
+    for name, sets in HOOK_RESUME.items():
+        cfg = load_job_config(str(TINY), COMMON + HOOK_COMMON + sets)
+        full, cut = Path(out_root) / f"hook-{name}", Path(out_root) / f"hook-{name}-resumed"
+        train(cfg, full, progress=False)
+        if rank == 0:
+            _cut_after(full, cut, CUT_AT)
+        dist.barrier()
+        train(cfg, cut, resume=True, progress=False)
     return results
+
+
+def _cut_after(src: Path, dst: Path, step: int) -> None:
+    """A copy of run ``src`` as a kill after ``step + 1`` leaves it: later checkpoints, the summary and
+    the final weights gone."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for ckpt in (dst / "checkpoints").iterdir():
+        if int(ckpt.name.split("_")[-1]) > step:
+            shutil.rmtree(ckpt)
+    (dst / "summary.json").unlink()
+    shutil.rmtree(dst / "model")
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +144,8 @@ def test_matrix_trains_through_the_one_loop(runs, engine, estimator):
     elif estimator != "adamw":
         assert estimator in modes
     if engine == "sharded" and estimator != "adamw":  # moments sharded by owner: ranks differ
-        assert s["comm_bytes_total"]["lowrank_grad/reduce_scatter"]["bytes"] > 0
+        tag = "gum_grad" if estimator == "gum" else "lowrank_grad"
+        assert s["comm_bytes_total"][f"{tag}/reduce_scatter"]["bytes"] > 0
     if engine in ("fsdp2", "hsdp") and estimator != "adamw":
         assert {r["sharding"] for r in s["matrices"]} == {"fsdp_rows"}
         # state sharded like the weights: each rank holds about half
@@ -180,6 +210,39 @@ def test_adamw_equals_torch_adamw_on_every_engine(runs, tmp_path):
     outs = {"local": tmp_path / "local", **{e: root / f"{e}-adamw" for e in ("ddp", "sharded", "deepspeed", "fsdp2", "hsdp")}}
     for engine, out in outs.items():
         got = _weights(out)
+        worst = max(float((got[k].float() - ref[k].float()).abs().max()) for k in got)
+        assert worst <= 1e-5, (engine, worst)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", sorted(HOOK_RESUME))
+def test_ddp_hook_resume_is_bitwise(runs, name):
+    """The hook's state (``Σ`` of ``optimal`` on its owners, the kept designs of ``resample_interval``) is
+    saved per rank and restored: the resumed run ends bitwise equal to the uninterrupted one."""
+    root, _ = runs
+    full, cut = root / f"hook-{name}", root / f"hook-{name}-resumed"
+    assert json.loads((cut / "summary.json").read_text())["resumed_from_step"] == CUT_AT
+    hook_files = sorted(p.name for p in (full / "checkpoints" / f"step_{CUT_AT:08d}" / "engine").iterdir() if "hook" in p.name)
+    assert hook_files == [f"comm_hook_rank{k}_of_{W}.pt" for k in range(W)]
+    ref, got = _weights(full), _weights(cut)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    losses = [[json.loads(x)["loss"] for x in (p / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)]
+              for p in (full, cut)]  # fmt: skip
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+@pytest.mark.distributed
+def test_gum_matches_one_process_on_every_engine(runs, tmp_path):
+    """GUM on every engine (its layouts: replicated, owner-sharded, ZeRO-1 composite, FSDP2 rows, compressed
+    HSDP) follows the single-process run on the same global batches: max |Δw| ≤ 1e-5 after 3 steps."""
+    from plumage_ds.train.loop import train
+
+    root, _ = runs
+    local = load_job_config(str(TINY), COMMON + ["optimizer.estimator=gum", f"data.batch_size={2 * W}"])
+    train(local, tmp_path / "local", progress=False)
+    ref = _weights(tmp_path / "local")
+    for engine in ("ddp", "sharded", "deepspeed", "fsdp2", "hsdp"):
+        got = _weights(root / f"{engine}-gum")
         worst = max(float((got[k].float() - ref[k].float()).abs().max()) for k in got)
         assert worst <= 1e-5, (engine, worst)
 

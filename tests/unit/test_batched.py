@@ -1,6 +1,6 @@
 """The batched hot path (same-shape matrices stacked, ``torch._foreach_*``) equals the per-matrix path.
 
-``plumage_ds.optim.batched.per_matrix()`` runs the very same optimizer code with groups of one
+``plumage_ds.kernels.batched.per_matrix()`` runs the very same optimizer code with groups of one
 matrix (no stacking, one ``_foreach`` list per tensor); the batched run — with stacking switched
 on for CPU as it is on accelerators (``stacking`` fixture) — must follow it to 1e-6
 for mixed shapes, both orientations, every estimator, ``svd_method`` and ``dinv_placement``,
@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from plumage_ds import PlumageAdamW
-from plumage_ds.optim import GUM, batched
-from plumage_ds.optim.base import CollectiveStepError, MatrixOptimizer
+from plumage_ds.kernels import batched
+from plumage_ds.optim import GUM
+from plumage_ds.distributed.layouts.base import apply_delta
+from plumage_ds.optim.base import CollectiveStepError
 
 
 class Mixed(nn.Module):
@@ -162,7 +164,7 @@ def test_apply_lifts_equals_the_per_matrix_rule(dtype: torch.dtype, stacking) ->
     decays = [0.01, 0.01, 0.0, 0.02]
     ref = [w.clone() for w in W]
     for w, a, b, decay in zip(ref, A, B, decays):
-        MatrixOptimizer._apply_matrix_update(w, a @ b, decay)
+        apply_delta(w, a @ b, decay)
     batched.apply_lifts(W, A, B, decays)
     for a, b in zip(W, ref):
         assert a.dtype == dtype
@@ -174,7 +176,7 @@ def test_apply_lifts_equals_the_per_matrix_rule(dtype: torch.dtype, stacking) ->
 
 @pytest.mark.parametrize("in_place", [True, False])
 def test_adamw_chunks_in_place_and_staged_give_the_same_bits(in_place: bool) -> None:
-    from plumage_ds.optim.adam import adam_direction, adam_moments
+    from plumage_ds.kernels.adam import adam_direction, adam_moments, adamw_chunks
 
     g = torch.Generator().manual_seed(2)
     G = [torch.randn(7, generator=g), torch.randn(3, 4, generator=g)]
@@ -185,7 +187,7 @@ def test_adamw_chunks_in_place_and_staged_give_the_same_bits(in_place: bool) -> 
     W_run = [w.clone() for w in W]
     M_run = [None if m is None else m.clone() for m in M]
     V_run = [None if v is None else v.clone() for v in V]
-    M2, V2, W2 = batched.adamw_chunks(M_run, V_run, G, W_run, in_place=in_place, **kw)
+    M2, V2, W2 = adamw_chunks(M_run, V_run, G, W_run, in_place=in_place, **kw)
     assert (W2[1] is W_run[1]) and (M2[1] is M_run[1]) == in_place
     for m, v, g_, w, m2, v2, w2 in zip(M, V, G, W, M2, V2, W2):
         m0 = torch.zeros_like(g_) if m is None else m
@@ -207,9 +209,9 @@ def test_nonfinite_flags_and_norms() -> None:
 
 def test_a_failed_refresh_names_the_matrix_and_changes_nothing(monkeypatch) -> None:
     """A failing eigh inside a stack: the matrices are redone alone to name the failing one; the step is refused."""
-    from plumage_ds.optim import plumage_adamw
+    from plumage_ds.estimators import refresh
 
-    real = plumage_adamw.gram_basis
+    real = refresh.gram_basis
 
     def failing(gram):
         if gram.shape[-1] == 12:  # the Gram matrix of ``odd.weight`` (short side 12)
@@ -232,7 +234,7 @@ def test_a_failed_refresh_names_the_matrix_and_changes_nothing(monkeypatch) -> N
     state_before = {k: {kk: (vv.clone() if torch.is_tensor(vv) else vv) for kk, vv in v.items()} for k, v in opt.state.items()}
     opt.zero_grad()
     ((model(x)) ** 2).mean().backward()
-    monkeypatch.setattr(plumage_adamw, "gram_basis", failing)
+    monkeypatch.setattr(refresh, "gram_basis", failing)
     with pytest.raises(CollectiveStepError, match=re.escape("refresh of 'odd.weight' failed: RuntimeError: simulated eigh failure")):
         opt.step()  # step 2 refreshes
     for n, p in model.named_parameters():

@@ -211,7 +211,7 @@ BAD_YAML = [
     ("model:\n  max_position_embeddings: 8\n", "Invalid data.seq_len=32: exceeds the model's max_position_embeddings=8"),
     ("train:\n  engine: fsdp\n", "Invalid train.engine='fsdp'"),
     ("train:\n  engine: deepspeed\n", "Invalid train.deepspeed_config=None"),
-    ("train:\n  engine: sharded\noptimizer:\n  estimator: gum\n", "Invalid optimizer.estimator='gum': not available on train.engine='sharded'"),
+    ("train:\n  engine: ddp_hook\noptimizer:\n  estimator: gum\n", "Invalid optimizer.estimator='gum': not available on train.engine='ddp_hook'"),
     ("train:\n  engine: ddp_hook\noptimizer:\n  estimator: adamw\n", "not available on train.engine='ddp_hook'"),
     ("train:\n  engine: ddp_hook\noptimizer:\n  estimator: haar\n  scale: 0.5\n", "Invalid optimizer.scale=0.5: does not apply to train.engine='ddp_hook'"),
     ("train:\n  keep_last: 0\n", "Invalid train.keep_last=0"),

@@ -85,14 +85,17 @@ def test_deepspeed_knob_given_twice_must_agree():
 
 
 def test_config_knob_names_are_the_constructor_keywords():
-    """One name per knob: every PlumageAdamW keyword (but params/distributor) is a config field."""
+    """One name per knob: every PlumageAdamW keyword (but params and the runtime objects) is a config field."""
     from plumage_ds.optim import GUM, PlumageAdamW
 
     fields = set(OptimizerConfig.__dataclass_fields__)
-    # runtime objects (the distributor, HSDP's replicate process group) are not config knobs
-    ctor = set(inspect.signature(PlumageAdamW.__init__).parameters) - {"self", "params", "distributor", "replicate_group"}
+    # runtime objects (the process groups) are not config knobs; target_modules is one, applied by the
+    # factory's group selection (the constructors take it for named_parameters() input)
+    runtime = {"self", "params", "process_group", "replicate_group", "target_modules"}
+    assert "target_modules" in fields
+    ctor = set(inspect.signature(PlumageAdamW.__init__).parameters) - runtime
     assert ctor == set(PLUMAGE_ADAMW_KEYS) and ctor <= fields
-    gum_ctor = set(inspect.signature(GUM.__init__).parameters) - {"self", "params", "distributor"}
+    gum_ctor = set(inspect.signature(GUM.__init__).parameters) - runtime
     assert gum_ctor == set(OptimizerConfig(estimator="gum").gum_kwargs())
     cfg = OptimizerConfig(estimator="plumage", rank=3, uniform_mix=0.1, max_grad_norm=2.0)
     resolved = {"svd_method": "gram", "backward_projection": False}  # None: the estimator's / engine's default

@@ -460,11 +460,8 @@ def test_bad_group_and_setup_raise():
     with pytest.raises(ValueError, match="strict=True"):
         GUM([{"params": [layers[2].weight], "lowrank": True}], rank=6, strict=True)
 
-    class TwoRanks:
-        rank, world_size = 0, 2
-
-    with pytest.raises(ValueError, match="single process only"):
-        GUM(model.parameters(), distributor=TwoRanks())
+    with pytest.raises(ValueError, match=re.escape("Invalid replicate_group: only meaningful for FSDP2 (DTensor) parameters")):
+        GUM(model.parameters(), replicate_group=object())
 
 
 def test_factory_builds_gum():

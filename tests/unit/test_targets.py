@@ -1,4 +1,4 @@
-"""Target selection (``plumage_ds.optim.param_groups``) on tiny transformers models, tied weights, orientation.
+"""Target selection (``plumage_ds.targets``) on tiny transformers models, tied weights, orientation.
 
 * default and ``"all-linear"`` selections pick exactly the attention/MLP matrices of LLaMA, GPT-2, BERT,
   RoBERTa, T5 and ViT built from configs; embeddings, norms and heads are never targets;

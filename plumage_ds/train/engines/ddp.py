@@ -13,16 +13,21 @@ gradients with identical seeds, so the replicas stay equal.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
 from plumage_ds.config import ConfigError, JobConfig
+from plumage_ds.distributed.hook_state import HOOK_ESTIMATORS
 from plumage_ds.io import atomic_torch_save
 from plumage_ds.optim import build_optimizer
 from plumage_ds.optim.factory import adamw_params
 
 from .base import Engine, unsupported
+
+_HOOK_FILE = "comm_hook_rank{rank}_of_{world}.pt"
+_HOOK_RE = re.compile(r"^comm_hook_rank(\d+)_of_(\d+)\.pt$")
 
 
 class DDPEngine(Engine):
@@ -56,7 +61,7 @@ class DDPHookEngine(DDPEngine):
     def check(cls, job: JobConfig, world_size: int) -> None:
         cfg = job.optimizer
         if cfg.spec.family != "lowrank_adam":
-            raise unsupported(cls.name, cfg.estimator, "the comm hook compresses with 'plumage', 'galore', 'haar' or 'optimal'")
+            raise unsupported(cls.name, cfg.estimator, f"the comm hook compresses with {', '.join(map(repr, HOOK_ESTIMATORS))}")
         for key, default in _HOOK_UNUSED.items():
             if getattr(cfg, key) != default:
                 raise ConfigError(
@@ -82,25 +87,20 @@ class DDPHookEngine(DDPEngine):
         return self.hook_state.comm_stats()
 
     def save(self, path: Path) -> None:
+        """AdamW's state from rank 0; the hook's from every rank (``optimal`` keeps ``Σ`` on each matrix's owner)."""
         super().save(path)
-        if self.rank == 0:  # identical on every rank
-            st = self.hook_state
-            atomic_torch_save(
-                {
-                    "iter": st.iter,
-                    "projections": {pid: {"draw": d, "P": P, "d": dd} for pid, (d, P, dd) in st.projections.items()},
-                    "deterministic": sorted(st.deterministic),
-                    "param_names": list(st.param_names),
-                },
-                path / "comm_hook.pt",
-            )
+        atomic_torch_save(self.hook_state.state_dict(), path / _HOOK_FILE.format(rank=self.rank, world=self.world_size))
 
     def load(self, path: Path) -> None:
+        """The hook's state from this rank's file; on another world size, every rank's ``Σ`` merged
+        (each rank keeps the matrices it owns now)."""
         super().load(path)
-        saved = torch.load(path / "comm_hook.pt", map_location=self.device, weights_only=True)
-        st = self.hook_state
-        if saved["param_names"] != st.param_names:
-            raise ValueError(f"Invalid checkpoint {path}: the comm hook state is for other parameters")
-        st.iter = int(saved["iter"])
-        st.projections = {int(pid): (int(v["draw"]), v["P"], v["d"]) for pid, v in saved["projections"].items()}
-        st.deterministic = set(saved["deterministic"])
+        files = sorted(p for p in path.iterdir() if _HOOK_RE.match(p.name))
+        if not files:
+            raise ValueError(f"Invalid checkpoint {path}: no comm hook state (saved by another engine?)")
+        mine = path / _HOOK_FILE.format(rank=self.rank, world=self.world_size)
+        first = torch.load(mine if mine.is_file() else files[0], map_location=self.device, weights_only=True)
+        sigma: dict = {}
+        for f in files:
+            sigma.update(torch.load(f, map_location=self.device, weights_only=True).get("sigma", {}))
+        self.hook_state.load_state_dict({**first, "sigma": sigma})

@@ -8,10 +8,10 @@ are loaded with the same schema and must agree with the job's; batch sizes defau
 job's (``data.batch_size`` per rank, ``train.grad_accum``) and must agree when given; a
 ``"scheduler"`` section is refused (the job's ``train.lr_schedule`` drives the LR everywhere).
 
-Low-rank estimators run through :func:`plumage_ds.integrations.deepspeed.initialize` (the
-composite client optimizer: PLUMAGE owns the target matrices outside ZeRO's partitions);
-``adamw`` hands DeepSpeed a plain ``torch.optim.AdamW`` (ZeRO partitions it as usual, and
-clips with ``gradient_clipping = max_grad_norm``). GUM is refused.
+Low-rank estimators (GUM included) run through :func:`plumage_ds.integrations.deepspeed.initialize`
+(the composite client optimizer: PlumageAdamW or GUM owns the target matrices outside ZeRO's
+partitions); ``adamw`` hands DeepSpeed a plain ``torch.optim.AdamW`` (ZeRO partitions it as usual,
+and clips with ``gradient_clipping = max_grad_norm``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 from plumage_ds.config import ConfigError, JobConfig, OptimizerConfig, to_dict
 
-from .base import Engine, tensor_bytes, unsupported
+from .base import Engine, tensor_bytes
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 _OPTIMIZER_KEYS = ("plumage", "optimizer", "gradient_clipping")
@@ -110,7 +110,7 @@ def prepare_deepspeed_config(job: JobConfig, world_size: int) -> dict:
         split_config({**ds, "plumage": {"estimator": "plumage"}})
     except NotImplementedError as err:
         raise ConfigError("train.deepspeed_config", path, str(err)) from None
-    if job.optimizer.spec.family == "lowrank_adam":
+    if job.optimizer.spec.has_projector:
         ds["plumage"] = to_dict(job.optimizer)
     else:
         ds["gradient_clipping"] = job.optimizer.max_grad_norm  # DeepSpeed clips AdamW itself
@@ -129,8 +129,6 @@ class DeepSpeedEngine(Engine):
 
     @classmethod
     def check(cls, job: JobConfig, world_size: int) -> None:
-        if job.optimizer.spec.family == "gum":
-            raise unsupported(cls.name, "gum", "the DeepSpeed composite runs AdamW-family updates only")
         prepare_deepspeed_config(job, world_size)
 
     def init_process_group(self) -> None:
@@ -159,7 +157,7 @@ class DeepSpeedEngine(Engine):
         self.stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
         self.model = model
         try:
-            if self.cfg.spec.family == "lowrank_adam":
+            if self.cfg.spec.has_projector:  # the composite: a matrix optimizer owns the targets
                 engine, _, _, _ = pds.initialize(model=model, config=ds, lr_scheduler=self.make_scheduler)
                 self.composite = pds.plumage_optimizer(engine)
                 self.rows = self.composite.matrix_report()

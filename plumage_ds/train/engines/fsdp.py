@@ -11,7 +11,7 @@ matrices as their ``r × l`` projections. ``adamw``: plain HSDP (FSDP all-reduce
 
 Checkpoints: model and optimizer through ``torch.distributed.checkpoint`` (sharded files,
 reshardable to another world size); the final weights through ``save_pretrained`` on rank 0.
-GUM is refused (it runs in one process).
+PlumageAdamW and GUM both run on the FSDP2 rows layout.
 """
 
 from __future__ import annotations
@@ -26,17 +26,12 @@ from plumage_ds.config import ConfigError, JobConfig
 from plumage_ds.optim import build_optimizer
 from plumage_ds.optim.factory import adamw_params, adamw_rows
 
-from .base import Engine, unsupported
+from .base import Engine
 
 
 class FSDP2Engine(Engine):
     name = "fsdp2"
     collective_forward = True  # FSDP all-gathers weights in forward: every rank evaluates
-
-    @classmethod
-    def check(cls, job: JobConfig, world_size: int) -> None:
-        if job.optimizer.spec.family == "gum":
-            raise unsupported(cls.name, "gum", "GUM runs in one process (or replicated: train.engine=ddp)")
 
     def mesh(self):
         from torch.distributed.device_mesh import init_device_mesh
@@ -129,7 +124,6 @@ class HSDPEngine(FSDP2Engine):
 
     @classmethod
     def check(cls, job: JobConfig, world_size: int) -> None:
-        super().check(job, world_size)
         shards = cls.shard_size(job, world_size)
         if world_size % shards:
             raise ConfigError("train.hsdp_shard_size", shards, f"must divide the world size {world_size}")

@@ -1,11 +1,10 @@
 """``train.engine: sharded`` — optimizer state sharded across data-parallel ranks, no replicas of it.
 
-Low-rank estimators: :class:`PlumageAdamW` with the
-:class:`~plumage_ds.distributed.DataParallelDistributor` (the model is NOT wrapped in DDP: the
-optimizer reduces gradients itself — compressed ``r × l`` projections to each matrix's owner,
-which alone keeps its moments). ``adamw``: DDP + ``torch.distributed.optim.ZeroRedundancyOptimizer``
-around ``torch.optim.AdamW`` (ZeRO-1: each rank keeps the AdamW state of its share of the
-parameters). GUM has no multi-rank path yet, so it is refused.
+Low-rank estimators: :class:`PlumageAdamW` or :class:`GUM` on the replicated layout, owner-sharded
+over the world (``process_group``; the model is NOT wrapped in DDP: the optimizer reduces gradients
+itself — compressed ``r × l`` projections to each matrix's owner, which alone keeps its moments).
+``adamw``: DDP + ``torch.distributed.optim.ZeroRedundancyOptimizer`` around ``torch.optim.AdamW``
+(ZeRO-1: each rank keeps the AdamW state of its share of the parameters).
 
 Checkpoints: PLUMAGE writes one shard per rank (``optimizer_rank{k}_of_{W}.pt``); on another
 world size the shards are merged (:func:`~plumage_ds.optim.merge_shards`) and each rank keeps
@@ -20,12 +19,11 @@ from pathlib import Path
 
 import torch
 
-from plumage_ds.config import JobConfig
 from plumage_ds.io import atomic_torch_save
 from plumage_ds.optim import build_optimizer
 from plumage_ds.optim.factory import adamw_params, adamw_rows
 
-from .base import tensor_bytes, unsupported
+from .base import tensor_bytes
 from .ddp import DDPEngine
 
 _SHARD = "optimizer_rank{rank}_of_{world}.pt"
@@ -34,11 +32,6 @@ _SHARD_RE = re.compile(r"^optimizer_rank(\d+)_of_(\d+)\.pt$")
 
 class ShardedEngine(DDPEngine):
     name = "sharded"
-
-    @classmethod
-    def check(cls, job: JobConfig, world_size: int) -> None:
-        if job.optimizer.spec.family == "gum":
-            raise unsupported(cls.name, "gum", "GUM runs in one process (or replicated: train.engine=ddp)")
 
     def setup(self, model) -> None:
         if self.cfg.spec.family == "adamw":
@@ -49,10 +42,10 @@ class ShardedEngine(DDPEngine):
             self.optimizer = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **self.cfg.adam_kwargs())
             self.rows = adamw_rows(self.model, params)
         else:
-            from plumage_ds.distributed import DataParallelDistributor
+            import torch.distributed as dist
 
             self.model = self.module = model.to(self.device)
-            self.optimizer, self.rows = build_optimizer(self.model, self.cfg, distributor=DataParallelDistributor())
+            self.optimizer, self.rows = build_optimizer(self.model, self.cfg, process_group=dist.group.WORLD)
         self.scheduler = self.make_scheduler(self.optimizer)
 
     def _zero(self) -> bool:
@@ -76,6 +69,11 @@ class ShardedEngine(DDPEngine):
             return
         from plumage_ds.optim import merge_shards
 
+        if self.cfg.spec.family == "gum" and not (path / _SHARD.format(rank=self.rank, world=self.world_size)).is_file():
+            raise ValueError(
+                f"Invalid checkpoint {path}: GUM's owner-sharded state resumes on the world size it was saved with "
+                f"(no shard for rank {self.rank} of {self.world_size})"
+            )
         mine = path / _SHARD.format(rank=self.rank, world=self.world_size)
         if mine.is_file():
             sd = torch.load(mine, map_location=self.device, weights_only=True)

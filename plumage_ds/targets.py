@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from ..estimators import oriented_shape
+from .estimators import oriented_shape
 
 ALL_LINEAR = "all-linear"
 _ALL_LINEAR_SPELLINGS = ("all-linear", "all_linear")
@@ -261,3 +261,56 @@ def lowrank_param_groups(
             groups.append({"params": [r["param"] for r in part], "names": [r["name"] for r in part], **extra})
     report = [{k: r[k] for k in ("name", "shape", "mode", "reason")} for r in rows]
     return groups, report
+
+
+def named_groups(params: Any, target_modules: Any = None) -> list:
+    """``params`` as ``torch.optim`` takes them, with ``model.named_parameters()`` understood.
+
+    An iterable of ``(name, tensor)`` pairs becomes named groups split by ``target_modules`` (the
+    default selection unless given, matched against each name's module part, ``re.search``): the
+    matched tensors in one group (every matched matrix is a target), the rest in a dense group
+    (``lowrank=False``). A group whose ``params`` are pairs gets its ``names`` from them (the
+    group's own ``lowrank`` decides). Anything else is returned as a list, unchanged
+    (``model.parameters()``: every 2-D tensor is a target, rows named ``param{i}``).
+    """
+    if isinstance(params, Tensor):
+        return [params]
+    items = list(params)
+    if items and all(_is_pair(x) for x in items):
+        sel = _Selection(target_modules)
+        if sel.all_linear:
+            raise ValueError(
+                "Invalid target_modules='all-linear' with named parameters: it needs the model's blocks; "
+                "use lowrank_param_groups(model, target_modules='all-linear')"
+            )
+        hit = [any(p.search(n.rpartition(".")[0]) for p in sel.patterns) for n, _ in items]
+        if not any(hit):
+            shown = ", ".join(n for n, _ in items[:_LISTED_MODULES]) + (", ..." if len(items) > _LISTED_MODULES else "")
+            raise ValueError(
+                f"target_modules={sel.text} selected none of the {len(items)} named parameters ({shown}); "
+                "pass target_modules= regexes that match their module names"
+            )
+        groups = [{"params": [p for (_, p), h in zip(items, hit) if h], "names": [n for (n, _), h in zip(items, hit) if h]}]
+        if not all(hit):
+            groups.append({"params": [p for (_, p), h in zip(items, hit) if not h],
+                           "names": [n for (n, _), h in zip(items, hit) if not h], "lowrank": False})
+        return groups
+    if target_modules is not None:
+        raise ValueError(
+            f"Invalid target_modules={target_modules!r}: it selects by name, so it needs model.named_parameters(); "
+            "with parameters or groups, choose the targets in the groups (lowrank_param_groups(model, target_modules=...))"
+        )
+    out = []
+    for x in items:
+        if isinstance(x, dict) and x.get("params") is not None and not isinstance(x["params"], Tensor):
+            pairs = list(x["params"])
+            if pairs and all(_is_pair(q) for q in pairs):
+                x = {**x, "params": [p for _, p in pairs], "names": [n for n, _ in pairs]}
+            else:
+                x = {**x, "params": pairs}
+        out.append(x)
+    return out
+
+
+def _is_pair(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], Tensor)

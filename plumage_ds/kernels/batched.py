@@ -1,8 +1,8 @@
 """Batched kernels of the optimizer step: same-shape matrices stacked, lists through ``torch._foreach_*``.
 
-Pure tensor code (no ``torch.distributed``). The optimizers call these on lists that hold one
-tensor per matrix. Elementwise work (Adam moments, directions, weight updates, norms, finiteness)
-always goes through ``_foreach`` ops on whole lists. Products and decompositions are stacked per
+Pure tensor code (no ``torch.distributed``). The optimizers, the layouts and the comm hook call these
+on lists that hold one tensor per matrix. Elementwise work (weight updates, norms, finiteness; the
+Adam arithmetic of :mod:`plumage_ds.kernels.adam`) always goes through ``_foreach`` ops on whole lists. Products and decompositions are stacked per
 shape where that pays on the device: on accelerators, where each small kernel costs a launch,
 same-shape matrices go through one ``bmm`` / batched ``eigh``; on CPU a ``matmul`` per matrix
 costs ~3 µs of overhead and stacking (a copy of every operand) was slower at every size measured
@@ -13,11 +13,9 @@ costs ~3 µs of overhead and stacking (a copy of every operand) was slower at ev
   hold at most :data:`STACK_ELEMENTS` elements each (per device type) are stacked into ``bmm``
   calls of at most :data:`STACK_BATCH_BYTES` of stacked operands;
 * :func:`map_stacked`: the same for a batch-capable function (``eigh``, ``svd``);
-* :func:`adam_moments_foreach`, :func:`adam_direction_foreach`: the arithmetic of
-  :mod:`plumage_ds.optim.adam` on lists (same operations, same order, so results match the
-  per-tensor functions);
 * :func:`apply_lifts`: ``W ← W·(1 − decay) − A B`` in place (``addmm_``, no ``ΔW`` allocated);
-* :func:`adamw_chunks`: AdamW on lists, in place or into staging buffers (same bits either way);
+* :func:`pack`, :func:`unpack`, :func:`unpack_into`: tensors flattened into one buffer and back
+  (every packed collective of the package goes through them);
 * :func:`nonfinite_flags`, :func:`sq_norm_sum`: per-tensor "holds NaN/Inf" and ``Σ ‖t‖²`` (float64)
   with one host synchronisation each (in the common case).
 
@@ -141,25 +139,6 @@ def map_stacked(fn: Callable[[Tensor], Any], tensors: Sequence[Tensor]) -> list:
     return out
 
 
-def adam_moments_foreach(
-    M: list[Tensor], V: list[Tensor], R: list[Tensor], beta1: float, beta2: float
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Out of place, as :func:`~plumage_ds.optim.adam.adam_moments`: ``M' = β1 M + (1−β1) R``,
-    ``V' = β2 V + (1−β2) R∘R`` (new tensors)."""
-    M = torch._foreach_mul(M, beta1)
-    torch._foreach_add_(M, R, alpha=1.0 - beta1)
-    V = torch._foreach_mul(V, beta2)
-    torch._foreach_addcmul_(V, R, R, value=1.0 - beta2)
-    return list(M), list(V)
-
-
-def adam_direction_foreach(M: list[Tensor], V: list[Tensor], eps: float) -> list[Tensor]:
-    """``N = M / (sqrt(V) + eps)`` (new tensors), as :func:`~plumage_ds.optim.adam.adam_direction`."""
-    denom = torch._foreach_sqrt(V)
-    torch._foreach_add_(denom, eps)
-    return list(torch._foreach_div(M, denom))
-
-
 def apply_lifts(params: Sequence[Tensor], As: Sequence[Tensor], Bs: Sequence[Tensor], decays: Sequence[float]) -> None:
     """``W ← W·(1 − decay) − A B`` for every target, in place, without materialising ``ΔW = A B``
     where possible: one ``addmm_`` per fp32 weight (``β = 1 − decay``, ``α = −1``: one pass over ``W``);
@@ -186,45 +165,6 @@ def apply_lifts(params: Sequence[Tensor], As: Sequence[Tensor], Bs: Sequence[Ten
             params[i].addmm_(As[i], Bs[i], beta=1.0 - decay, alpha=-1.0)
 
 
-def adamw_chunks(
-    M: list[Optional[Tensor]], V: list[Optional[Tensor]], G: list[Tensor], W: list[Tensor], *,
-    beta1: float, beta2: float, eps: float, decay: float, step_size: float, in_place: bool,
-) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """AdamW on lists (the arithmetic of :mod:`plumage_ds.optim.adam`): ``M' = β1 M + (1−β1) G``,
-    ``V' = β2 V + (1−β2) G²``, ``W' = W·(1 − decay) − step_size · M'/(sqrt(V') + eps)``.
-
-    ``M[i] is None``: zero moments (first step). ``in_place``: ``M, V, W`` are updated and returned
-    (zeros are allocated for missing moments). Otherwise ``M', V'`` are new tensors and ``W'`` is
-    written into ``W`` — pass fresh fp32 copies (the caller's staging buffers). Both ways run the
-    same operations, so they give the same bits.
-    """
-    M = _decayed(M, G, beta1, in_place)
-    V = _decayed(V, G, beta2, in_place)
-    torch._foreach_add_(M, G, alpha=1.0 - beta1)
-    torch._foreach_addcmul_(V, G, G, value=1.0 - beta2)
-    denom = torch._foreach_sqrt(V)
-    torch._foreach_add_(denom, eps)
-    if decay:
-        torch._foreach_mul_(W, 1.0 - decay)
-    torch._foreach_addcdiv_(W, M, denom, value=-step_size)
-    return M, V, W
-
-
-def _decayed(T: list[Optional[Tensor]], like: list[Tensor], beta: float, in_place: bool) -> list[Tensor]:
-    """``β·T`` (in place, or new tensors); zeros where ``T[i] is None``."""
-    have = [i for i, t in enumerate(T) if t is not None]
-    out: list = [None] * len(T)
-    if have:
-        src = [T[i] for i in have]
-        if in_place:
-            torch._foreach_mul_(src, beta)
-        else:
-            src = list(torch._foreach_mul(src, beta))
-        for i, t in zip(have, src):
-            out[i] = t
-    return [torch.zeros_like(g) if t is None else t for t, g in zip(out, like)]
-
-
 def nonfinite_flags(tensors: Sequence[Tensor]) -> list[bool]:
     """``[t holds NaN or ±Inf]`` with one host synchronisation in the common case.
 
@@ -249,3 +189,33 @@ def sq_norm_sum(tensors: Sequence[Tensor]) -> float:
         return 0.0
     norms = torch._foreach_norm(live, 2, dtype=torch.float64)
     return float(torch.stack(list(norms)).pow(2).sum())
+
+
+def pack(tensors: Sequence[Tensor], out: Optional[Tensor] = None, *, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``tensors`` flattened into one 1-D buffer, in order: ``out`` (at least ``Σ numel`` long) or a new one
+    (``dtype``: of the buffer, default the first tensor's; empty list: an empty fp32 tensor)."""
+    if out is None:
+        if not tensors:
+            return torch.empty(0, dtype=dtype or torch.float32)
+        out = torch.empty(sum(t.numel() for t in tensors), dtype=dtype or tensors[0].dtype, device=tensors[0].device)
+    off = 0
+    for t in tensors:
+        out[off : off + t.numel()].copy_(t.reshape(-1))
+        off += t.numel()
+    return out
+
+
+def unpack(flat: Tensor, shapes: Sequence[Sequence[int]]) -> list[Tensor]:
+    """Views of ``flat`` shaped as ``shapes``, in order (the inverse of :func:`pack`)."""
+    out, off = [], 0
+    for shape in shapes:
+        n = int(torch.Size(shape).numel())
+        out.append(flat[off : off + n].view(*shape))
+        off += n
+    return out
+
+
+def unpack_into(flat: Tensor, tensors: Sequence[Tensor]) -> None:
+    """Copy consecutive pieces of ``flat`` back into ``tensors`` (the inverse of :func:`pack`, in place)."""
+    for t, piece in zip(tensors, unpack(flat, [t.shape for t in tensors])):
+        t.copy_(piece)

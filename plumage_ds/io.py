@@ -291,7 +291,7 @@ def _inspect(ckpt: Path, *, content: bool) -> tuple[Optional[dict], Optional[str
     try:
         manifest = json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return None, f"no {MANIFEST} (its save did not finish)"
+        return None, f"no {MANIFEST}: its save did not finish"
     except (OSError, ValueError) as err:
         return None, f"{MANIFEST} is unreadable ({type(err).__name__})"
     if not isinstance(manifest, dict) or manifest.get("format") not in _READABLE_FORMATS:

@@ -123,4 +123,4 @@ def test_manifest_digests_catch_flipped_bytes_and_old_manifests_still_load(tmp_p
     (p1 / "sub" / "w.bin").write_bytes(b"xyz")
     assert io.checkpoint_problem(p1) is None
     (p1 / io.MANIFEST).unlink()
-    assert io.newest_verified(tmp_path) == (None, [(p, io.checkpoint_problem(p)), (p1, "no MANIFEST.json (its save did not finish)")])
+    assert io.newest_verified(tmp_path) == (None, [(p, io.checkpoint_problem(p)), (p1, "no MANIFEST.json: its save did not finish")])

@@ -99,7 +99,8 @@ def _rejected(err: Exception, cfg: ModelConfig, model_type: str) -> ConfigError:
     text = str(err)
     key = getattr(err, "field", None)
     if key not in cfg.fields:
-        key = next((k for k in cfg.fields if f"'{k}'" in text or f" {k} " in text), None)
+        words = text.replace("`", " ").replace("'", " ").lower()
+        key = next((k for k in cfg.fields if f" {k} " in words or f" {k.replace('_', ' ')} " in words), None)
     reason = f"rejected by the {model_type!r} config ({_first_line(cause)})"
     if key is None:
         return ConfigError("model", dict(cfg.fields), reason)

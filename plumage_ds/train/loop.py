@@ -10,7 +10,12 @@ Outputs in the run directory (see ``docs/main-job.md``), written by rank 0:
   (:mod:`plumage_ds.train.checkpoint`);
 * ``model/`` — the final weights, ``save_pretrained`` (safetensors), loadable by ``transformers``;
 * ``summary.json`` — written at the end, and also when training stops on a non-finite
-  loss (``status="diverged"``) so what was logged is never lost.
+  loss (``status="diverged"``) or fails after the run directory exists (``status="failed"``,
+  a refused ``--resume`` included), with the one-line ``error``, so what was logged is never lost.
+
+Paths in the config are made absolute when the job starts (:func:`resolve_paths`). A resume takes
+the newest checkpoint whose files match their manifest's digests and keeps the checkpoint's global
+batch on another world size (:func:`check_resume`, :func:`keep_global_batch`).
 
 Invariants: ``step`` counts optimizer steps done (1-based); ``loss`` is the mean training
 loss (over ranks and micro-batches) over the steps since the previous log line;

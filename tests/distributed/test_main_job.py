@@ -9,6 +9,8 @@ uninterrupted reference of the resume test. Checked:
 * ``adamw`` equals ``torch.optim.AdamW`` (single process, same global batches and LR schedule) on
   every engine, local included, with ``optimizer.dense_lr`` splitting the LR (attention/MLP
   matrices at ``lr``, the rest at ``dense_lr``): max |Δw| ≤ 1e-5 after 3 steps;
+* an FSDP2 checkpoint saved on W=2 resumes in one process (W=1) with the same global batch
+  (``train.grad_accum`` doubled) and ends where the W=2 run ended;
 * the sharded engine under the real ``torchrun`` launcher, killed with SIGKILL after step 3
   (checkpoint at step 2) and resumed with ``--resume``, ends bitwise equal to the uninterrupted run;
 * the deepspeed engine under the real ``deepspeed`` launcher trains, checkpoints and saves weights
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +82,8 @@ def _worker(rank, world, out_root, ds_json, resume_sets):
             except Exception as err:  # noqa: BLE001 - reported per run
                 results[(engine, est)] = {"ok": False, "error": repr(err)}
     train(load_job_config(str(TINY), COMMON + resume_sets), f"{out_root}/resume-reference", progress=False)
+    results["fsdp2-saved"] = train(job("fsdp2", "adamw", ds_json, ["train.save_interval=2"]), f"{out_root}/fsdp2-saved",
+                                   progress=False)  # fmt: skip
     return results
 
 
@@ -182,6 +187,25 @@ def test_adamw_equals_torch_adamw_on_every_engine(runs, tmp_path):
         got = _weights(out)
         worst = max(float((got[k].float() - ref[k].float()).abs().max()) for k in got)
         assert worst <= 1e-5, (engine, worst)
+
+
+@pytest.mark.distributed
+def test_resume_on_another_world_size_keeps_the_global_batch(runs, tmp_path):
+    """The FSDP2 checkpoint of step 2 saved on W=2, resumed here on W=1: ``grad_accum`` 1 -> 2 keeps the
+    global batch of 4 windows, and step 3 ends where the W=2 run ended (with 2 windows it does not)."""
+    from plumage_ds.config import load_config
+    from plumage_ds.train.loop import train
+
+    root, results = runs
+    two = results[0]["fsdp2-saved"]
+    out = Path(shutil.copytree(root / "fsdp2-saved", tmp_path / "run"))
+    shutil.rmtree(out / "checkpoints" / "step_00000003")
+    one = train(load_config(out / "config.yaml"), out, resume=True, progress=False)
+    assert one["resumed_from_step"] == 2 and one["world_size"] == 1 and two["world_size"] == W
+    assert one["tokens_per_step"] == two["tokens_per_step"] == 2 * W * 32
+    assert one["config"]["train"]["grad_accum"] == W and one["config"]["data"]["batch_size"] == 2
+    ref, got = _weights(root / "fsdp2-saved"), _weights(out)
+    assert max(float((ref[k] - got[k]).abs().max()) for k in ref) <= 1e-5
 
 
 # ------------------------------------------------------------------------------------- real launchers

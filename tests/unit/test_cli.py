@@ -338,6 +338,38 @@ def test_local_rank_is_accepted_and_ignored():
     assert args.command == "train" and args.deepspeed is None
 
 
+def test_engine_table_of_the_docs_is_what_the_engines_accept(tmp_path, repo_root, tiny_config_path):
+    """docs/main-job.md's engine table lists, per engine, exactly the estimators its check accepts."""
+    import re
+
+    from plumage_ds.config import ConfigError
+    from plumage_ds.train.loop import check_job
+
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    names = set(estimator_names())
+    section = (repo_root / "docs" / "main-job.md").read_text().split("## Engines")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| (`\w+`[^|]*) \| [^|]+ \| [^|]+ \| ([^|]+) \|$", section, re.M)
+    documented = {}
+    for engines, cell in rows:
+        cell = cell.strip()
+        listed = names if cell == "all six" else names - {"gum"} if cell == "all but gum" else set(cell.split(", "))
+        assert listed <= names, cell
+        documented.update({e: listed for e in re.findall(r"`(\w+)`", engines)})
+    assert set(documented) == {"local", "ddp", "ddp_hook", "sharded", "deepspeed", "fsdp2", "hsdp"}
+    for engine, listed in documented.items():
+        accepted = set()
+        for est in names:
+            sets = [f"train.engine={engine}", f"optimizer.estimator={est}"]
+            sets += [f"train.deepspeed_config={ds_json}"] if engine == "deepspeed" else []
+            try:
+                check_job(load_job_config(str(tiny_config_path), sets), world_size=1 if engine == "local" else 2)
+                accepted.add(est)
+            except ConfigError as err:
+                assert "not available on train.engine" in str(err), err
+        assert accepted == listed, engine
+
+
 # --------------------------------------------------------------------------- schedule, compare, plot
 
 

@@ -403,6 +403,11 @@ def test_compare_gap_closed(tmp_path, tiny_config_path, capsys):
     assert "40.0%" in out and "plumage" in out
     other = _fake_run(tmp_path / "haar", tiny_config_path, "haar", 2.9, "train.steps=11")
     assert any("not like-for-like" in w for w in compare_rows(dirs + [other])[1])
+    older = _fake_run(tmp_path / "older", tiny_config_path, "haar", 2.9)  # written before data.eval_split existed
+    summary = json.loads((older / "summary.json").read_text())
+    del summary["config"]["data"]["eval_split"]
+    (older / "summary.json").write_text(json.dumps(summary))
+    assert compare_rows(dirs + [older])[1] == []
     assert gap_closed(1.0, galore=2.0, adamw=2.0) is None
     inverted = [_fake_run(tmp_path / f"inv-{e}", tiny_config_path, e, loss) for e, loss in [("adamw", 3.0), ("galore", 2.0)]]
     rows, warnings = compare_rows(inverted)

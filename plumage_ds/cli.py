@@ -173,6 +173,12 @@ def _job_config(args):
         if not args.resume:
             raise ConfigError("--config", None, "required (optional only with --resume, which reads OUT/config.yaml)")
         path = os.path.join(args.out, "config.yaml")
+        if not os.path.isfile(path):
+            from pathlib import Path
+
+            from plumage_ds.train.loop import no_run_error
+
+            raise no_run_error(Path(args.out))
     return load_job_config(path, overrides, args.steps)
 
 

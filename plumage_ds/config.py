@@ -531,13 +531,16 @@ class DataConfig:
     ``jsonl`` (a file, folder or glob of JSON-lines files; ``field`` holds the text),
     ``hf_dataset`` (a ``datasets`` dataset saved with ``save_to_disk``; ``field`` column,
     ``split`` of a ``DatasetDict``). ``tokenizer``: ``byte`` or a directory with a
-    ``tokenizer.json``. Documents go to the eval split by a hash (fixed across runs).
+    ``tokenizer.json``. Documents go to the eval split by a hash (fixed across runs); when that
+    leaves it too small for one window, eval is the tail of every document instead. A
+    ``DatasetDict``'s ``eval_split`` (default: its ``validation`` split, if any) is the eval split.
     """
 
     source: str = "stdlib"
     path: Optional[str] = None
     field: str = "text"
     split: str = "train"
+    eval_split: Optional[str] = None  # hf_dataset: the DatasetDict split to evaluate on (None: "validation" if present)
     extensions: tuple[str, ...] = (".txt", ".md", ".rst", ".py")
     tokenizer: str = "byte"
     seq_len: int = 128
@@ -554,6 +557,10 @@ class DataConfig:
             raise ConfigError("path", self.path, f"source {self.source!r} needs a path")
         if not self.field:
             raise ConfigError("field", self.field, "must name the text field")
+        if self.eval_split is not None and self.source != "hf_dataset":
+            raise ConfigError("eval_split", self.eval_split, f"only for source 'hf_dataset', not {self.source!r}")
+        if self.eval_split is not None and self.eval_split == self.split:
+            raise ConfigError("eval_split", self.eval_split, "must differ from data.split (the training split)")
         if not self.extensions or not all(e.startswith(".") for e in self.extensions):
             raise ConfigError("extensions", list(self.extensions), "must be a list of suffixes like '.txt'")
         if not self.tokenizer:

@@ -32,8 +32,15 @@ def gap_closed(loss: float, *, galore: float, adamw: float) -> Optional[float]:
 
 
 def _comparable_key(summary: dict) -> str:
-    """Everything but the optimizer section and ``train.num_threads`` (speed only)."""
+    """Everything but the optimizer section and ``train.num_threads`` (speed only); a config written
+    before a key existed counts as having its default."""
+    from plumage_ds.config import JobConfig, from_dict, to_dict
+
     cfg = summary.get("config", {})
+    try:
+        cfg = to_dict(from_dict(JobConfig, cfg))
+    except ValueError:  # not loadable by this version: compared as written
+        pass
     key = {k: cfg.get(k) for k in ("model", "data", "train")}
     if isinstance(key["train"], dict):
         key["train"] = {k: v for k, v in key["train"].items() if k != "num_threads"}

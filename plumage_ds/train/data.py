@@ -20,6 +20,14 @@ Invariants (tested in ``tests/unit/test_data.py`` and ``tests/unit/test_sources.
   or the record's text (``jsonl``, ``hf_dataset``; so duplicated records never straddle the
   split). A pure function of the key: the same on every run, machine and process, and no
   document is in both splits. ``hash()`` is never used (it is salted per process).
+* **Tails.** When that leaves the eval split short of one window (a few documents, none hashed
+  below ``eval_fraction``) and its budget unfilled, the split is redone by position instead: each
+  document's last ``ceil(eval_fraction * size)`` bytes (moved to a UTF-8 character boundary) go to
+  eval, the rest to train (:attr:`Corpus.split` ``"tails"``, :attr:`Corpus.note` says so). Still a
+  pure function of the documents.
+* **Held-out split.** A saved ``DatasetDict`` with an ``eval_split`` (``data.eval_split``, default
+  its ``validation`` split when it has one) gives eval that split's rows and train all of
+  ``data.split``'s (:attr:`Corpus.split` ``"dataset:<name>"``).
 * **Bytes.** Each split is its documents' UTF-8 bytes concatenated in order (records end with a
   newline) and cut at its budget: ``round(max_corpus_bytes * eval_fraction)`` bytes for eval,
   the rest for train.
@@ -41,6 +49,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import sysconfig
 from dataclasses import dataclass, field
@@ -160,8 +169,14 @@ def _record_documents(texts: Iterator[str]) -> Iterator[Document]:
 
 def _jsonl_texts(base: Path, files: list[str], field_name: str) -> Iterator[str]:
     for rel in files:
-        with open(base / rel, encoding="utf-8") as fh:
-            for i, line in enumerate(fh, 1):
+        with open(base / rel, "rb") as fh:
+            for i, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ConfigError(
+                        "data.path", str(base / rel), f"line {i} is not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+                    ) from None
                 if not line.strip():
                     continue
                 try:
@@ -171,7 +186,8 @@ def _jsonl_texts(base: Path, files: list[str], field_name: str) -> Iterator[str]
                 yield _record_text(record, field_name, f"{rel} line {i}")
 
 
-def _hf_texts(path: str, cfg: DataConfig) -> Iterator[str]:
+def _load_hf(cfg: DataConfig):
+    """``(dataset of data.split, dataset of the eval split or None, its name)`` of a ``save_to_disk`` directory."""
     try:
         import datasets
     except ImportError:
@@ -179,20 +195,37 @@ def _hf_texts(path: str, cfg: DataConfig) -> Iterator[str]:
             "data.source", "hf_dataset", "needs the 'datasets' package (pip install 'plumage_ds[data]')"
         ) from None
     try:
-        ds = datasets.load_from_disk(path)
+        ds = datasets.load_from_disk(cfg.path)
     except FileNotFoundError as err:
-        raise ConfigError("data.path", path, f"not a dataset saved with save_to_disk ({err})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if cfg.split not in ds:
-            raise ConfigError("data.split", cfg.split, f"not in the saved DatasetDict (splits: {sorted(ds)})")
-        ds = ds[cfg.split]
+        raise ConfigError("data.path", cfg.path, f"not a dataset saved with save_to_disk ({err})") from None
+    if not isinstance(ds, datasets.DatasetDict):
+        if cfg.eval_split is not None:
+            raise ConfigError("data.eval_split", cfg.eval_split, f"{cfg.path} is one Dataset, not a DatasetDict with splits")
+        return ds, None, None
+    if cfg.split not in ds:
+        raise ConfigError("data.split", cfg.split, f"not in the saved DatasetDict (splits: {sorted(ds)})")
+    name = cfg.eval_split if cfg.eval_split is not None else ("validation" if cfg.split != "validation" else None)
+    if cfg.eval_split is not None and name not in ds:
+        raise ConfigError("data.eval_split", name, f"not in the saved DatasetDict (splits: {sorted(ds)})")
+    return ds[cfg.split], (ds[name] if name in ds else None), name
+
+
+def _hf_texts(ds, cfg: DataConfig) -> Iterator[str]:
     if cfg.field not in ds.column_names:
-        raise ConfigError("data.field", cfg.field, f"not a column of {path} (columns: {ds.column_names})")
+        raise ConfigError("data.field", cfg.field, f"not a column of {cfg.path} (columns: {ds.column_names})")
     for start in range(0, len(ds), 1024):
         for i, text in enumerate(ds[start : start + 1024][cfg.field]):
             if not isinstance(text, str):
                 raise ConfigError("data.field", cfg.field, f"row {start + i}: value is {type(text).__name__}, not text")
             yield text
+
+
+def held_out_documents(cfg: DataConfig) -> tuple[Optional[str], Optional[Iterator[Document]]]:
+    """``(name, documents)`` of a ``DatasetDict``'s eval split (:func:`_load_hf`), or ``(None, None)``."""
+    if cfg.source != "hf_dataset":
+        return None, None
+    _, held_out, name = _load_hf(cfg)
+    return (name, _record_documents(_hf_texts(held_out, cfg))) if held_out is not None else (None, None)
 
 
 def documents(cfg: DataConfig) -> tuple[str, Iterator[Document]]:
@@ -207,7 +240,7 @@ def documents(cfg: DataConfig) -> tuple[str, Iterator[Document]]:
         base, files = _jsonl_files(cfg.path)
         return cfg.path, _record_documents(_jsonl_texts(base, files, cfg.field))
     if cfg.source == "hf_dataset":
-        return cfg.path, _record_documents(_hf_texts(cfg.path, cfg))
+        return cfg.path, _record_documents(_hf_texts(_load_hf(cfg)[0], cfg))
     raise ConfigError("data.source", cfg.source, "unknown source")
 
 
@@ -227,6 +260,45 @@ def _fill_splits(docs: Iterator[Document], eval_fraction: float, budgets: tuple[
         used[k].append(doc.key if len(doc.key) <= 200 else doc.key[:200])
         size[k] += len(parts[k][-1])
     return (b"".join(parts[0]), b"".join(parts[1])), used
+
+
+def _tail_start(data: bytes, eval_fraction: float) -> int:
+    """Where a document's eval tail starts: its last ``ceil(eval_fraction * len)`` bytes, moved back to
+    the start of a UTF-8 character (never inside a multi-byte sequence)."""
+    cut = len(data) - math.ceil(eval_fraction * len(data))
+    while 0 < cut < len(data) and data[cut] & 0xC0 == 0x80:
+        cut -= 1
+    return cut
+
+
+def _fill_tails(docs: Iterator[Document], eval_fraction: float, budgets: tuple[int, int]):
+    """(train, eval) from every document's head and tail (:func:`_tail_start`) until each budget is full."""
+    parts: tuple[list[bytes], list[bytes]] = ([], [])
+    used: tuple[list[str], list[str]] = ([], [])
+    size = [0, 0]
+    for doc in docs:
+        if size[0] >= budgets[0] and size[1] >= budgets[1]:
+            break
+        data = doc.read()
+        cut = _tail_start(data, eval_fraction)
+        for k, piece in ((0, data[:cut]), (1, data[cut:])):
+            if piece and size[k] < budgets[k]:
+                parts[k].append(piece[: budgets[k] - size[k]])
+                used[k].append(doc.key if len(doc.key) <= 200 else doc.key[:200])
+                size[k] += len(parts[k][-1])
+    return (b"".join(parts[0]), b"".join(parts[1])), used
+
+
+def _fill_one(docs: Iterator[Document], budget: int) -> tuple[bytes, list[str]]:
+    """Documents concatenated in order until ``budget`` bytes."""
+    parts, used, size = [], [], 0
+    for doc in docs:
+        if size >= budget:
+            break
+        parts.append(doc.read()[: budget - size])
+        used.append(doc.key if len(doc.key) <= 200 else doc.key[:200])
+        size += len(parts[-1])
+    return b"".join(parts), used
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -275,6 +347,11 @@ class Corpus:
     tokenizer: str = "byte"
     vocab_size: int = 256
     bytes_read: tuple[int, int] = field(default=(0, 0))
+    split: str = "hash"
+    """How eval was chosen: ``"hash"`` (whole documents by key), ``"tails"`` (each document's tail),
+    ``"dataset:<name>"`` (a ``DatasetDict`` split)."""
+    note: Optional[str] = None
+    """One line for the log when the split is not the hash rule the config asks for (``"tails"``)."""
 
     def describe(self) -> dict:
         """Plain-data description; ``sha1`` changes iff the token ids change."""
@@ -287,6 +364,7 @@ class Corpus:
             "root": self.root,
             "tokenizer": self.tokenizer,
             "vocab_size": self.vocab_size,
+            "split": self.split,
             "train_files": len(self.train_files),
             "eval_files": len(self.eval_files),
             "train_bytes": self.bytes_read[0],
@@ -298,22 +376,57 @@ class Corpus:
 
 
 def load_corpus(cfg: DataConfig, tokenizer: Optional[Tokenizer] = None) -> Corpus:
-    """Read, split and tokenize the corpus described by ``cfg`` (see the module docstring)."""
+    """Read, split and tokenize the corpus described by ``cfg`` (see the module docstring).
+
+    A split shorter than one window (``seq_len + 1`` tokens) is a :class:`ConfigError` naming its
+    real cause: ``data.max_corpus_bytes`` when the budget cut it, ``data.eval_fraction`` when even
+    the documents' tails are too short, ``data.eval_split`` for a held-out split, else ``data.path``
+    (the corpus itself is that small)."""
     tokenizer = tokenizer if tokenizer is not None else Tokenizer(cfg.tokenizer)
     where, docs = documents(cfg)
     eval_budget = max(1, round(cfg.max_corpus_bytes * cfg.eval_fraction))
-    train_budget = cfg.max_corpus_bytes - eval_budget
-    (train_bytes, eval_bytes), (train_used, eval_used) = _fill_splits(docs, cfg.eval_fraction, (train_budget, eval_budget))
-    train_tokens, eval_tokens = tokenizer.encode(train_bytes), tokenizer.encode(eval_bytes)
+    budgets = (cfg.max_corpus_bytes - eval_budget, eval_budget)
     window = cfg.seq_len + 1
-    for split, data, toks in (("train", train_bytes, train_tokens), ("eval", eval_bytes, eval_tokens)):
-        if toks.numel() < window:
-            raise ConfigError(
-                "data.max_corpus_bytes",
-                cfg.max_corpus_bytes,
-                f"the {split} split has {len(data)} bytes / {toks.numel()} tokens, fewer than "
-                f"seq_len+1={window} (source={cfg.source!r}, path={where!r}, eval_fraction={cfg.eval_fraction})",
+    held_out, eval_docs = held_out_documents(cfg)
+    note = None
+    if eval_docs is not None:
+        split = f"dataset:{held_out}"
+        (train_bytes, train_used), (eval_bytes, eval_used) = _fill_one(docs, budgets[0]), _fill_one(eval_docs, budgets[1])
+    else:
+        split, seen = "hash", []
+        counted = (seen.append(d) or d for d in docs)  # an eval budget left unfilled means every document was seen
+        (train_bytes, eval_bytes), (train_used, eval_used) = _fill_splits(counted, cfg.eval_fraction, budgets)
+        if len(eval_bytes) < budgets[1] and tokenizer.encode(eval_bytes).numel() < window:
+            hashed = len(eval_used)
+            split = "tails"
+            (train_bytes, eval_bytes), (train_used, eval_used) = _fill_tails(documents(cfg)[1], cfg.eval_fraction, budgets)
+            note = (
+                f"data: {'no' if not hashed else f'only {hashed}'} document of {len(seen)} hashed into the eval split "
+                f"(eval_fraction={cfg.eval_fraction}, too little for one window of {window} tokens); eval is the last "
+                f"{cfg.eval_fraction:.0%} of every document instead"
             )
+    train_tokens, eval_tokens = tokenizer.encode(train_bytes), tokenizer.encode(eval_bytes)
+    for k, name, data, toks in ((0, "train", train_bytes, train_tokens), (1, "eval", eval_bytes, eval_tokens)):
+        if toks.numel() >= window:
+            continue
+        short = f"the {name} split has {len(data)} bytes / {toks.numel()} tokens, fewer than seq_len+1={window}"
+        where_ = f"source={cfg.source!r}, path={where!r}"
+        if len(data) >= budgets[k]:
+            raise ConfigError(
+                "data.max_corpus_bytes", cfg.max_corpus_bytes,
+                f"{short}: its share of the budget is {budgets[k]} bytes (eval_fraction={cfg.eval_fraction}; {where_})",
+            )  # fmt: skip
+        if name == "eval" and split == "tails":
+            raise ConfigError(
+                "data.eval_fraction", cfg.eval_fraction,
+                f"{short}: {'no' if not hashed else f'only {hashed}'} document of {len(seen)} hashed into it, and their last {cfg.eval_fraction:.0%} "
+                f"hold only {len(data)} bytes; raise data.eval_fraction or lower data.seq_len ({where_})",
+            )  # fmt: skip
+        if name == "eval" and split != "hash":
+            raise ConfigError("data.eval_split", held_out, f"{short}: that is all the split holds ({where_})")
+        raise ConfigError(
+            "data.path", where, f"{short}: that is all the corpus holds for it ({len(train_used)} documents, {cfg.source!r})"
+        )
     return Corpus(
         root=where,
         train_tokens=train_tokens,
@@ -324,6 +437,8 @@ def load_corpus(cfg: DataConfig, tokenizer: Optional[Tokenizer] = None) -> Corpu
         tokenizer=cfg.tokenizer,
         vocab_size=tokenizer.vocab_size,
         bytes_read=(len(train_bytes), len(eval_bytes)),
+        split=split,
+        note=note,
     )
 
 

@@ -10,7 +10,12 @@ Outputs in the run directory (see ``docs/main-job.md``), written by rank 0:
   (:mod:`plumage_ds.train.checkpoint`);
 * ``model/`` — the final weights, ``save_pretrained`` (safetensors), loadable by ``transformers``;
 * ``summary.json`` — written at the end, and also when training stops on a non-finite
-  loss (``status="diverged"``) so what was logged is never lost.
+  loss (``status="diverged"``) or fails after the run directory exists (``status="failed"``,
+  a refused ``--resume`` included), with the one-line ``error``, so what was logged is never lost.
+
+Paths in the config are made absolute when the job starts (:func:`resolve_paths`). A resume takes
+the newest checkpoint whose files match their manifest's digests and keeps the checkpoint's global
+batch on another world size (:func:`check_resume`, :func:`keep_global_batch`).
 
 Invariants: ``step`` counts optimizer steps done (1-based); ``loss`` is the mean training
 loss (over ranks and micro-batches) over the steps since the previous log line;
@@ -35,11 +40,14 @@ from typing import Any, Optional
 
 import torch
 
-from plumage_ds.config import ConfigError, JobConfig, TrainConfig, to_dict
+from plumage_ds.config import ConfigError, JobConfig, TrainConfig, from_dict, to_dict
 from plumage_ds.io import atomic_write_json, atomic_write_text
 from plumage_ds.train.engines.base import MIN_LR_RATIO, lr_multiplier
 
-__all__ = ["MIN_LR_RATIO", "NonFiniteLossError", "StepRecorder", "check_job", "lr_multiplier", "train"]
+__all__ = [
+    "MIN_LR_RATIO", "NonFiniteLossError", "StepRecorder", "check_job", "keep_global_batch", "lr_multiplier",
+    "resolve_paths", "train",
+]  # fmt: skip
 
 logger = logging.getLogger("plumage_ds.train")
 
@@ -150,16 +158,17 @@ def rank_from_env() -> int:
 
 
 def check_job(cfg: JobConfig, world_size: Optional[int] = None):
-    """Every check a config can fail, before any process group: tokenizer, model, engine.
+    """Every check a config can fail, before any process group: tokenizer, model (its config, and the
+    model itself built on the ``meta`` device), ``optimizer.rank`` against its target matrices, engine.
 
     Returns the tokenizer. Raises :class:`ValueError` (naming the key) for anything wrong.
     """
     from plumage_ds.train.data import Tokenizer
     from plumage_ds.train.engines import engine_class
-    from plumage_ds.train.model import hf_config
+    from plumage_ds.train.model import build_meta_model
 
     tokenizer = Tokenizer(cfg.data.tokenizer)
-    hf_config(cfg.model, vocab_size=tokenizer.vocab_size, seq_len=cfg.data.seq_len)
+    check_rank(cfg, build_meta_model(cfg.model, vocab_size=tokenizer.vocab_size, seq_len=cfg.data.seq_len))
     world = world_size if world_size is not None else world_size_from_env()
     batch = cfg.data.batch_size * cfg.train.grad_accum * world
     if cfg.train.eval_batches * cfg.data.batch_size < 1 or batch < 1:
@@ -173,6 +182,104 @@ def check_job(cfg: JobConfig, world_size: Optional[int] = None):
     return tokenizer
 
 
+def check_rank(cfg: JobConfig, model: torch.nn.Module) -> None:
+    """``optimizer.rank`` must be below the short side of some target matrix (of every one with
+    ``optimizer.strict``), checked on ``model``'s shapes (built on the ``meta`` device) before anything is built.
+
+    Applies wherever the target selection is used: every estimator but ``adamw`` without ``dense_lr``."""
+    opt = cfg.optimizer
+    if opt.spec.family == "adamw" and opt.dense_lr is None:
+        return
+    from plumage_ds.optim import select_targets
+
+    sides = {name: min(p.shape) for name, p, _ in select_targets(model, opt.target_modules)}
+    if opt.strict and opt.rank >= min(sides.values()):
+        name = min(sides, key=sides.get)
+        raise ConfigError(
+            "optimizer.rank", opt.rank,
+            f"optimizer.strict=true and target {name!r} has short side {sides[name]} (largest usable: {sides[name] - 1})",
+        )  # fmt: skip
+    if opt.rank >= max(sides.values()):
+        raise ConfigError(
+            "optimizer.rank", opt.rank,
+            f"no target matrix can take the low-rank path: the rank must be below a matrix's short side, and the "
+            f"largest of the {len(sides)} targets is {max(sides.values())} (largest usable: {max(sides.values()) - 1})",
+        )  # fmt: skip
+
+
+def resolve_paths(cfg: JobConfig, base: Optional[str] = None) -> JobConfig:
+    """``cfg`` with every file/folder path absolute (``~`` expanded, relative ones joined to ``base``,
+    default the working directory): ``data.path`` (a glob too), ``data.tokenizer`` (unless ``byte``),
+    ``model.config``, ``train.deepspeed_config``. ``config.yaml`` records them so, and a resume works
+    from any directory."""
+    import dataclasses
+
+    def absolute(path: Optional[str]) -> Optional[str]:
+        if path is None:
+            return None
+        path = os.path.expanduser(path)
+        return path if os.path.isabs(path) else os.path.abspath(os.path.join(base or os.getcwd(), path))
+
+    tok = cfg.data.tokenizer
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, path=absolute(cfg.data.path), tokenizer=tok if tok == "byte" else absolute(tok)),
+        model=dataclasses.replace(cfg.model, config=absolute(cfg.model.config)),
+        train=dataclasses.replace(cfg.train, deepspeed_config=absolute(cfg.train.deepspeed_config)),
+    )
+
+
+BATCH_KEYS = (("data", "batch_size"), ("train", "grad_accum"))
+"""The keys a resume may change (they set how the global batch splits over ranks)."""
+
+
+def keep_global_batch(cfg: JobConfig, saved: JobConfig, *, global_batch: int, saved_world: int, world: int):
+    """``(config to run, note or None)`` for resuming on ``world`` ranks a checkpoint whose steps took
+    ``global_batch`` windows (``saved_world`` ranks, ``saved`` the run's config).
+
+    ``data.batch_size`` / ``train.grad_accum`` set differently from ``saved`` are used as given (the
+    note says when the global batch changes). Left as saved, they are re-chosen so that
+    ``batch_size * grad_accum * world == global_batch``: ``grad_accum`` scaled when that divides,
+    else the largest ``batch_size`` not above the saved one that does; the note says what changed.
+    A global batch ``world`` does not divide is a ``ConfigError``."""
+    import dataclasses
+
+    b, a = cfg.data.batch_size, cfg.train.grad_accum
+    now = b * a * world
+    if now == global_batch:
+        return cfg, None
+    if (b, a) != (saved.data.batch_size, saved.train.grad_accum):
+        return cfg, (
+            f"--resume: the global batch changes from {global_batch} to {now} windows per step "
+            f"(data.batch_size={b} x train.grad_accum={a} x {world} rank{'s' if world > 1 else ''}, as set)"
+        )
+    if global_batch % world:
+        raise ConfigError(
+            "--resume", f"{world} ranks",
+            f"the checkpoint's global batch of {global_batch} windows per step (saved on {saved_world} ranks) does not "
+            f"split over {world} ranks; resume on a world size dividing {global_batch}, or set data.batch_size and "
+            "train.grad_accum (global batch = batch_size x grad_accum x world size)",
+        )  # fmt: skip
+    per_rank = global_batch // world
+    b2 = b if per_rank % b == 0 else max(d for d in range(1, min(b, per_rank) + 1) if per_rank % d == 0)
+    a2 = per_rank // b2
+    changed = ", ".join(f"{k} {x} -> {y}" for k, x, y in (("data.batch_size", b, b2), ("train.grad_accum", a, a2)) if x != y)
+    new = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, batch_size=b2), train=dataclasses.replace(cfg.train, grad_accum=a2)
+    )
+    return new, (
+        f"--resume on {world} rank{'s' if world > 1 else ''} of a run saved on {saved_world}: {changed} "
+        f"keep{'s' if ',' not in changed else ''} the global batch of {global_batch} windows per step"
+    )
+
+
+def no_run_error(out: Path) -> ValueError:
+    """``--resume`` on a directory that holds no run."""
+    return ValueError(
+        f"Invalid --resume: no complete checkpoint in {out / 'checkpoints'} (no run in {str(out)!r}: it has no config.yaml)"
+    )
+
+
 def check_out_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Path:
     """Refuse a non-directory or a non-empty ``out_dir`` (unless ``overwrite``); create nothing."""
     out = Path(out_dir)
@@ -183,24 +290,58 @@ def check_out_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Path:
     return out
 
 
-def check_resume(out_dir: str | os.PathLike, cfg: JobConfig) -> tuple[int, Path]:
-    """``--resume``: ``out_dir`` holds this very config and a complete checkpoint; return it."""
+def check_resume(out_dir: str | os.PathLike, cfg: JobConfig, world_size: Optional[int] = None) -> tuple[int, Path, JobConfig]:
+    """``--resume``: ``out_dir`` holds this config and a usable checkpoint; return ``(step, path, config to run)``.
+
+    The config must equal ``OUT/config.yaml`` (paths compared absolute) except :data:`BATCH_KEYS`,
+    which :func:`keep_global_batch` settles against the checkpoint's global batch (one logged line
+    when anything changes). The checkpoint is the newest whose files match their manifest's
+    SHA-256 (:func:`~plumage_ds.train.checkpoint.find_resume_point`).
+    """
     from plumage_ds.config import load_config
-    from plumage_ds.train.checkpoint import find_resume_point
+    from plumage_ds.train.checkpoint import find_resume_point, read_trainer
 
     out = Path(out_dir)
     saved_path = out / "config.yaml"
     if not saved_path.is_file():
-        raise ConfigError("--resume", str(out), "no config.yaml there: not a run directory")
-    saved, mine = to_dict(load_config(saved_path)), to_dict(cfg)
+        raise no_run_error(out)
+    saved = resolve_paths(load_config(saved_path))
+    mine, theirs = to_dict(cfg), to_dict(saved)
     for section in mine:
-        for key in mine[section]:
-            if mine[section][key] != saved[section].get(key):
+        for key in sorted(set(mine[section]) | set(theirs[section])):
+            if (section, key) not in BATCH_KEYS and mine[section].get(key) != theirs[section].get(key):
                 raise ValueError(
-                    f"Conflicting {section}.{key}={mine[section][key]!r} with --resume: {saved_path} has "
-                    f"{saved[section].get(key)!r}; a resumed run must use the config it started with"
+                    f"Conflicting {section}.{key}={mine[section].get(key)!r} with --resume: {saved_path} has "
+                    f"{theirs[section].get(key)!r}; a resumed run must use the config it started with"
                 )
-    return find_resume_point(out)
+    step, path = find_resume_point(out)
+    trainer = read_trainer(path)
+    saved_world = int(trainer.get("world_size", 1))
+    global_batch = int(trainer.get("global_batch") or saved.data.batch_size * saved.train.grad_accum * saved_world)
+    world = world_size if world_size is not None else world_size_from_env()
+    run_cfg, note = keep_global_batch(cfg, saved, global_batch=global_batch, saved_world=saved_world, world=world)
+    if note:
+        logger.warning("%s", note)
+    return step, path, run_cfg
+
+
+def _one_line(err: BaseException) -> str:
+    return str(err).replace("\n", " ").strip() or type(err).__name__
+
+
+def _record_refused_resume(out: Path, cfg: JobConfig, err: BaseException) -> None:
+    """A resume refused before it started still leaves ``summary.json`` with ``status: failed`` and the
+    ``error`` (a completed run's summary is kept as it is)."""
+    if not (out / "config.yaml").is_file():
+        return
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = {"config": to_dict(cfg), "engine": cfg.train.engine}
+    if not isinstance(summary, dict) or summary.get("status") == "completed":
+        return
+    summary.update(status="failed", error=_one_line(err))
+    atomic_write_json(out / "summary.json", summary)
 
 
 def prepare_out_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Path:
@@ -274,8 +415,9 @@ def train(
     from plumage_ds.train.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint, save_pretrained
     from plumage_ds.train.data import BatchStream, load_corpus
     from plumage_ds.train.engines import engine_class
-    from plumage_ds.train.model import build_model, describe_model
+    from plumage_ds.train.model import build_model, describe_model, probe_forward
 
+    cfg = resolve_paths(cfg)
     tokenizer = check_job(cfg)
     out = Path(out_dir)
     if elastic_restart() and not resume:
@@ -286,8 +428,18 @@ def train(
         resume = newest_complete(out / CHECKPOINTS) is not None
         overwrite = overwrite or not resume
         logger.info("elastic restart %d: %s", elastic_restart(), "resuming" if resume else "starting over")
+    resume_point: Optional[str] = None
     if rank_from_env() == 0:  # fail fast, before any process group exists
-        check_resume(out, cfg) if resume else check_out_dir(out, overwrite=overwrite)
+        if resume:
+            try:
+                _, path, cfg = check_resume(out, cfg)
+                tokenizer = check_job(cfg)  # the batch split may have been re-chosen for this world size
+            except ValueError as err:
+                _record_refused_resume(out, cfg, err)
+                raise
+            resume_point = str(path)
+        else:
+            check_out_dir(out, overwrite=overwrite)
     tc = cfg.train
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
@@ -302,15 +454,25 @@ def train(
     metrics = None
     bar = None
     try:
+        # rank 0 chose the checkpoint and the batch split: every rank runs with them
+        resume_from, job = engine.broadcast_object((resume_point, to_dict(cfg)) if rank0 else None)
+        cfg = engine.job = from_dict(JobConfig, job)
+        engine.cfg = cfg.optimizer
+        tc = cfg.train
+        summary["config"] = job
         corpus = load_corpus(cfg.data, tokenizer)
+        corpus_desc = corpus.describe()
+        if rank0 and corpus.note:
+            logger.warning("%s", corpus.note)
         stream = BatchStream(corpus, cfg.data, seed=tc.seed)
         eval_set = stream.eval_set(tc.eval_batches)
         model = build_model(cfg.model, vocab_size=corpus.vocab_size, seq_len=cfg.data.seq_len, seed=tc.seed, dtype=dtype)
+        probe_forward(model, cfg.model, seq_len=cfg.data.seq_len)
         model.train()
         engine.setup(model)
-        tokens_per_step = cfg.data.batch_size * tc.grad_accum * engine.world_size * cfg.data.seq_len
+        global_batch = cfg.data.batch_size * tc.grad_accum * engine.world_size
+        tokens_per_step = global_batch * cfg.data.seq_len
         start = 0
-        resume_from = engine.broadcast_object(str(check_resume(out, cfg)[1]) if resume and rank0 else None)
 
         def log(row: dict) -> None:
             if metrics is not None:
@@ -323,6 +485,11 @@ def train(
             start = int(trainer["step"])
             rec.load_state(trainer["recorder"])
             logger.info("resumed from %s at step %d (saved on world_size=%d)", resume_from, start, trainer["world_size"])
+            if rank0 and trainer.get("corpus_sha1", corpus_desc["sha1"]) != corpus_desc["sha1"]:
+                logger.warning(
+                    "--resume: the corpus differs from the one the checkpoint trained on (token sha1 %s, now %s): "
+                    "data.path=%r changed since", trainer["corpus_sha1"][:12], corpus_desc["sha1"][:12], cfg.data.path,
+                )  # fmt: skip
         if rank0:
             import yaml
 
@@ -334,7 +501,7 @@ def train(
         summary.update(
             {
                 "world_size": engine.world_size,
-                "corpus": corpus.describe(),
+                "corpus": corpus_desc,
                 "model": describe_model(model),
                 "num_params": sum(p.numel() for p in model.parameters()),
                 "num_threads": torch.get_num_threads(),
@@ -372,9 +539,8 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}")
             if tc.save_interval and ((s + 1) % tc.save_interval == 0 or s + 1 == tc.steps):
-                path = save_checkpoint(
-                    engine, ckpt_root, s + 1, {"recorder": rec.state()}, keep_last=tc.keep_last, tokenizer_file=tok_file
-                )
+                saved = {"recorder": rec.state(), "global_batch": global_batch, "corpus_sha1": corpus_desc["sha1"]}
+                path = save_checkpoint(engine, ckpt_root, s + 1, saved, keep_last=tc.keep_last, tokenizer_file=tok_file)
                 logger.info("checkpoint %s", path)
             if _kill_point(s + 1, engine.rank):
                 if metrics is not None:
@@ -387,6 +553,9 @@ def train(
         summary["status"] = "diverged"
         summary["error"] = str(err)
         clean = True  # decided from all-reduced values: every rank raises at the same point
+        raise
+    except BaseException as err:
+        summary["error"] = _one_line(err)
         raise
     finally:
         if bar is not None:

@@ -9,6 +9,8 @@ uninterrupted reference of the resume test. Checked:
 * ``adamw`` equals ``torch.optim.AdamW`` (single process, same global batches and LR schedule) on
   every engine, local included, with ``optimizer.dense_lr`` splitting the LR (attention/MLP
   matrices at ``lr``, the rest at ``dense_lr``): max |Δw| ≤ 1e-5 after 3 steps;
+* an FSDP2 checkpoint saved on W=2 resumes in one process (W=1) with the same global batch
+  (``train.grad_accum`` doubled) and ends where the W=2 run ended;
 * the sharded engine under the real ``torchrun`` launcher, killed with SIGKILL after step 3
   (checkpoint at step 2) and resumed with ``--resume``, ends bitwise equal to the uninterrupted run;
 * the deepspeed engine under the real ``deepspeed`` launcher trains, checkpoints and saves weights
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,14 +98,14 @@ def _worker(rank, world, out_root, ds_json, resume_sets):
             _cut_after(full, cut, CUT_AT)
         dist.barrier()
         train(cfg, cut, resume=True, progress=False)
+    results["fsdp2-saved"] = train(job("fsdp2", "adamw", ds_json, ["train.save_interval=2"]), f"{out_root}/fsdp2-saved",
+                                   progress=False)  # fmt: skip
     return results
 
 
 def _cut_after(src: Path, dst: Path, step: int) -> None:
     """A copy of run ``src`` as a kill after ``step + 1`` leaves it: later checkpoints, the summary and
     the final weights gone."""
-    import shutil
-
     shutil.copytree(src, dst)
     for ckpt in (dst / "checkpoints").iterdir():
         if int(ckpt.name.split("_")[-1]) > step:
@@ -245,6 +248,25 @@ def test_gum_matches_one_process_on_every_engine(runs, tmp_path):
         got = _weights(root / f"{engine}-gum")
         worst = max(float((got[k].float() - ref[k].float()).abs().max()) for k in got)
         assert worst <= 1e-5, (engine, worst)
+
+
+@pytest.mark.distributed
+def test_resume_on_another_world_size_keeps_the_global_batch(runs, tmp_path):
+    """The FSDP2 checkpoint of step 2 saved on W=2, resumed here on W=1: ``grad_accum`` 1 -> 2 keeps the
+    global batch of 4 windows, and step 3 ends where the W=2 run ended (with 2 windows it does not)."""
+    from plumage_ds.config import load_config
+    from plumage_ds.train.loop import train
+
+    root, results = runs
+    two = results[0]["fsdp2-saved"]
+    out = Path(shutil.copytree(root / "fsdp2-saved", tmp_path / "run"))
+    shutil.rmtree(out / "checkpoints" / "step_00000003")
+    one = train(load_config(out / "config.yaml"), out, resume=True, progress=False)
+    assert one["resumed_from_step"] == 2 and one["world_size"] == 1 and two["world_size"] == W
+    assert one["tokens_per_step"] == two["tokens_per_step"] == 2 * W * 32
+    assert one["config"]["train"]["grad_accum"] == W and one["config"]["data"]["batch_size"] == 2
+    ref, got = _weights(root / "fsdp2-saved"), _weights(out)
+    assert max(float((ref[k] - got[k]).abs().max()) for k in ref) <= 1e-5
 
 
 # ------------------------------------------------------------------------------------- real launchers

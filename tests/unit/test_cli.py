@@ -172,7 +172,9 @@ def test_resume_errors(tmp_path, tiny_config_path, capsys):
     err = capsys.readouterr().err
     assert "Invalid --resume: no complete checkpoint" in err and len(err.strip().splitlines()) == 1
     assert run_main("train", "--out", tmp_path / "nothing", "--resume") == 2
-    assert "config.yaml" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"Invalid --resume: no complete checkpoint in {tmp_path / 'nothing' / 'checkpoints'} (no run in " in err
+    assert "it has no config.yaml)" in err and len(err.strip().splitlines()) == 1
     assert run_main("train", "--config", tiny_config_path, "--out", out, "--resume", "--steps", "3") == 2
     assert "Conflicting train.steps=3 with --resume" in capsys.readouterr().err
 
@@ -209,6 +211,17 @@ BAD_YAML = [
     ("model:\n  model_type: nosuchmodel\n", "Invalid model.model_type='nosuchmodel'"),
     ("model:\n  vocab_size: 100\n", "Invalid model.vocab_size=100"),
     ("model:\n  max_position_embeddings: 8\n", "Invalid data.seq_len=32: exceeds the model's max_position_embeddings=8"),
+    ("model:\n  tie_word_embeddings: 'no'\n", "Invalid model.tie_word_embeddings='no': rejected by the 'llama' config (Field "),
+    ("model:\n  hidden_size: 30\n  num_attention_heads: 4\n  num_key_value_heads: 4\n",
+     "Invalid model.hidden_size=30: rejected by the 'llama' config (The hidden size (30) is not a multiple of the number"),
+    ("model:\n  num_key_value_heads: 3\n", "Invalid model.num_key_value_heads=3: must divide num_attention_heads=2"),
+    ("model:\n  model_type: gpt2\n  n_embd: 32\n  n_head: 3\n",
+     "Invalid model={'n_embd': 32, 'n_head': 3}: the model cannot be built (`embed_dim` must be divisible by num_heads"),
+    ("optimizer:\n  estimator: plumage\n  rank: 1000\n", "Invalid optimizer.rank=1000: no target matrix can take the "
+     "low-rank path: the rank must be below a matrix's short side, and the largest of the 14 targets is 32 (largest usable: 31)"),
+    ("optimizer:\n  estimator: galore\n  rank: 32\n  target_modules: ['mlp']\n", "(largest usable: 31)"),
+    ("optimizer:\n  estimator: galore\n  rank: 32\n  strict: true\n", "Invalid optimizer.rank=32: optimizer.strict=true "
+     "and target 'model.layers.0.self_attn.q_proj.weight' has short side 32 (largest usable: 31)"),
     ("train:\n  engine: fsdp\n", "Invalid train.engine='fsdp'"),
     ("train:\n  engine: deepspeed\n", "Invalid train.deepspeed_config=None"),
     ("train:\n  engine: ddp_hook\noptimizer:\n  estimator: gum\n", "Invalid optimizer.estimator='gum': not available on train.engine='ddp_hook'"),
@@ -238,8 +251,27 @@ def test_bad_config_exit_2_one_line(tmp_path, tiny_config_path, text, message, c
     assert run_main("train", "--config", path, "--out", out) == 2
     err = capsys.readouterr().err
     assert message in err, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and len(err) < 400, err
     assert not out.exists()
+
+
+def test_a_model_that_cannot_run_a_forward_is_a_config_error():
+    from plumage_ds.config import ConfigError, ModelConfig
+    from plumage_ds.train.model import probe_forward
+
+    class Broken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3, 4))
+
+        def forward(self, input_ids):
+            assert not self.training  # probed in eval mode: no dropout draws
+            return input_ids.float() @ self.w  # (1, n) @ (3, 4): the shapes do not fit
+
+    model = Broken()
+    with pytest.raises(ConfigError, match=r"^Invalid model=\{'n_head': 3\}: the model cannot run a forward pass \(RuntimeError: "):
+        probe_forward(model, ModelConfig(fields={"n_head": 3}), seq_len=32)
+    assert model.training
 
 
 BAD_ARGS = [
@@ -306,6 +338,38 @@ def test_local_rank_is_accepted_and_ignored():
     assert args.command == "train" and args.deepspeed is None
 
 
+def test_engine_table_of_the_docs_is_what_the_engines_accept(tmp_path, repo_root, tiny_config_path):
+    """docs/main-job.md's engine table lists, per engine, exactly the estimators its check accepts."""
+    import re
+
+    from plumage_ds.config import ConfigError
+    from plumage_ds.train.loop import check_job
+
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    names = set(estimator_names())
+    section = (repo_root / "docs" / "main-job.md").read_text().split("## Engines")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| (`\w+`[^|]*) \| [^|]+ \| [^|]+ \| ([^|]+) \|$", section, re.M)
+    documented = {}
+    for engines, cell in rows:
+        cell = cell.strip()
+        listed = names if cell == "all six" else names - {"gum"} if cell == "all but gum" else set(cell.split(", "))
+        assert listed <= names, cell
+        documented.update({e: listed for e in re.findall(r"`(\w+)`", engines)})
+    assert set(documented) == {"local", "ddp", "ddp_hook", "sharded", "deepspeed", "fsdp2", "hsdp"}
+    for engine, listed in documented.items():
+        accepted = set()
+        for est in names:
+            sets = [f"train.engine={engine}", f"optimizer.estimator={est}"]
+            sets += [f"train.deepspeed_config={ds_json}"] if engine == "deepspeed" else []
+            try:
+                check_job(load_job_config(str(tiny_config_path), sets), world_size=1 if engine == "local" else 2)
+                accepted.add(est)
+            except ConfigError as err:
+                assert "not available on train.engine" in str(err), err
+        assert accepted == listed, engine
+
+
 # --------------------------------------------------------------------------- schedule, compare, plot
 
 
@@ -339,6 +403,11 @@ def test_compare_gap_closed(tmp_path, tiny_config_path, capsys):
     assert "40.0%" in out and "plumage" in out
     other = _fake_run(tmp_path / "haar", tiny_config_path, "haar", 2.9, "train.steps=11")
     assert any("not like-for-like" in w for w in compare_rows(dirs + [other])[1])
+    older = _fake_run(tmp_path / "older", tiny_config_path, "haar", 2.9)  # written before data.eval_split existed
+    summary = json.loads((older / "summary.json").read_text())
+    del summary["config"]["data"]["eval_split"]
+    (older / "summary.json").write_text(json.dumps(summary))
+    assert compare_rows(dirs + [older])[1] == []
     assert gap_closed(1.0, galore=2.0, adamw=2.0) is None
     inverted = [_fake_run(tmp_path / f"inv-{e}", tiny_config_path, e, loss) for e, loss in [("adamw", 3.0), ("galore", 2.0)]]
     rows, warnings = compare_rows(inverted)
@@ -352,15 +421,29 @@ def test_compare_gap_closed(tmp_path, tiny_config_path, capsys):
     assert run_main("compare", tmp_path / "missing") == 2
 
 
-def test_plot_writes_png(tmp_path, tiny_config_path, capsys):
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_plot_writes_png(tmp_path, tiny_config_path, capsys, umask_022):
+    import stat
     import struct
 
     for est in ("adamw", "plumage"):
         argv = ["train", "--config", tiny_config_path, "--out", tmp_path / est, "--steps", "4", "--no-progress",
-                "--set", f"optimizer.estimator={est}", "--set", "optimizer.update_interval=2"]  # fmt: skip
+                "--set", f"optimizer.estimator={est}", "--set", "optimizer.update_interval=2", "--set", "train.save_interval=4"]  # fmt: skip
         assert run_main(*argv) == 0
     png = tmp_path / "fig" / "runs.png"
     assert run_main("plot", tmp_path / "adamw", tmp_path / "plumage", "--out", png) == 0
+    # every file the job writes is readable by the group and others under umask 022, every directory searchable
+    run = tmp_path / "plumage"
+    written = [png, *(p for p in run.rglob("*"))]
+    assert len(written) > 15 and (run / "checkpoints" / "step_00000004" / "MANIFEST.json") in written
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in written}
+    assert modes == {k: 0o755 if (tmp_path / k).is_dir() else 0o644 for k in modes}
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,7 +121,58 @@ def test_corpus_budget_and_provenance(fake_root):
 
 def test_corpus_too_small_for_a_window_names_the_budget(fake_root):
     cfg = DataConfig(seq_len=64, batch_size=2, eval_fraction=0.5, max_corpus_bytes=100, path=str(fake_root))
-    with pytest.raises(ValueError, match=r"max_corpus_bytes=100.*seq_len\+1=65"):
+    with pytest.raises(ValueError, match=r"max_corpus_bytes=100.*seq_len\+1=65: its share of the budget is 50 bytes"):
+        load_corpus(cfg)
+
+
+def _few_files(root, n: int, size: int = 30_000) -> list[str]:
+    """``n`` ASCII text files of ``size`` bytes, none of whose names hashes into eval at 0.3."""
+    names = [f"part{i}.txt" for i in range(40) if not is_eval_file(f"part{i}.txt", 0.3)][:n]
+    for i, name in enumerate(names):
+        words = [f"w{(i * 13 + k) % 97}" for k in range(size)]
+        (root / name).write_bytes(" ".join(words).encode()[:size])
+    return names
+
+
+@pytest.mark.parametrize("n, eval_fraction", [(3, 0.05), (8, 0.05), (3, 0.3)])
+def test_few_files_carve_eval_from_their_tails(tmp_path, n, eval_fraction):
+    """No file hashed into eval: every file's last ``eval_fraction`` is eval instead, the rest train."""
+    names = _few_files(tmp_path, n)
+    cfg = DataConfig(source="text", path=str(tmp_path), seq_len=32, max_corpus_bytes=200_000, eval_fraction=eval_fraction)
+    corpus = load_corpus(cfg)
+    assert corpus.split == "tails" and corpus.describe()["split"] == "tails"
+    assert corpus.note.startswith(f"data: no document of {n} hashed into the eval split (eval_fraction={eval_fraction}")
+    assert "eval is the last" in corpus.note and len(corpus.note.splitlines()) == 1
+    docs = [(tmp_path / name).read_bytes() for name in sorted(names)]
+    want_eval = b"".join(d[len(d) - int(np.ceil(eval_fraction * len(d))):] for d in docs)
+    budget = round(cfg.max_corpus_bytes * eval_fraction)
+    assert bytes(corpus.eval_tokens.tolist()) == want_eval[:budget]
+    heads = b"".join(d[: len(d) - int(np.ceil(eval_fraction * len(d)))] for d in docs)
+    assert bytes(corpus.train_tokens.tolist()) == heads[: cfg.max_corpus_bytes - budget]
+    assert load_corpus(cfg).describe() == corpus.describe()  # deterministic
+
+
+def test_tail_cut_keeps_utf8_characters_whole(tmp_path):
+    from plumage_ds.train.data import _tail_start
+
+    data = "aé".encode() * 10  # 30 bytes, 'é' is 2 of each 3
+    assert _tail_start(data, 0.1) == 27  # the last 3 bytes start at an 'a'
+    cut = _tail_start(data, 0.03)  # the last byte is the second half of an 'é': the tail takes it whole
+    assert cut == 28 and data[cut:].decode() == "é"
+    assert _tail_start(data[:2], 0.5) == 1 and _tail_start(b"", 0.5) == 0
+
+
+def test_too_small_corpus_names_the_real_cause(tmp_path):
+    names = _few_files(tmp_path, 3, size=200)  # tails of 10 bytes each: 30 < 33
+    cfg = DataConfig(source="text", path=str(tmp_path), seq_len=32, max_corpus_bytes=200_000)
+    with pytest.raises(ValueError, match=r"^Invalid data.eval_fraction=0.05: the eval split has \d+ bytes .* no document of 3 "
+                                         r"hashed into it, and their last 5% hold only \d+ bytes; raise data.eval_fraction"):
+        load_corpus(cfg)
+    for name in names[1:]:
+        (tmp_path / name).unlink()
+    (tmp_path / names[0]).write_bytes(b"x" * 20)
+    with pytest.raises(ValueError, match=rf"^Invalid data.path='{tmp_path}': the train split has 19 bytes / 19 tokens, "
+                                         r"fewer than seq_len\+1=33: that is all the corpus holds"):
         load_corpus(cfg)
 
 

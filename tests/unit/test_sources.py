@@ -73,6 +73,47 @@ def test_jsonl_and_hf_dataset_give_the_same_corpus(corpus_dir):
         load_corpus(_data(corpus_dir, source="hf_dataset", path=str(corpus_dir / "hf"), field="body", split="test"))
 
 
+def test_jsonl_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')  # latin-1, not UTF-8
+    with pytest.raises(ValueError, match=rf"^Invalid data.path='{path}': line 2 is not UTF-8 \(byte 0xe9 at column 14\)$"):
+        load_corpus(_data(tmp_path, source="jsonl", path=str(path)))
+
+
+def test_dataset_dict_validation_split_is_the_eval_split(corpus_dir, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = {"train": [_doc(i) for i in range(40)], "validation": [_doc(i) for i in range(100, 110)], "test": ["x"]}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in rows.items()}).save_to_disk(str(tmp_path / "hf"))
+    corpus = load_corpus(_data(tmp_path, source="hf_dataset", path=str(tmp_path / "hf")))
+    assert corpus.split == "dataset:validation" and corpus.describe()["split"] == "dataset:validation"
+    assert bytes(corpus.eval_tokens.tolist()) == "".join(t + "\n" for t in rows["validation"]).encode()
+    assert bytes(corpus.train_tokens.tolist()) == "".join(t + "\n" for t in rows["train"]).encode()
+    assert (len(corpus.eval_files), len(corpus.train_files)) == (10, 40)
+    with pytest.raises(ValueError, match=r"^Invalid data.eval_split='dev': not in the saved DatasetDict \(splits: \['test', 'train', 'validation'\]\)$"):
+        load_corpus(_data(tmp_path, source="hf_dataset", path=str(tmp_path / "hf"), eval_split="dev"))
+    with pytest.raises(ValueError, match=r"^Invalid data.eval_split='test': the eval split has 2 bytes"):
+        load_corpus(_data(tmp_path, source="hf_dataset", path=str(tmp_path / "hf"), eval_split="test"))
+    with pytest.raises(ValueError, match=r"^Invalid eval_split='validation': only for source 'hf_dataset', not 'jsonl'$"):
+        _data(tmp_path, source="jsonl", path="x", eval_split="validation")
+
+
+def test_a_few_text_files_train_with_the_defaults(tmp_path, tiny_config_path, capsys):
+    """Three files, none hashed into eval: the run trains, and says in one line where eval came from."""
+    from plumage_ds.train.data import is_eval_file
+
+    (tmp_path / "txt").mkdir()
+    for i in range(3):
+        assert not is_eval_file(f"f{i}.txt", 0.05)
+        (tmp_path / "txt" / f"f{i}.txt").write_text(_doc(i) * 100)
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(tiny_config_path), "--out", str(out), "--steps", "2", "--no-progress",
+            "--set", "data.source=text", "--set", f"data.path={tmp_path / 'txt'}"]  # fmt: skip
+    assert main(argv) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if "eval split" in x]
+    assert len(lines) == 1 and "eval is the last 5% of every document instead" in lines[0], lines
+    assert json.loads((out / "summary.json").read_text())["corpus"]["split"] == "tails"
+
+
 def test_record_split_stable_across_processes(corpus_dir):
     """Same sha1 of the token split in a fresh interpreter with another hash seed."""
     code = (

@@ -244,22 +244,31 @@ def documents(cfg: DataConfig) -> tuple[str, Iterator[Document]]:
     raise ConfigError("data.source", cfg.source, "unknown source")
 
 
-def _fill_splits(docs: Iterator[Document], eval_fraction: float, budgets: tuple[int, int]):
-    """Concatenate documents into the (train, eval) splits until each budget is full."""
+def _fill(docs: Iterator[Document], budgets: tuple[int, int], pieces) -> tuple[tuple[bytes, bytes], tuple[list[str], list[str]]]:
+    """Concatenate documents into the (train, eval) splits until each budget is full; ``pieces(doc, open)``
+    gives a document's ``(split, bytes)`` pieces (``open[k]``: split ``k`` still takes bytes)."""
     parts: tuple[list[bytes], list[bytes]] = ([], [])
     used: tuple[list[str], list[str]] = ([], [])
     size = [0, 0]
     for doc in docs:
         if size[0] >= budgets[0] and size[1] >= budgets[1]:
             break
-        k = 1 if is_eval_file(doc.key, eval_fraction) else 0
-        if size[k] >= budgets[k]:
-            continue
-        data = doc.read()
-        parts[k].append(data[: budgets[k] - size[k]])
-        used[k].append(doc.key if len(doc.key) <= 200 else doc.key[:200])
-        size[k] += len(parts[k][-1])
+        for k, piece in pieces(doc, [size[0] < budgets[0], size[1] < budgets[1]]):
+            if size[k] < budgets[k]:
+                parts[k].append(piece[: budgets[k] - size[k]])
+                used[k].append(doc.key if len(doc.key) <= 200 else doc.key[:200])
+                size[k] += len(parts[k][-1])
     return (b"".join(parts[0]), b"".join(parts[1])), used
+
+
+def _fill_splits(docs: Iterator[Document], eval_fraction: float, budgets: tuple[int, int]):
+    """Whole documents to the split their key hashes to (:func:`is_eval_file`), until each budget is full."""
+
+    def by_hash(doc: Document, open_: list[bool]) -> list[tuple[int, bytes]]:
+        k = 1 if is_eval_file(doc.key, eval_fraction) else 0
+        return [(k, doc.read())] if open_[k] else []  # a full split's documents are never read
+
+    return _fill(docs, budgets, by_hash)
 
 
 def _tail_start(data: bytes, eval_fraction: float) -> int:
@@ -273,20 +282,13 @@ def _tail_start(data: bytes, eval_fraction: float) -> int:
 
 def _fill_tails(docs: Iterator[Document], eval_fraction: float, budgets: tuple[int, int]):
     """(train, eval) from every document's head and tail (:func:`_tail_start`) until each budget is full."""
-    parts: tuple[list[bytes], list[bytes]] = ([], [])
-    used: tuple[list[str], list[str]] = ([], [])
-    size = [0, 0]
-    for doc in docs:
-        if size[0] >= budgets[0] and size[1] >= budgets[1]:
-            break
+
+    def head_and_tail(doc: Document, open_: list[bool]) -> list[tuple[int, bytes]]:
         data = doc.read()
         cut = _tail_start(data, eval_fraction)
-        for k, piece in ((0, data[:cut]), (1, data[cut:])):
-            if piece and size[k] < budgets[k]:
-                parts[k].append(piece[: budgets[k] - size[k]])
-                used[k].append(doc.key if len(doc.key) <= 200 else doc.key[:200])
-                size[k] += len(parts[k][-1])
-    return (b"".join(parts[0]), b"".join(parts[1])), used
+        return [(k, piece) for k, piece in ((0, data[:cut]), (1, data[cut:])) if piece]
+
+    return _fill(docs, budgets, head_and_tail)
 
 
 def _fill_one(docs: Iterator[Document], budget: int) -> tuple[bytes, list[str]]:

@@ -39,6 +39,8 @@ DATA_SOURCES = ("stdlib", "text", "jsonl", "hf_dataset")
 NONFINITE_POLICIES = ("skip", "raise")
 QUANTIZE_CHOICES = ("int8", "fp16")
 RIGHT_PROJECTORS = ("sharded", "replicated")
+DTYPES = ("float32", "bfloat16")
+STEP_IMPLS = ("auto", "staged", "streaming")
 
 
 class ConfigError(ValueError):
@@ -386,6 +388,14 @@ class OptimizerConfig:
     max_grad_norm: float = 0.0  # global-norm clipping (0: off), on what the optimizer uses
     nonfinite: str = "skip"  # NaN/Inf gradient on any rank: "skip" the step everywhere (counted) or "raise"
     right_projectors: str = "sharded"  # FSDP2, matrices with m >= n: P row-sharded ("sharded") or whole on every rank
+    # PlumageAdamW's precision policy (None: float32): the dtype of the projections Pᵀ G and the lifts P N, and the
+    # dtype P, M, V are kept in ("bfloat16": half the state; the math stays fp32, rounded once on store)
+    compute_dtype: Optional[str] = None
+    state_dtype: Optional[str] = None
+    # PlumageAdamW's ordinary step: "streaming" (in place, matrix chunks, transient memory bounded by one matrix;
+    # for layouts with no collective in the step), "staged" (batched lists, state staged until the last collective),
+    # "auto": streaming where it applies
+    step_impl: str = "auto"
     collective_timeout: float = 0.0  # seconds a collective of the step may wait (0: the process group's timeout)
     backward_projection: Optional[bool] = None  # keep Pᵀ G (r×l), not G (m×n), from backward to step; None: on for ZeRO-3 only
     # regexes on module names (re.search) and/or "all-linear"; None: the default selection (attention and
@@ -421,6 +431,13 @@ class OptimizerConfig:
         check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
         check_nonneg("collective_timeout", self.collective_timeout)
         check_choice("right_projectors", self.right_projectors, RIGHT_PROJECTORS)
+        check_choice("step_impl", self.step_impl, STEP_IMPLS)
+        for key in ("compute_dtype", "state_dtype", "step_impl"):
+            value = getattr(self, key)
+            if value is not None and key != "step_impl":
+                check_choice(key, value, DTYPES)
+            if spec.family != "lowrank_adam" and value not in (None, "auto"):
+                raise ConfigError(key, value, f"applies to PlumageAdamW's estimators, not {spec.name!r}; leave it unset")
         if self.svd_method is not None:
             check_choice("svd_method", self.svd_method, SVD_METHODS)
             if spec.default_svd_method is None:
@@ -468,7 +485,7 @@ class OptimizerConfig:
 PLUMAGE_ADAMW_KEYS = (
     "lr", "betas", "eps", "weight_decay", "rank", "update_interval", "estimator", "scale", "dinv_placement",
     "realign", "svd_method", "uniform_mix", "seed", "strict", "max_grad_norm", "nonfinite", "right_projectors",
-    "backward_projection", "collective_timeout",
+    "backward_projection", "collective_timeout", "compute_dtype", "state_dtype", "step_impl",
 )  # fmt: skip
 """The :class:`PlumageAdamW` keywords; each is an :class:`OptimizerConfig` field of the same name."""
 

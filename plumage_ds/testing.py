@@ -259,3 +259,20 @@ def hf_training_args(out_dir: str, *, steps: int, batch: int, lr: float = 3e-3, 
     )  # fmt: skip
     kw.update(overrides)
     return TrainingArguments(**kw)
+
+
+def canonical_svd(monkeypatch) -> None:
+    """Make ``torch.linalg.svd`` return its singular vectors in :func:`~plumage_ds.estimators.spectral.canonical_signs`'
+    form (``U`` or ``Vᵀ``'s rows, whichever is the short side's basis, and the other factor flipped alike):
+    a peer that takes raw LAPACK signs (galore-torch) then follows the project's sign convention."""
+    from plumage_ds.estimators.spectral import canonical_signs
+
+    svd = torch.linalg.svd
+
+    def canonical(A, *args, **kwargs):
+        U, S, Vh = svd(A, *args, **kwargs)
+        basis = U if A.shape[-2] < A.shape[-1] else Vh.mT
+        D = (canonical_signs(basis) * basis).sum(-2).sign()  # +1 kept, −1 flipped, per singular vector
+        return U * D, S, Vh * D[..., :, None]
+
+    monkeypatch.setattr(torch.linalg, "svd", canonical)

@@ -46,7 +46,8 @@ def short_side_basis(G: Tensor, method: str = "svd") -> tuple[Tensor, Tensor]:
     ``G_o = U diag(σ) V_oᵀ`` for the oriented ``G_o``.
 
     ``method="svd"``: ``torch.linalg.svd(G)`` on ``G`` as stored (``U`` if left,
-    ``Vᵀ`` rows if right) — bit-compatible with GaLore's projector.
+    ``Vᵀ`` rows if right) — GaLore's projector, with its columns' signs put in the canonical form
+    of :func:`canonical_signs` (LAPACK builds and devices return either sign).
     ``method="gram"``: ``eigh`` of the ``s × s`` Gram matrix ``G_o G_oᵀ`` in float64
     (about 2× faster than fp32 ``svd`` on CPU; ``σ = sqrt(max(λ, 0))``). Both give the whole spectrum, which
     PLUMAGE needs to stay unbiased. A stack ``(B, m, n)`` gives ``(B, s, s)`` and ``(B, s)`` (batched
@@ -56,7 +57,7 @@ def short_side_basis(G: Tensor, method: str = "svd") -> tuple[Tensor, Tensor]:
     Gf = G.detach().float()
     if method == "svd":
         U, S, Vh = torch.linalg.svd(Gf, full_matrices=False)
-        return (U if left else Vh.mT), S
+        return canonical_signs(U if left else Vh.mT), S
     if method == "gram":
         # float64: squaring the spectrum in fp32 loses every σ below ~3e-4·σ₁ and makes
         # the eigenvectors jump under 1e-7 perturbations of G (reduction order across
@@ -66,22 +67,31 @@ def short_side_basis(G: Tensor, method: str = "svd") -> tuple[Tensor, Tensor]:
     raise ValueError(f"Invalid svd_method={method!r}: must be one of ['svd', 'gram']")
 
 
+def canonical_signs(U: Tensor) -> Tensor:
+    """``U`` with each column's entry of largest magnitude made positive (the first such entry on ties).
+
+    A decomposition leaves every singular vector's sign free, and CPU and CUDA (or two LAPACK builds,
+    or a 1e-8 change of ``G``) pick differently. An estimator that keeps its moments in ``P``'s
+    coordinates across refreshes without realigning them (GaLore) would then follow another
+    trajectory on every device; in this form ``U`` is a function of the subspace and the
+    decomposition's order alone. Works on a stack ``(..., s, k)``.
+    """
+    pivot = U.abs().argmax(dim=-2, keepdim=True)  # (..., 1, k)
+    signs = torch.sign(torch.gather(U, -2, pivot))
+    signs[signs == 0] = 1.0
+    return U * signs
+
+
 def gram_basis(gram: Tensor) -> tuple[Tensor, Tensor]:
     """``(U, σ)`` from the short-side Gram matrix ``G_o G_oᵀ``  # (s, s), float64.
 
     ``U`` (s, s) eigenvectors by descending eigenvalue, ``σ = sqrt(max(λ, 0))``, both float32.
     Used directly when the Gram matrix is assembled from row shards (``Σ_k G_kᵀ G_k``).
 
-    Sign convention: each column's entry of largest magnitude is positive. ``eigh`` leaves
-    the sign free, and a 1e-8 change of ``G`` (another reduction order, another world size)
-    can flip it; GaLore keeps its moments across refreshes, so a flipped column would change
-    its trajectory. With the convention ``U`` is a continuous function of ``G`` away from
-    repeated eigenvalues. A stack ``(B, s, s)`` is decomposed in one batched ``eigh``.
+    Signs in :func:`canonical_signs`' form, so ``U`` is a continuous function of ``G`` away from
+    repeated eigenvalues, on every device. A stack ``(B, s, s)`` is decomposed in one batched ``eigh``.
     """
     evals, evecs = torch.linalg.eigh(gram.double())
     evals = torch.flip(evals, [-1]).clamp(min=0.0)
     U = torch.flip(evecs, [-1])  # (s, s)
-    pivot = U.abs().argmax(dim=-2, keepdim=True)  # (1, s)
-    signs = torch.sign(torch.gather(U, -2, pivot))  # (1, s)
-    signs[signs == 0] = 1.0
-    return (U * signs).float(), torch.sqrt(evals).float()
+    return canonical_signs(U).float(), torch.sqrt(evals).float()

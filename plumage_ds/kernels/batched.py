@@ -13,6 +13,8 @@ costs ~3 µs of overhead and stacking (a copy of every operand) was slower at ev
   hold at most :data:`STACK_ELEMENTS` elements each (per device type) are stacked into ``bmm``
   calls of at most :data:`STACK_BATCH_BYTES` of stacked operands;
 * :func:`map_stacked`: the same for a batch-capable function (``eigh``, ``svd``);
+* :func:`projections`: the compressed gradients ``Pᵀ G_o`` in the precision policy's dtype, fp32 out;
+* :func:`projections`: the compressed gradients ``Pᵀ G_o`` in the precision policy's dtype, fp32 out;
 * :func:`apply_lifts`: ``W ← W·(1 − decay) − A B`` in place (``addmm_``, no ``ΔW`` allocated);
 * :func:`pack`, :func:`unpack`, :func:`unpack_into`: tensors flattened into one buffer and back
   (every packed collective of the package goes through them);
@@ -75,29 +77,41 @@ def _stack_limit(device: torch.device, table: Optional[dict] = None) -> int:
     return 0 if _PER_MATRIX else table.get(device.type, STACK_ELEMENTS_DEFAULT)
 
 
-def matmuls(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> list[Tensor]:
+def matmuls(As: Sequence[Tensor], Bs: Sequence[Tensor], *, dtype: Optional[torch.dtype] = None) -> list[Tensor]:
     """``[A_i @ B_i]`` with small same-shape pairs stacked into ``bmm`` (see the module docstring).
 
-    The results of a stacked group are views of one ``(B, p, q)`` tensor.
+    ``dtype``: the dtype of the products (operands cast to it pair by pair, so the cast of a big
+    operand, e.g. a bf16 gradient to fp32, is alive only during its own product; on CUDA a bf16
+    product accumulates in fp32). ``None``: the operands' own dtype. The results of a stacked group
+    are views of one ``(B, p, q)`` tensor.
     """
+    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
     if not As or _stack_limit(As[0].device) == 0:
-        return [A @ B for A, B in zip(As, Bs)]
+        return [cast(A) @ cast(B) for A, B in zip(As, Bs)]
     out: list = [None] * len(As)
-    keys = [(tuple(A.shape), tuple(B.shape), A.dtype, A.device) for A, B in zip(As, Bs)]
+    keys = [(tuple(A.shape), tuple(B.shape), A.dtype, B.dtype, A.device) for A, B in zip(As, Bs)]
     for idx in group_indices(keys):
         A0, B0 = As[idx[0]], Bs[idx[0]]
         biggest = max(A0.numel(), B0.numel())
         if len(idx) == 1 or biggest > _stack_limit(A0.device):
             for i in idx:
-                out[i] = As[i] @ Bs[i]
+                out[i] = cast(As[i]) @ cast(Bs[i])
             continue
-        per = max(1, STACK_BATCH_BYTES // max(1, (A0.numel() + B0.numel()) * A0.element_size()))
+        size = (dtype or A0.dtype).itemsize
+        per = max(1, STACK_BATCH_BYTES // max(1, (A0.numel() + B0.numel()) * size))
         for start in range(0, len(idx), per):
             part = idx[start : start + per]
-            C = torch.bmm(torch.stack([As[i] for i in part]), torch.stack([Bs[i] for i in part]))
+            C = torch.bmm(torch.stack([cast(As[i]) for i in part]), torch.stack([cast(Bs[i]) for i in part]))
             for i, c in zip(part, C.unbind(0)):
                 out[i] = c
     return out
+
+
+def projections(As: Sequence[Tensor], Bs: Sequence[Tensor], dtype: torch.dtype = torch.float32) -> list[Tensor]:
+    """:func:`matmuls` computed in ``dtype`` (the precision policy's), returned in fp32: the compressed
+    gradients ``Pᵀ G_o`` that Adam and the collectives take. Never an fp32 copy of every gradient: a
+    bf16 gradient is cast (fp32 policy) or used as it is (bf16 policy) one product at a time."""
+    return [R if R.dtype == torch.float32 else R.float() for R in matmuls(As, Bs, dtype=dtype)]
 
 
 def stack_plan(keys: Sequence[Hashable], numels: Sequence[int], nbytes: Sequence[int], device: torch.device,
@@ -139,30 +153,37 @@ def map_stacked(fn: Callable[[Tensor], Any], tensors: Sequence[Tensor]) -> list:
     return out
 
 
-def apply_lifts(params: Sequence[Tensor], As: Sequence[Tensor], Bs: Sequence[Tensor], decays: Sequence[float]) -> None:
+def apply_lifts(params: Sequence[Tensor], As: Sequence[Tensor], Bs: Sequence[Tensor], decays: Sequence[float], *,
+                in_weight_dtype: bool = False) -> None:
     """``W ← W·(1 − decay) − A B`` for every target, in place, without materialising ``ΔW = A B``
     where possible: one ``addmm_`` per fp32 weight (``β = 1 − decay``, ``α = −1``: one pass over ``W``);
     small same-shape groups are stacked into one ``bmm`` and subtracted with ``_foreach_sub_`` where
-    the device stacks; other dtypes (bf16) get the fp32 math rounded once into ``W``.
+    the device stacks. Other dtypes (bf16): the fp32 math rounded once into ``W`` (an fp32 copy of one
+    weight at a time), or with ``in_weight_dtype`` one ``addmm_`` in the weight's dtype (``A, B``
+    cast to it; on CUDA the product accumulates in fp32 and is rounded once into ``W``; no copy).
     """
     keys = [(tuple(W.shape), tuple(A.shape), W.dtype, W.device, float(d)) for W, A, d in zip(params, As, decays)]
     for idx in group_indices(keys):
         W0 = params[idx[0]]
         decay = float(decays[idx[0]])
+        if W0.dtype != torch.float32 and in_weight_dtype:
+            for i in idx:
+                params[i].addmm_(As[i].to(W0.dtype), Bs[i].to(W0.dtype), beta=1.0 - decay, alpha=-1.0)
+            continue
         if W0.dtype != torch.float32:
             for i in idx:
                 W32 = params[i].float()
-                W32.addmm_(As[i], Bs[i], beta=1.0 - decay, alpha=-1.0)
+                W32.addmm_(As[i].float(), Bs[i].float(), beta=1.0 - decay, alpha=-1.0)
                 params[i].copy_(W32)
             continue
         if len(idx) > 1 and W0.numel() <= _stack_limit(W0.device):
             W = [params[i] for i in idx]
             if decay:
                 torch._foreach_mul_(W, 1.0 - decay)
-            torch._foreach_sub_(W, matmuls([As[i] for i in idx], [Bs[i] for i in idx]))
+            torch._foreach_sub_(W, matmuls([As[i] for i in idx], [Bs[i] for i in idx], dtype=torch.float32))
             continue
         for i in idx:
-            params[i].addmm_(As[i], Bs[i], beta=1.0 - decay, alpha=-1.0)
+            params[i].addmm_(As[i].float(), Bs[i].float(), beta=1.0 - decay, alpha=-1.0)
 
 
 def nonfinite_flags(tensors: Sequence[Tensor]) -> list[bool]:

@@ -21,7 +21,6 @@ Checkpoint helpers are in :mod:`.checkpoints`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
@@ -35,6 +34,7 @@ from ..kernels.adam import adam_step_size, adamw_chunks
 from ..kernels.batched import group_indices, nonfinite_flags, sq_norm_sum
 from ..targets import named_groups
 from .checkpoints import CheckpointMixin
+from .streaming import StreamingMixin
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -60,7 +60,7 @@ class DensePartition:
     replicated: bool = False
 
 
-class MatrixOptimizer(CheckpointMixin, torch.optim.Optimizer):
+class MatrixOptimizer(StreamingMixin, CheckpointMixin, torch.optim.Optimizer):
     """Base of the optimizers that treat 2-D target matrices specially and use AdamW elsewhere.
 
     Subclasses set ``_display_name``, ``_state_section``, ``_state_format``, ``_projector_keys``
@@ -71,6 +71,7 @@ class MatrixOptimizer(CheckpointMixin, torch.optim.Optimizer):
     _display_name = "MatrixOptimizer"  # in error messages
     _supported_cases: tuple = (REPLICATED,)
     _entry_type: type = Entry
+    state_dtype: torch.dtype = torch.float32  # the dtype of moments (and projectors) in the state
 
     def __init__(
         self,
@@ -350,6 +351,9 @@ class MatrixOptimizer(CheckpointMixin, torch.optim.Optimizer):
         if plan is None:
             return False
         targets, dense, external = plan
+        if self._streams(targets, external):  # in place, chunk by chunk (optim/streaming.py)
+            self._stream_step(targets, dense)
+            return True
         staged: dict[Any, dict] = {}
         work = self._targets_inputs(targets, staged)
         g_owned = layout.reduce_dense(dense, [self._grad32(e) for e in dense])
@@ -393,9 +397,7 @@ class MatrixOptimizer(CheckpointMixin, torch.optim.Optimizer):
         """``min(1, max_grad_norm / ‖what the optimizer uses‖)`` over every rank's disjoint pieces (1.0: off)."""
         if self.max_grad_norm <= 0:
             return 1.0
-        total_norm = math.sqrt(self._layout.sum_scalar(sq_norm_sum([t for t in used if t is not None]), "grad_norm"))
-        self.last_grad_norm = total_norm
-        return min(1.0, self.max_grad_norm / (total_norm + 1e-6))
+        return self._clip_from_squares(sq_norm_sum([t for t in used if t is not None]))
 
     # ------------------------------------------------------------------ the refresh of P
 
@@ -525,13 +527,18 @@ class MatrixOptimizer(CheckpointMixin, torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
         self._projected.clear()
 
-    def _grad32(self, e: Entry) -> Tensor:
-        """``e``'s gradient on this rank (its local shard under FSDP2) in fp32 (zeros where none)."""
+    def _grad(self, e: Entry) -> Tensor:
+        """``e``'s gradient on this rank (its local shard under FSDP2) as it is (zeros where none)."""
         g = local(e.param.grad)
         if g is None:
-            return torch.zeros(e.local_shape, dtype=torch.float32, device=local(e.param).device)
+            return torch.zeros(e.local_shape, dtype=local(e.param).dtype, device=local(e.param).device)
         if g.is_sparse:
             raise RuntimeError(f"{self._display_name} does not support sparse gradients ({e.name})")
+        return g
+
+    def _grad32(self, e: Entry) -> Tensor:
+        """:meth:`_grad` in fp32 (a copy for low-precision gradients: use one matrix at a time)."""
+        g = self._grad(e)
         return g.float() if g.dtype != torch.float32 else g
 
     # ------------------------------------------------------------------ the one dense AdamW
@@ -561,13 +568,13 @@ class MatrixOptimizer(CheckpointMixin, torch.optim.Optimizer):
         for es, G, (lr, wd, (beta1, beta2), eps, step) in self._dense_groups(dense, g_owned, clip):
             states = [self._state_of(e) for e in es]
             M, V, W = adamw_chunks(
-                [st.get("exp_avg") for st in states], [st.get("exp_avg_sq") for st in states], G,
+                [self._fp32(st.get("exp_avg")) for st in states], [self._fp32(st.get("exp_avg_sq")) for st in states], G,
                 [self._layout.dense_piece(e).to(torch.float32, copy=True) for e in es],
                 beta1=beta1, beta2=beta2, eps=eps, decay=lr * wd, step_size=adam_step_size(lr, step + 1, beta1, beta2),
                 in_place=False,
             )
             for e, m, v, w in zip(es, M, V, W):
-                staged.setdefault(e.index, {}).update(exp_avg=m, exp_avg_sq=v)
+                staged.setdefault(e.index, {}).update(exp_avg=m.to(self.state_dtype), exp_avg_sq=v.to(self.state_dtype))
                 new_dense[e.index] = w
         return [new_dense.get(e.index) for e in dense]
 
@@ -578,12 +585,13 @@ class MatrixOptimizer(CheckpointMixin, torch.optim.Optimizer):
             states = [e.extra.get("partition_state", self.state)[e.param] for e in es]
             pieces = [e.param if "partition_state" in e.extra else self._layout.dense_piece(e) for e in es]
             M, V, _ = adamw_chunks(
-                [st.get("exp_avg") for st in states], [st.get("exp_avg_sq") for st in states], G, pieces,
-                beta1=beta1, beta2=beta2, eps=eps, decay=lr * wd, step_size=adam_step_size(lr, step + 1, beta1, beta2),
-                in_place=True,
+                [self._fp32(st.get("exp_avg")) for st in states], [self._fp32(st.get("exp_avg_sq")) for st in states],
+                G, pieces, beta1=beta1, beta2=beta2, eps=eps, decay=lr * wd,
+                step_size=adam_step_size(lr, step + 1, beta1, beta2), in_place=True,
             )
             for st, m, v in zip(states, M, V):
-                st["exp_avg"], st["exp_avg_sq"] = m, v
+                self._store(st, "exp_avg", m)
+                self._store(st, "exp_avg_sq", v)
 
     def _commit(self, active: list[Entry], staged: dict) -> None:
         """Write the staged state of a completed step and advance the step counters."""

@@ -35,19 +35,29 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..config import RIGHT_PROJECTORS, check_bool, check_choice, validate_lowrank_options
+from ..config import DTYPES, RIGHT_PROJECTORS, STEP_IMPLS, check_bool, check_choice, validate_lowrank_options
 from ..distributed.layouts import FSDP_ROWS, REPLICATED, ZERO3_FLAT, Entry
 from ..distributed.ownership import lowrank_load
 from ..estimators import is_refresh, orient
 from ..estimators.registry import estimator_problem, get_estimator, resolve_realign
 from ..kernels.adam import adam_direction_foreach, adam_moments_foreach, adam_step_size
-from ..kernels.batched import group_indices, matmuls
+from ..kernels.batched import group_indices, matmuls, projections
 from .base import MatrixOptimizer
 from .plumage_state import PlumageStateMixin
 
 _LOWRANK_KEYS = (
     "rank", "update_interval", "estimator", "scale", "dinv_placement", "realign", "svd_method", "uniform_mix"
 )
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _dtype(key: str, value: Any) -> torch.dtype:
+    """A dtype of the precision policy: ``None`` (float32), a name of ``config.DTYPES`` or the torch dtype."""
+    if value is None:
+        return torch.float32
+    name = str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
+    check_choice(key, name, DTYPES)
+    return _DTYPES[name]
 
 
 class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
@@ -103,6 +113,17 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
             communication on ordinary steps).
         collective_timeout: seconds any collective of the step may wait (0: the process
             group's timeout); a timeout raises ``CollectiveTimeoutError`` naming the collective.
+        compute_dtype: the precision policy's GEMMs — the projections ``Pᵀ G`` and the lifts ``P N``
+            (``None``/``"float32"``: fp32, the oracle's arithmetic; ``"bfloat16"``: bf16 operands with
+            fp32 accumulation on CUDA, bf16 weights updated by one GEMM in their dtype). Adam's
+            arithmetic is fp32 either way.
+        state_dtype: the dtype ``P``, ``M``, ``V`` and the dense moments are kept in (``None``/``"float32"``;
+            ``"bfloat16"``: half the state, as torch's AdamW and galore-torch keep bf16 parameters'
+            state; the math stays fp32, rounded once when stored). ``d`` stays fp32, ``Σ`` float64.
+        step_impl: ``"auto"`` (default: ``"streaming"`` where it applies, else ``"staged"``),
+            ``"streaming"`` (ordinary steps in place, matrix chunk by chunk, transient memory bounded
+            by one matrix — for layouts with no collective in the step; refresh steps stage) or
+            ``"staged"`` (batched lists, new state staged until the step's last collective).
         process_group: plain-tensor parameters only: the optimizer *is* the data-parallel
             strategy over this group (``dist.group.WORLD`` for the world): do not wrap the model
             in DDP; each target's moments live on its owner rank, gradients are reduced by the
@@ -144,8 +165,15 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
         process_group=None,
         replicate_group=None,
         target_modules: Any = None,
+        compute_dtype: Any = None,
+        state_dtype: Any = None,
+        step_impl: str = "auto",
     ) -> None:
         defaults = self._adam_defaults(lr, betas, eps, weight_decay)
+        self.compute_dtype = _dtype("compute_dtype", compute_dtype)
+        self.state_dtype = _dtype("state_dtype", state_dtype)
+        check_choice("step_impl", step_impl, STEP_IMPLS)
+        self.step_impl = step_impl
         if svd_method is None and estimator_problem(estimator, "lowrank_adam") is None:
             svd_method = get_estimator(estimator).default_svd_method or "gram"  # haar takes no SVD
         defaults.update(
@@ -164,6 +192,16 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
             process_group=process_group, replicate_group=replicate_group, collective_timeout=collective_timeout,
             target_modules=target_modules, right_projectors=right_projectors,
         )
+        if step_impl == "streaming" and (self._layout.comm is not None or self._layout.replica_comm is not None):
+            raise ValueError(
+                f"Invalid step_impl='streaming': the {self._layout.describe()} layout runs collectives in every step, "
+                "so its new state is staged until the last one; use 'auto' or 'staged'"
+            )
+
+    @property
+    def _state_dtypes(self) -> dict:
+        """Loaded state tensors in their kept dtype (``Σ`` float64; ``P, M, V`` in ``state_dtype``)."""
+        return {"Sigma": torch.float64, **{k: self.state_dtype for k in ("P", "exp_avg", "exp_avg_sq")}}
 
     # ------------------------------------------------------------------ setup
 
@@ -192,7 +230,8 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
         return get_estimator(e.group["estimator"])
 
     def _options(self) -> dict:
-        return {**super()._options(), "right_projectors": self.right_projectors, "backward_projection": self.backward_projection}
+        return {**super()._options(), "right_projectors": self.right_projectors, "backward_projection": self.backward_projection,
+                "compute_dtype": str(self.compute_dtype), "state_dtype": str(self.state_dtype), "step_impl": self.step_impl}
 
     def _build_entries(self) -> None:
         entries = self._plan_entries()
@@ -232,7 +271,7 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
             if p.grad is None or "P" not in st or is_refresh(st["step"], e.group["update_interval"]):
                 return  # the refresh at the start of the next step needs the whole gradient
             with torch.no_grad():
-                R = st["P"].mT @ orient(p.grad.float(), e.left)  # (r, l)
+                R = projections([st["P"].mT], [orient(p.grad, e.left)], self.compute_dtype)[0]  # (r, l) fp32
                 acc = self._projected.get(e.index)
                 self._projected[e.index] = R if acc is None else acc.add_(R)
             p.grad = None
@@ -247,9 +286,13 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
     def _targets_inputs(self, lowrank: list[Entry], staged: dict) -> dict:
         """Refresh (staged), then every target's compressed gradient where its Adam runs."""
         projected = [self._projected.get(e.index) for e in lowrank]
-        grads = [None if R is not None else self._grad32(e) for e, R in zip(lowrank, projected)]
-        averaged = [False] * len(lowrank)  # this step's gradient already averaged across replicas
         refresh = [i for i, e in enumerate(lowrank) if is_refresh(self._step_of(e), e.group["update_interval"])]
+        # the refresh decomposes the whole gradient in fp32; ordinary steps project it as it is, one
+        # product at a time in the policy's dtype (never an fp32 copy of every gradient)
+        grads = [None if R is not None else self._grad(e) for e, R in zip(lowrank, projected)]
+        for i in refresh:
+            grads[i] = self._grad32(lowrank[i])
+        averaged = [False] * len(lowrank)  # this step's gradient already averaged across replicas
         if refresh:
             self._refresh([lowrank[i] for i in refresh], [grads[i] for i in refresh], staged)
             for i in refresh:
@@ -257,7 +300,7 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
                     grads[i] = staged[lowrank[i].index].pop("G")
                     averaged[i] = True
         P_use = self._layout.projectors(lowrank, [self._current(staged, e, "P") for e in lowrank])
-        R_owned = self._layout.compress(lowrank, grads, P_use, averaged, projected)
+        R_owned = self._layout.compress(lowrank, grads, P_use, averaged, projected, dtype=self.compute_dtype)
         coords = [i for i, (e, R) in enumerate(zip(lowrank, R_owned)) if R is not None and e.group["dinv_placement"] == "coords"]
         if coords:
             scaled = torch._foreach_div([R_owned[i] for i in coords], [self._current(staged, lowrank[i], "d")[:, None] for i in coords])
@@ -271,12 +314,15 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
         return self._layout.lift(lowrank, N_owned, work["P_use"])
 
     def _apply_targets(self, lowrank: list[Entry], factors: list[tuple[Tensor, Tensor]]) -> None:
-        """``W ← W·(1 − lr·wd) − A B`` for every target, in place (the layout places the update)."""
-        self._layout.apply_lifts(lowrank, factors, [e.group["lr"] * e.group["weight_decay"] for e in lowrank])
+        """``W ← W·(1 − lr·wd) − A B`` for every target, in place (the layout places the update; the
+        GEMM in the weight's dtype under a low-precision compute policy)."""
+        self._layout.apply_lifts(lowrank, factors, [e.group["lr"] * e.group["weight_decay"] for e in lowrank],
+                                 in_weight_dtype=self.compute_dtype != torch.float32)
 
-    def _lowrank_adam(self, lowrank: list[Entry], R_owned: list, clip: float, staged: dict) -> list:
+    def _lowrank_adam(self, lowrank: list[Entry], R_owned: list, clip: float, staged: Optional[dict]) -> list:
         """Adam on the projected gradients this rank holds: ``N``  # (r, l_k), step size and scale
-        folded in (``None`` where it holds nothing). New moments are staged, not written.
+        folded in (``None`` where it holds nothing). ``staged``: new moments staged, not written
+        (``None``: updated in place — the streaming step). fp32 math; ``state_dtype`` on store.
         Batched: one ``_foreach`` chain per set of equal hyperparameters and step."""
         N_owned: list[Optional[Tensor]] = [None] * len(lowrank)
         live = [i for i, R in enumerate(R_owned) if R is not None]
@@ -284,6 +330,7 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
         for i in live:
             g = lowrank[i].group
             keys.append((g["lr"], g["betas"], g["eps"], g["scale"], g["dinv_placement"], self._step_of(lowrank[i])))
+        current = (lambda e, k: self._current(staged, e, k)) if staged is not None else (lambda e, k: self.state[e.param][k])
         for part in group_indices(keys):
             idx = [live[j] for j in part]
             lr, (beta1, beta2), eps, scale, dinv, step = keys[part[0]]
@@ -291,16 +338,52 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
             if clip != 1.0:
                 R = list(torch._foreach_mul(R, clip))
             es = [lowrank[i] for i in idx]
-            M, V = adam_moments_foreach([self._current(staged, e, "exp_avg") for e in es],
-                                        [self._current(staged, e, "exp_avg_sq") for e in es], R, beta1, beta2)
+            M = [self._fp32(current(e, "exp_avg")) for e in es]
+            V = [self._fp32(current(e, "exp_avg_sq")) for e in es]
+            if staged is None:  # the same operations, in place
+                torch._foreach_mul_(M, beta1)
+                torch._foreach_add_(M, R, alpha=1.0 - beta1)
+                torch._foreach_mul_(V, beta2)
+                torch._foreach_addcmul_(V, R, R, value=1.0 - beta2)
+            else:
+                M, V = adam_moments_foreach(M, V, R, beta1, beta2)
             N = adam_direction_foreach(M, V, eps)  # (r, l_k) each
             if dinv == "lift":
-                torch._foreach_div_(N, [self._current(staged, e, "d")[:, None] for e in es])
+                torch._foreach_div_(N, [current(e, "d")[:, None] for e in es])
             torch._foreach_mul_(N, adam_step_size(lr, step + 1, beta1, beta2) * scale)
             for i, e, m, v, n in zip(idx, es, M, V, N):
-                staged.setdefault(e.index, {}).update(exp_avg=m, exp_avg_sq=v)
+                if staged is None:
+                    self._store(self.state[e.param], "exp_avg", m)
+                    self._store(self.state[e.param], "exp_avg_sq", v)
+                else:
+                    staged.setdefault(e.index, {}).update(exp_avg=m.to(self.state_dtype), exp_avg_sq=v.to(self.state_dtype))
                 N_owned[i] = n
         return N_owned
+
+    # ------------------------------------------------------------------ the streaming step
+
+    def _targets_stream(self, lowrank: list[Entry]) -> bool:
+        """Ordinary step for every target (a refresh stages its new projectors)."""
+        return not any(is_refresh(self._step_of(e), e.group["update_interval"]) for e in lowrank)
+
+    def _stream_inputs(self, chunk: list[Entry]) -> list[Tensor]:
+        """The chunk's compressed gradients ``Pᵀ G_o`` (fp32; ``D⁻¹``-scaled for ``dinv_placement="coords"``)."""
+        R = [self._projected.get(e.index) for e in chunk]
+        todo = [i for i, r in enumerate(R) if r is None]
+        for i, r in zip(todo, projections([self.state[chunk[i].param]["P"].mT for i in todo],
+                                          [orient(self._grad(chunk[i]), chunk[i].left) for i in todo], self.compute_dtype)):
+            R[i] = r
+        coords = [i for i, e in enumerate(chunk) if e.group["dinv_placement"] == "coords"]
+        if coords:
+            d = [self.state[chunk[i].param]["d"][:, None] for i in coords]
+            for i, r in zip(coords, torch._foreach_div([R[i] for i in coords], d)):
+                R[i] = r
+        return R
+
+    def _stream_targets(self, chunk: list[Entry], clip: float) -> None:
+        """Project, step and lift this chunk in place."""
+        N = self._lowrank_adam(chunk, self._stream_inputs(chunk), clip, None)
+        self._apply_targets(chunk, self._layout.lift(chunk, N, [self.state[e.param]["P"] for e in chunk]))
 
     def _refresh(self, refresh: list[Entry], grads: list[Tensor], staged: dict) -> None:
         """Stage new ``P, d`` and realigned (or fresh) moments for ``refresh``.
@@ -322,23 +405,23 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
         mine = [i for i, (e, b) in enumerate(zip(realign, B))
                 if b is not None and layout.holds_moments(e) and "exp_avg" in self.state[e.param]]
         st_of = [self.state[realign[i].param] for i in mine]
-        BM = matmuls([B[i] for i in mine], [st["exp_avg"] for st in st_of])  # M ← B M
+        BM = matmuls([B[i] for i in mine], [st["exp_avg"] for st in st_of], dtype=torch.float32)  # M ← B M
         BB = list(torch._foreach_mul([B[i] for i in mine], [B[i] for i in mine])) if mine else []
-        BBV = matmuls(BB, [st["exp_avg_sq"] for st in st_of])
+        BBV = matmuls(BB, [st["exp_avg_sq"] for st in st_of], dtype=torch.float32)
         realigned = {realign[i].index: (m, v) for i, m, v in zip(mine, BM, BBV)}  # V ← (B∘B) V
         device = grads[0].device
         for e in refresh:
             P, d = new_P[e.index]
             new = staged.setdefault(e.index, {})
-            new.update(P=P.to(device).contiguous(), d=d.to(device).contiguous())
+            new.update(P=P.to(device=device, dtype=self.state_dtype).contiguous(), d=d.to(device).contiguous())
             if not layout.holds_moments(e):
                 continue
             if "exp_avg" not in self.state.get(e.param, {}):
                 cols = e.cols[1] - e.cols[0]
-                new["exp_avg"] = torch.zeros(e.r, cols, dtype=torch.float32, device=P.device)
-                new["exp_avg_sq"] = torch.zeros(e.r, cols, dtype=torch.float32, device=P.device)
+                new["exp_avg"] = torch.zeros(e.r, cols, dtype=self.state_dtype, device=P.device)
+                new["exp_avg_sq"] = torch.zeros(e.r, cols, dtype=self.state_dtype, device=P.device)
             elif e.index in realigned:
-                new["exp_avg"], new["exp_avg_sq"] = realigned[e.index]
+                new["exp_avg"], new["exp_avg_sq"] = (t.to(self.state_dtype) for t in realigned[e.index])
 
 
 class ShardedPlumageAdamW(PlumageAdamW):

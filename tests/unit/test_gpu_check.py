@@ -26,7 +26,7 @@ def gpu_check():
     return module
 
 
-DRY_RUN_TIMEOUT_S = 600  # ~5 s when healthy
+DRY_RUN_TIMEOUT_S = 240  # ~5 s when healthy; below pytest-timeout (600 s), so a hang prints its stacks
 
 
 def test_cpu_tiny_dry_run_prints_every_table() -> None:

@@ -13,6 +13,7 @@ from plumage_ds import PlumageAdamW, lowrank_param_groups
 from plumage_ds.config import OptimizerConfig, from_dict
 from plumage_ds.optim import build_optimizer
 from plumage_ds.optim.reference import ReferencePlumageAdam
+from plumage_ds.testing import canonical_svd
 
 
 def _mlp(seed: int = 0) -> nn.Module:
@@ -136,10 +137,26 @@ def test_optimal_first_refresh_draws_plumage_design(shape: tuple) -> None:
     torch.testing.assert_close(W_o, W_p, rtol=0, atol=1e-6)
 
 
-def test_galore_default_settings_match_galore_torch() -> None:
+def _signed_svd(monkeypatch, signs) -> None:
+    """``torch.linalg.svd`` returning ``(U D, S, D Vh)``, ``D = diag(signs(k))`` for the k-th call: the
+    same decomposition with other signs of its singular vectors (as another device might return)."""
+    svd, calls = torch.linalg.svd, [0]
+
+    def signed(A, *args, **kwargs):
+        U, S, Vh = svd(A, *args, **kwargs)
+        D = signs(calls[0], S.shape[-1]).to(U.dtype)
+        calls[0] += 1
+        return U * D, S, Vh * D[:, None]
+
+    monkeypatch.setattr(torch.linalg, "svd", signed)
+
+
+def test_galore_default_settings_match_galore_torch(monkeypatch) -> None:
     """estimator="galore" with default settings equals galore-torch's GaLoreAdamW step for step
-    (1e-6) over 4 refreshes, on left, right and square weights (no svd_method given)."""
+    (1e-6) over 4 refreshes, on left, right and square weights (no svd_method given), both taking
+    their singular vectors in the canonical sign form (galore-torch's SVD wrapped to return it)."""
     galore_torch = pytest.importorskip("galore_torch")  # test-only peer, installed by [dev]
+    canonical_svd(monkeypatch)
     m1, m2 = _mlp_with_square(), _mlp_with_square()
     mats = [p for p in m1.parameters() if p.dim() == 2]
     others = [p for p in m1.parameters() if p.dim() != 2]
@@ -162,6 +179,19 @@ def test_galore_default_settings_match_galore_torch() -> None:
         diffs.append(_max_diff(m1, m2))
     assert max(diffs) < 1e-6, diffs
     assert _max_diff(m1, _mlp_with_square()) > 1e-2  # the weights really moved
+
+
+def test_galore_trajectory_does_not_depend_on_the_svd_signs(monkeypatch) -> None:
+    """GaLore keeps its moments across refreshes without realigning them, so the signs a decomposition
+    returns would change its trajectory; in canonical form they do not: random sign flips of every
+    SVD's singular vectors leave 12 steps (4 refreshes) within 1e-6."""
+    ref_model, model = _mlp_with_square(), _mlp_with_square()
+    kw = dict(lr=1e-2, eps=1e-6, rank=3, update_interval=3, estimator="galore", scale=0.25)
+    _train(ref_model, PlumageAdamW(ref_model.parameters(), **kw), range(12))
+    gen = torch.Generator().manual_seed(5)
+    _signed_svd(monkeypatch, lambda k, n: torch.randint(0, 2, (n,), generator=gen) * 2.0 - 1.0)
+    _train(model, PlumageAdamW(model.parameters(), **kw), range(12))
+    assert _max_diff(ref_model, model) < 1e-6
 
 
 def test_realignment_keeps_moments_when_projector_is_unchanged() -> None:

@@ -72,8 +72,12 @@ def test_full_rank_fallback_matches_handwritten_adam(estimator):
 # ---------------------------------------------------------------- (b) galore estimator == galore-torch
 
 
-def test_galore_estimator_matches_galore_torch():
+def test_galore_estimator_matches_galore_torch(monkeypatch):
+    """The oracle's GaLore equals galore-torch's, both taking singular vectors in the canonical sign form."""
     galore_torch = pytest.importorskip("galore_torch")
+    from plumage_ds.testing import canonical_svd
+
+    canonical_svd(monkeypatch)
     model_ref, model_gt = _mlp(), _mlp()
     model_gt.load_state_dict(model_ref.state_dict())
     lr, eps, rank, gap, scale = 1e-2, 1e-8, 4, 3, 0.25

@@ -101,13 +101,21 @@ def test_svd_and_gram_agree_on_the_spectrum(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_svd_method_is_bitwise_torch_svd(shape):
-    """method='svd' returns exactly torch.linalg.svd's U (left) or Vhᵀ (right) and S (GaLore parity)."""
+def test_svd_method_is_torch_svd_in_canonical_signs(shape):
+    """method='svd' returns torch.linalg.svd's U (left) or Vhᵀ (right) and S bitwise, each column's sign
+    put in the canonical form (largest-magnitude entry positive) — the same whatever signs LAPACK chose."""
+    from plumage_ds.estimators.spectral import canonical_signs
+
     G = _matrix(shape)
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    raw = U if is_left(shape) else Vh.mT
     basis, sigma = short_side_basis(G, "svd")
-    assert torch.equal(basis, U if is_left(shape) else Vh.mT)
-    assert torch.equal(sigma, S)
+    assert torch.equal(basis, canonical_signs(raw)) and torch.equal(sigma, S)
+    assert torch.equal(basis.abs(), raw.abs())  # only signs differ
+    pivot = basis.abs().argmax(dim=0)
+    assert bool((basis[pivot, torch.arange(basis.shape[1])] > 0).all())
+    flips = torch.tensor([(-1.0) ** k for k in range(raw.shape[1])])
+    assert torch.equal(canonical_signs(raw * flips), basis)  # another device's signs: the same basis
 
 
 def test_short_side_basis_rejects_unknown_method():

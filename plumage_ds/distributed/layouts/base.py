@@ -198,9 +198,12 @@ class Layout:
         self.comm.all_reduce(t, tag)
         return float(t.item())
 
-    def apply_lifts(self, entries: Sequence[Entry], factors: Sequence[tuple[Tensor, Tensor]], decays: Sequence[float]) -> None:
-        """``W ← W·(1 − decay) − A B`` on this rank's piece of every target, in place."""
-        apply_lifts([local(e.param) for e in entries], [A for A, _ in factors], [B for _, B in factors], decays)
+    def apply_lifts(self, entries: Sequence[Entry], factors: Sequence[tuple[Tensor, Tensor]], decays: Sequence[float], *,
+                    in_weight_dtype: bool = False) -> None:
+        """``W ← W·(1 − decay) − A B`` on this rank's piece of every target, in place (bf16 weights with
+        ``in_weight_dtype``: one GEMM in their own dtype, see :func:`~plumage_ds.kernels.batched.apply_lifts`)."""
+        apply_lifts([local(e.param) for e in entries], [A for A, _ in factors], [B for _, B in factors], decays,
+                    in_weight_dtype=in_weight_dtype)
 
     def apply_deltas(self, entries: Sequence[Entry], deltas: Sequence[Tensor], decays: Sequence[float]) -> None:
         """``W ← W·(1 − decay) − ΔW`` with ``ΔW`` this rank's piece (stored orientation), fp32 math rounded once."""
@@ -214,7 +217,7 @@ class Layout:
         """``B = P_newᵀ P_old``  # (r, r) where this rank holds the moments (``None`` elsewhere)."""
         mine = [i for i, e in enumerate(entries) if self.holds_moments(e)]
         B: list = [None] * len(entries)
-        for i, b in zip(mine, matmuls([P_new[i].mT for i in mine], [P_old[i] for i in mine])):
+        for i, b in zip(mine, matmuls([P_new[i].mT for i in mine], [P_old[i] for i in mine], dtype=torch.float32)):
             B[i] = b
         return B
 

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ...kernels.batched import matmuls, pack, unpack
+from ...kernels.batched import matmuls, pack, projections, unpack
 from ..comm import Collectives
 from ..owners import gather_from_owners, reduce_to_owners
 from .base import FSDP_ROWS, Entry, Layout, chunk_bounds, chunk_size, is_dtensor, local
@@ -133,7 +133,8 @@ class FSDPRowsLayout(Layout):
             out[i] = P
         return out
 
-    def compress(self, entries, grads, P_use, averaged=(), projected=(), *, tag: str = "lowrank_grad") -> list[Tensor]:
+    def compress(self, entries, grads, P_use, averaged=(), projected=(), *, tag: str = "lowrank_grad",
+                 dtype: torch.dtype = torch.float32) -> list[Tensor]:
         """This rank's columns of ``R̄ = Pᵀ G_o`` (averaged across replicas under compressed HSDP).
 
         Left: ``Σ_k P_kᵀ G_k`` reduce-scattered by columns ``(r, n/S)``. Right: ``(G_k P)ᵀ``
@@ -142,11 +143,11 @@ class FSDPRowsLayout(Layout):
         """
         left = [i for i, e in enumerate(entries) if e.left]
         R: list = [None] * len(entries)
-        partial = matmuls([P_use[i].mT for i in left], [grads[i] for i in left])  # (r, n) partial sums
+        right = self._right(entries)
+        partial = projections([P_use[i].mT for i in left], [grads[i] for i in left], dtype)  # (r, n) partial sums
         for i, part in zip(left, self._reduce_scatter_cols(partial, tag)):
             R[i] = part
-        for i, GP in zip(self._right(entries), matmuls([grads[i] for i in self._right(entries)],
-                                                     [P_use[i] for i in self._right(entries)])):
+        for i, GP in zip(right, projections([grads[i] for i in right], [P_use[i] for i in right], dtype)):
             R[i] = GP.mT  # (r, m_k)
         sync = [i for i in range(len(entries)) if not (averaged and averaged[i])]
         for i, t in zip(sync, self.replica_mean([R[i] for i in sync], tag)):
@@ -164,15 +165,16 @@ class FSDPRowsLayout(Layout):
             factors[i] = (N_owned[i].mT, P_use[i].mT)
         return factors
 
-    def compress_to_owners(self, entries, grads, P_use, *, tag: str = "lowrank_grad") -> list[Optional[Tensor]]:
+    def compress_to_owners(self, entries, grads, P_use, *, tag: str = "lowrank_grad",
+                           dtype: torch.dtype = torch.float32) -> list[Optional[Tensor]]:
         """The whole ``R̄``  # (r, l) on each matrix's owner: left ``Σ_k P_kᵀ G_k`` reduced to it, right
         the columns ``(G_k P)ᵀ`` gathered to it; then averaged across replicas."""
         left, right = [i for i, e in enumerate(entries) if e.left], self._right(entries)
         R: list = [None] * len(entries)
-        partial = matmuls([P_use[i].mT for i in left], [grads[i] for i in left])
+        partial = projections([P_use[i].mT for i in left], [grads[i] for i in left], dtype)
         for i, t in zip(left, reduce_to_owners(self.comm, partial, [entries[i].owner for i in left], tag, mean=False)):
             R[i] = t
-        cols = matmuls([grads[i] for i in right], [P_use[i] for i in right])  # (m_k, r)
+        cols = projections([grads[i] for i in right], [P_use[i] for i in right], dtype)  # (m_k, r)
         for i, t in zip(right, self.gather_rows_to_owners(cols, [entries[i].l for i in right], [entries[i].owner for i in right], tag)):
             R[i] = None if t is None else t.mT
         return self._replica_mean_owned(R, tag)
@@ -238,7 +240,7 @@ class FSDPRowsLayout(Layout):
 
     def realignment(self, entries, P_new, P_old) -> list[Tensor]:
         """``B = Σ_k P_new,kᵀ P_old,k``  # (r, r): summed over the shard group where ``P`` is row-sharded."""
-        B = matmuls([Pn.mT for Pn in P_new], list(P_old))
+        B = matmuls([Pn.mT for Pn in P_new], list(P_old), dtype=torch.float32)
         split = [i for i, e in enumerate(entries) if e.p_rows != (0, e.s)]
         for i, t in zip(split, self._all_reduce_sum([B[i] for i in split], "realign")):
             B[i] = t

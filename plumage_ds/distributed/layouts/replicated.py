@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ...estimators import orient
-from ...kernels.batched import matmuls
+from ...kernels.batched import projections
 from ..comm import Collectives
 from ..owners import gather_from_owners, reduce_to_owners
 from .base import REPLICATED, Entry, Layout, chunk_size, is_dtensor
@@ -57,13 +57,15 @@ class ReplicatedLayout(Layout):
     # ------------------------------------------------------------------ targets
     def compress(self, entries: Sequence[Entry], grads: Sequence[Optional[Tensor]], P_use: Sequence[Tensor],
                  averaged: Sequence[bool] = (), projected: Sequence[Optional[Tensor]] = (), *,
-                 tag: str = "lowrank_grad") -> list[Optional[Tensor]]:
-        """``R̄ = mean_k Pᵀ G_k``  # (r, l), on the owner (one reduce-scatter over owner segments).
+                 tag: str = "lowrank_grad", dtype: torch.dtype = torch.float32) -> list[Optional[Tensor]]:
+        """``R̄ = mean_k Pᵀ G_k``  # (r, l) fp32, on the owner (one reduce-scatter over owner segments).
 
-        ``projected[i]``: ``Pᵀ G_k`` already formed during backward (``backward_projection``)."""
+        Products in ``dtype`` (:func:`~plumage_ds.kernels.batched.projections`). ``projected[i]``:
+        ``Pᵀ G_k`` already formed during backward (``backward_projection``)."""
         R = list(projected) if projected else [None] * len(entries)
         todo = [i for i, R_k in enumerate(R) if R_k is None]
-        for i, R_k in zip(todo, matmuls([P_use[i].mT for i in todo], [orient(grads[i], entries[i].left) for i in todo])):
+        Go = [orient(grads[i], entries[i].left) for i in todo]
+        for i, R_k in zip(todo, projections([P_use[i].mT for i in todo], Go, dtype)):
             R[i] = R_k
         return reduce_to_owners(self.comm, R, [e.owner for e in entries], tag)
 
@@ -74,9 +76,10 @@ class ReplicatedLayout(Layout):
         N_all = gather_from_owners(self.comm, N_owned, [(e.r, e.l) for e in entries], [e.owner for e in entries], tag)
         return [(P, N) if e.left else (N.mT, P.mT) for e, N, P in zip(entries, N_all, P_use)]
 
-    def compress_to_owners(self, entries, grads, P_use, *, tag: str = "lowrank_grad") -> list[Optional[Tensor]]:
+    def compress_to_owners(self, entries, grads, P_use, *, tag: str = "lowrank_grad",
+                           dtype: torch.dtype = torch.float32) -> list[Optional[Tensor]]:
         """The whole ``R̄``  # (r, l) on each matrix's owner (here: :meth:`compress`)."""
-        return self.compress(entries, grads, P_use, tag=tag)
+        return self.compress(entries, grads, P_use, tag=tag, dtype=dtype)
 
     def lift_from_owners(self, entries, O_owned, P_use, *, tag: str = "lowrank_update") -> list[Tensor]:
         """This rank's ``ΔW = deorient(P O)`` from the owner's whole ``O``  # (r, l)."""

@@ -40,8 +40,8 @@ class Zero3FlatLayout(ReplicatedLayout):
     def logical_shape(p: Tensor) -> tuple:
         return tuple(getattr(p, "ds_shape", p.shape))
 
-    def apply_lifts(self, entries, factors, decays) -> None:
-        self.apply_deltas(entries, [A @ B for A, B in factors], decays)
+    def apply_lifts(self, entries, factors, decays, *, in_weight_dtype: bool = False) -> None:
+        self.apply_deltas(entries, [A.float() @ B.float() for A, B in factors], decays)
 
     def apply_deltas(self, entries, deltas, decays) -> None:
         for e, delta, decay in zip(entries, deltas, decays):

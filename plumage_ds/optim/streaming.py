@@ -1,0 +1,152 @@
+"""The streaming step: an ordinary step in place, chunk by chunk, with transient memory bounded by one matrix.
+
+Where it applies (``step_impl="auto"`` or ``"streaming"``): the layout runs no collective in the
+step (one process, or every DDP rank running the same optimizer on averaged gradients) and no
+target refreshes this step (a refresh stages its new ``P, d``, as the staged step does). There no
+collective can fail after the first write, so the step's atomicity needs no staging: every check
+that can refuse the step (non-finite values, parameters without gradients) has run before, then
+each chunk of matrices is projected, stepped and lifted in place, and the next chunk reuses the
+memory; the dense parameters follow in chunks too.
+
+Bound (docs/design.md §5.1): a chunk's temporaries (compressed gradients, Adam directions, their
+fp32 copies of low-precision state) fit in the byte budget of the largest single matrix in fp32,
+and besides them at most one matrix is cast at a time (a bf16 gradient in its projection, a bf16
+weight in its lift) — so the step's transient memory is at most twice the largest matrix, never a
+function of the model's size. With clipping the compressed gradients are formed twice (a first
+pass computes the global norm), not kept.
+
+The arithmetic is the staged step's, in place (``_foreach_mul_`` where the staged step uses
+``_foreach_mul``): in fp32 both give the same bits (``tests/unit/test_streaming.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from ..distributed.layouts import Entry, local
+from ..kernels.adam import adam_step_size, adamw_chunks
+from ..kernels.batched import group_indices, sq_norm_sum
+
+CHUNK_TEMPORARIES = 5
+"""fp32 temporaries of one target's size ``r × l`` alive at once in a streamed chunk: the compressed
+gradient, its clipped or ``D⁻¹``-scaled copy, ``√V + eps``, the direction ``N`` (and two more, the
+fp32 moments, when the state is kept in bf16)."""
+
+
+class StreamingMixin:
+    """The streaming step of a :class:`~plumage_ds.optim.base.MatrixOptimizer` (see the module docstring).
+
+    Subclasses provide ``_stream_inputs(chunk) -> [R]`` (the chunk's compressed gradients, fp32) and
+    ``_stream_targets(chunk, clip)`` (their update, in place), and say through ``_targets_stream``
+    whether this step's targets can stream.
+    """
+
+    step_impl = "staged"
+
+    def _streams(self, targets: list[Entry], external: list[Entry]) -> bool:
+        """This step streams: the implementation allows it, the layout runs no collective, nothing from
+        outside (a DeepSpeed partition), and the targets can (no refresh)."""
+        layout = self._layout
+        return (
+            self.step_impl != "staged" and not external and layout.comm is None and layout.replica_comm is None
+            and self._targets_stream(targets)
+        )
+
+    def _targets_stream(self, targets: list[Entry]) -> bool:
+        return False
+
+    def _stream_budget(self) -> int:
+        """Bytes of the largest single matrix (or dense piece) of this rank, in fp32: the chunk budget."""
+        return max((4 * local(e.param).numel() for e in self._entries), default=0)
+
+    def _target_bytes(self, e: Entry) -> int:
+        low = self.state_dtype != torch.float32
+        return 4 * e.r * (e.cols[1] - e.cols[0]) * (CHUNK_TEMPORARIES + 2 * low)
+
+    def _dense_bytes(self, e: Entry) -> int:
+        piece = self._layout.dense_piece(e)
+        grad = local(e.param.grad)
+        extra = 2 + (grad is not None and grad.dtype != torch.float32) + (piece.dtype != torch.float32)
+        return 4 * piece.numel() * (extra + 2 * (self.state_dtype != torch.float32))
+
+    @staticmethod
+    def _chunks(entries: list[Entry], cost: Callable[[Entry], int], budget: int) -> Iterator[list[Entry]]:
+        """Consecutive entries whose summed ``cost`` fits in ``budget`` (an entry over it alone)."""
+        chunk, used = [], 0
+        for e in entries:
+            c = cost(e)
+            if chunk and used + c > budget:
+                yield chunk
+                chunk, used = [], 0
+            chunk.append(e)
+            used += c
+        if chunk:
+            yield chunk
+
+    def _stream_step(self, targets: list[Entry], dense: list[Entry]) -> None:
+        """The step, in place, chunk by chunk (the module docstring); step counters advance at the end."""
+        budget = self._stream_budget()
+        target_chunks = list(self._chunks(targets, self._target_bytes, budget))
+        dense_chunks = list(self._chunks(dense, self._dense_bytes, budget))
+        clip = 1.0
+        if self.max_grad_norm > 0:  # a first pass for the global norm: nothing kept but the sum
+            sq = sum(sq_norm_sum(self._stream_inputs(chunk)) for chunk in target_chunks)
+            sq += sum(sq_norm_sum([self._grad32(e) for e in chunk]) for chunk in dense_chunks)
+            clip = self._clip_from_squares(sq)
+        for chunk in target_chunks:
+            self._stream_targets(chunk, clip)
+        for chunk in dense_chunks:
+            self._stream_dense(chunk, clip)
+        for e in targets + dense:
+            st = self.state[e.param]
+            st["step"] = st.get("step", 0) + 1
+        self._projected.clear()
+
+    def _stream_dense(self, chunk: list[Entry], clip: float) -> None:
+        """AdamW in place on this chunk's dense pieces (fp32 math; bf16 weights and state rounded once on store)."""
+        keys = [(e.group["lr"], e.group["weight_decay"], e.group["betas"], e.group["eps"], self._step_of(e)) for e in chunk]
+        for part in group_indices(keys):
+            es = [chunk[i] for i in part]
+            lr, wd, (beta1, beta2), eps, step = keys[part[0]]
+            G = [self._grad32(e) for e in es]
+            if clip != 1.0:
+                G = list(torch._foreach_mul(G, clip))
+            states = [self.state[e.param] for e in es]
+            pieces = [self._layout.dense_piece(e) for e in es]
+            W = [w if w.dtype == torch.float32 else w.float() for w in pieces]
+            M = [self._fp32(st.get("exp_avg")) for st in states]
+            V = [self._fp32(st.get("exp_avg_sq")) for st in states]
+            M, V, W = adamw_chunks(M, V, G, W, beta1=beta1, beta2=beta2, eps=eps, decay=lr * wd,
+                                   step_size=adam_step_size(lr, step + 1, beta1, beta2), in_place=True)
+            for st, piece, m, v, w in zip(states, pieces, M, V, W):
+                self._store(st, "exp_avg", m)
+                self._store(st, "exp_avg_sq", v)
+                if w is not piece:
+                    piece.copy_(w)
+
+    # ------------------------------------------------------------------ state in its dtype
+    @staticmethod
+    def _fp32(t):
+        """A state tensor for fp32 math: itself (fp32), an fp32 copy (bf16 state), ``None`` (not yet)."""
+        return t if t is None or t.dtype == torch.float32 else t.float()
+
+    def _store(self, st: dict, key: str, value: Tensor) -> None:
+        """Write an fp32 result into the state in ``state_dtype`` (in place where the state exists)."""
+        old = st.get(key)
+        if old is value:
+            return
+        if old is not None and old.shape == value.shape:
+            old.copy_(value)
+        else:
+            st[key] = value.to(self.state_dtype)
+
+    def _clip_from_squares(self, sq: float) -> float:
+        """``min(1, max_grad_norm / √Σ‖·‖²)`` with ``sq`` this rank's sum of squares (summed over the ranks
+        holding disjoint pieces); records ``last_grad_norm``."""
+        total_norm = math.sqrt(self._layout.sum_scalar(sq, "grad_norm"))
+        self.last_grad_norm = total_norm
+        return min(1.0, self.max_grad_norm / (total_norm + 1e-6))

@@ -65,6 +65,7 @@ bench: $(VENV)/.installed
 	$(RUN) DS_ACCELERATOR=cpu $(PY) benchmarks/bench_deepspeed.py --stages 1 2 --hidden 128 --steps 10
 	$(RUN) $(PY) benchmarks/bench_comm_hook.py
 	$(BENCH) benchmarks/bench_hot_path.py
+	$(BENCH) benchmarks/bench_memory.py
 	$(BENCH) benchmarks/bench_refresh.py
 	$(BENCH) benchmarks/bench_scale.py
 

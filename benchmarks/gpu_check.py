@@ -24,6 +24,16 @@ when ``--device cuda`` finds no CUDA device):
 3. **Stacking on this device.** ``Pᵀ G``, ``P N`` and the Gram ``eigh`` of 16 same-shape matrices, stacked
    and one call per matrix (``benchmarks/bench_hot_path.py``'s sweep): what ``STACK_ELEMENTS`` should be
    for the device (``plumage_ds/kernels/batched.py``; CPU measured, GPU not yet).
+4. **A whole training step** (forward, backward, step) of a LLaMA-1B-shaped model (22 layers, vocab
+   32000, bf16, batch 4 × 512): the peak ``torch.cuda.max_memory_allocated`` of AdamW (fused),
+   8-bit AdamW (bitsandbytes, when installed), galore-torch and ``PlumageAdamW`` (bf16 state and
+   compute) with and without ``backward_projection`` (target gradients kept as ``Pᵀ G``).
+5. **The main job** at ~85M parameters (LLaMA 12 × 768, bf16, seq 512 × batch 32): tokens/s of AdamW,
+   GaLore and PLUMAGE through ``plumage_ds.train.loop.train`` (same config, same corpus).
+
+Part 2 also reports each optimizer's state and its peak above the weights and gradients, and runs
+``PlumageAdamW`` with the bf16 precision policy (``compute_dtype``/``state_dtype``) beside the fp32 one.
+Parts 4 and 5 take ``--skip-whole-step`` / ``--skip-main-job``.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from torch import nn  # noqa: E402
 LAYER_1B = dict(hidden=2048, intermediate=5632, kv=256)
 LAYER_TINY = dict(hidden=64, intermediate=176, kv=16)
 ESTIMATORS = ("plumage", "galore", "haar")
+METHODS = ("adamw", "galore_torch", "plumage", "plumage_bf16")
 
 
 def _sync(device: torch.device) -> None:
@@ -116,6 +127,17 @@ def correctness(device: torch.device, steps: int) -> list[tuple[str, float, floa
         bound = steps * 2**-8 * max(p.abs().max().item() for p in ref)
         d = max((a.detach().float().cpu() - b.detach()).abs().max().item() for a, b in zip(bf16, ref))
         rows.append((f"{estimator}: bf16 weights on {device.type} vs CPU fp32 oracle (same gradients)", d, bound, d <= bound))
+        if estimator != "plumage":
+            continue
+        policy = [p.detach().clone().requires_grad_() for p in _mlp().to(device, torch.bfloat16).parameters()]
+        _replay(policy, PlumageAdamW(policy, estimator=estimator, compute_dtype="bfloat16", state_dtype="bfloat16", **kw), steps)
+        d = max((a.detach().float().cpu() - b.detach()).abs().max().item() for a, b in zip(policy, ref))
+        rows.append((f"{estimator}: bf16 weights, bf16 compute and state on {device.type} vs CPU fp32 oracle (same gradients)",
+                     d, bound, d <= bound))  # fmt: skip
+        staged = _mlp().to(device)
+        _train(staged, PlumageAdamW(staged.parameters(), estimator=estimator, step_impl="staged", **kw), steps, device)
+        d = _max_diff(fp32, staged)
+        rows.append((f"{estimator}: streaming vs staged step on {device.type}", d, 1e-6, d <= 1e-6))
     return rows
 
 
@@ -175,6 +197,8 @@ def _optimizer(name: str, params: list[torch.Tensor], rank: int, tau: int):
         return torch.optim.AdamW(params, lr=1e-3, fused=fused, foreach=None if fused else True)
     if name == "plumage":
         return PlumageAdamW(params, lr=1e-3, rank=rank, update_interval=tau)
+    if name == "plumage_bf16":
+        return PlumageAdamW(params, lr=1e-3, rank=rank, update_interval=tau, compute_dtype="bfloat16", state_dtype="bfloat16")
     import galore_torch
 
     low = [p for p in params if min(p.shape) > rank]
@@ -187,6 +211,20 @@ def _optimizer(name: str, params: list[torch.Tensor], rank: int, tau: int):
         return galore_torch.GaLoreAdamW(groups, lr=1e-3, no_deprecation_warning=True)
 
 
+def _state_bytes(opt) -> int:
+    """The optimizer's state tensors, measured (galore-torch keeps its projectors in the state's ``projector``)."""
+    if callable(getattr(opt, "state_bytes", None)):
+        return int(opt.state_bytes()["total"])
+    total = 0
+    for st in opt.state.values():
+        for v in st.values():
+            if torch.is_tensor(v):
+                total += v.numel() * v.element_size()
+            elif hasattr(v, "ortho_matrix") and torch.is_tensor(v.ortho_matrix):
+                total += v.ortho_matrix.numel() * v.ortho_matrix.element_size()
+    return total
+
+
 def speed(device: torch.device, shapes: list[tuple[int, int]], rank: int, dtype: torch.dtype, steps: int, tau: int,
           methods: list[str]) -> list[dict]:
     rows = []
@@ -194,9 +232,12 @@ def speed(device: torch.device, shapes: list[tuple[int, int]], rank: int, dtype:
         g = torch.Generator().manual_seed(0)
         params = [nn.Parameter((torch.randn(s, generator=g) * 0.02).to(device, dtype)) for s in shapes]
         grads = [(torch.randn(s, generator=g) * 1e-3).to(device, dtype) for s in shapes]
+        for p, G in zip(params, grads):
+            p.grad = G.clone()
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None  # weights + gradients (+ G)
         opt = _optimizer(name, params, rank, tau)
         times = []
         for step in range(steps):
@@ -213,7 +254,7 @@ def speed(device: torch.device, shapes: list[tuple[int, int]], rank: int, dtype:
         rows.append({
             "method": name, "step_ms": 1e3 * statistics.median(ordinary),
             "refresh_ms": 1e3 * (statistics.median(refresh) - statistics.median(ordinary)) if refresh else None,
-            "peak_bytes": peak,
+            "peak_bytes": peak, "peak_above": None if peak is None else peak - before, "state_bytes": _state_bytes(opt),
         })
         del opt, params, grads
     return rows
@@ -231,7 +272,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps per optimizer (default 12, 3 with --tiny)")
     p.add_argument("--tau", type=int, default=None, help="refresh interval inside the timed run (default 5, 2 with --tiny)")
     p.add_argument("--check-steps", type=int, default=None, help="correctness steps (default 10, 4 with --tiny)")
-    p.add_argument("--methods", nargs="+", default=["adamw", "galore_torch", "plumage"])
+    p.add_argument("--methods", nargs="+", default=["adamw", "galore_torch", "plumage", "plumage_bf16"])
+    p.add_argument("--skip-whole-step", action="store_true", help="skip part 4 (whole training step, 1B shapes)")
+    p.add_argument("--skip-main-job", action="store_true", help="skip part 5 (the main job at ~85M)")
     args = p.parse_args(argv)
     if args.device not in ("cuda", "cpu"):
         print(f"Invalid --device={args.device!r}: must be 'cuda' or 'cpu'", file=sys.stderr)
@@ -241,9 +284,9 @@ def main(argv=None) -> int:
               f"{torch.__version__}); run it on a machine with a CUDA device, or use --device cpu --tiny for a "
               "dry run", file=sys.stderr)
         return 2
-    unknown = [m for m in args.methods if m not in ("adamw", "galore_torch", "plumage")]
+    unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
-        print(f"Invalid --methods {unknown}: choose from adamw, galore_torch, plumage", file=sys.stderr)
+        print(f"Invalid --methods {unknown}: choose from {', '.join(METHODS)}", file=sys.stderr)
         return 2
     device = torch.device(args.device)
     shapes_cfg = LAYER_TINY if args.tiny else LAYER_1B
@@ -266,17 +309,19 @@ def main(argv=None) -> int:
     shapes = layer_shapes(layers, shapes_cfg)
     n = sum(a * b for a, b in shapes)
     t0 = time.perf_counter()
-    timing = speed(device, shapes, rank, torch.bfloat16, steps, tau, args.methods)
+    methods = [m for m in args.methods if m != "galore_torch" or _have("galore_torch")]
+    timing = speed(device, shapes, rank, torch.bfloat16, steps, tau, methods)
     print(f"{layers} layer(s) of shapes {shapes[:7]} ({n / 1e6:.1f}M parameters), bf16 weights, rank {rank}, "
           f"{steps} steps, refresh every {tau}:\n")
     base = next((r for r in timing if r["method"] == "adamw"), None)
-    print("| optimizer | step (ms) | vs AdamW | refresh extra (ms) | peak memory allocated |")
-    print("|---|---|---|---|---|")
+    print("| optimizer | step (ms) | vs AdamW | refresh extra (ms) | state | peak above weights + gradients | peak memory allocated |")
+    print("|---|---|---|---|---|---|---|")
     for r in timing:
         ratio = f"{r['step_ms'] / base['step_ms']:.2f}" if base else "–"
         refresh = "–" if r["refresh_ms"] is None else f"{r['refresh_ms']:.1f}"
         peak = "– (CPU)" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f} GiB"
-        print(f"| {r['method']} | {r['step_ms']:.2f} | {ratio} | {refresh} | {peak} |")
+        above = "– (CPU)" if r["peak_above"] is None else f"{r['peak_above'] / 2**20:.0f} MiB"
+        print(f"| {r['method']} | {r['step_ms']:.2f} | {ratio} | {refresh} | {r['state_bytes'] / 2**20:.1f} MiB | {above} | {peak} |")
     print(f"\n(speed: {time.perf_counter() - t0:.0f} s)\n")
 
     from bench_hot_path import sweep, sweep_table
@@ -284,8 +329,27 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     count = 4 if args.tiny else 16
     print(sweep_table(sweep([8, 16] if args.tiny else [64, 256, 1024, 2048], count, 3 if args.tiny else 5, device), count))
-    print(f"\n(stacking: {time.perf_counter() - t0:.0f} s)")
+    print(f"\n(stacking: {time.perf_counter() - t0:.0f} s)\n")
+
+    if not args.skip_whole_step:
+        from gpu_check_more import whole_step, whole_step_table
+
+        t0 = time.perf_counter()
+        print(whole_step_table(whole_step(device, tiny=args.tiny)))
+        print(f"\n(whole step: {time.perf_counter() - t0:.0f} s)\n")
+    if not args.skip_main_job:
+        from gpu_check_more import main_job, main_job_table
+
+        t0 = time.perf_counter()
+        print(main_job_table(main_job(device, tiny=args.tiny)))
+        print(f"\n(main job: {time.perf_counter() - t0:.0f} s)")
     return 0 if all(ok for *_, ok in rows) else 1
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 if __name__ == "__main__":

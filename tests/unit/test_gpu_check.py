@@ -50,9 +50,21 @@ def test_cpu_tiny_dry_run_prints_every_table() -> None:
     for variant in ("plumage", "plumage, int8"):  # the comm hook's async path on one gloo rank
         row = next(line for line in out.splitlines() if line.startswith(f"| comm hook ({variant}): async vs sync path on gloo"))
         assert row.endswith("| yes |"), row
-    for method in ("adamw", "galore_torch", "plumage"):
+    for check in ("bf16 weights, bf16 compute and state on cpu vs CPU fp32 oracle (same gradients)",
+                  "streaming vs staged step on cpu"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| plumage: {check} |"))
+        assert row.endswith("| yes |"), row
+    for method in ("adamw", "galore_torch", "plumage", "plumage_bf16"):
         assert any(line.startswith(f"| {method} | ") for line in out.splitlines()), method
+    assert "| state | peak above weights + gradients |" in out
     assert "| Gram eigh: batched / one by one |" in out and "| 16 × 43 |" in out  # the stacking sweep
+    whole = out.split("Whole training step")[1].split("(whole step")[0]  # part 4: every optimizer ran
+    for method in ("adamw", "galore_torch", "plumage", "plumage_backward_projection"):
+        assert f"| {method} | – (CPU) | – |" in whole, method
+    job = out.split("The main job")[1]  # part 5: the three estimators through the main job
+    for estimator in ("adamw", "galore", "plumage"):
+        row = next(line for line in job.splitlines() if line.startswith(f"| {estimator} | "))
+        assert float(row.split("|")[2]) > 0, row
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -138,7 +138,41 @@ def correctness(device: torch.device, steps: int) -> list[tuple[str, float, floa
         _train(staged, PlumageAdamW(staged.parameters(), estimator=estimator, step_impl="staged", **kw), steps, device)
         d = _max_diff(fp32, staged)
         rows.append((f"{estimator}: streaming vs staged step on {device.type}", d, 1e-6, d <= 1e-6))
+        n = _host_syncs(device, kw)
+        rows.append((f"{estimator}: host synchronisations in an ordinary step on {device.type}", n, 0, n == 0))
     return rows
+
+
+def _host_syncs(device: torch.device, kw: dict) -> int:
+    """Host synchronisations during one ordinary (streamed) step: counted by CUDA's sync debug mode;
+    on other devices every read of a tensor's value on the host (``item``, ``tolist``, ``bool``, ...)."""
+    from plumage_ds import PlumageAdamW
+
+    params = [p.detach().clone().requires_grad_() for p in _mlp().to(device).parameters()]
+    opt = PlumageAdamW(params, **kw)
+    _replay(params, opt, 1)  # the refresh (it may synchronise)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    _sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            return sum("synchroniz" in str(w.message) for w in caught)
+    reads = []
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__float__", "__int__")}
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, lambda self, *a, _n=name, _o=original, **k: reads.append(_n) or _o(self, *a, **k))
+    try:
+        opt.step()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return len(reads)
 
 
 def comm_hook_check(device: torch.device, steps: int) -> list[tuple[str, float, float, bool]]:

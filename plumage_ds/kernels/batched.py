@@ -14,12 +14,12 @@ costs ~3 µs of overhead and stacking (a copy of every operand) was slower at ev
   calls of at most :data:`STACK_BATCH_BYTES` of stacked operands;
 * :func:`map_stacked`: the same for a batch-capable function (``eigh``, ``svd``);
 * :func:`projections`: the compressed gradients ``Pᵀ G_o`` in the precision policy's dtype, fp32 out;
-* :func:`projections`: the compressed gradients ``Pᵀ G_o`` in the precision policy's dtype, fp32 out;
 * :func:`apply_lifts`: ``W ← W·(1 − decay) − A B`` in place (``addmm_``, no ``ΔW`` allocated);
 * :func:`pack`, :func:`unpack`, :func:`unpack_into`: tensors flattened into one buffer and back
   (every packed collective of the package goes through them);
 * :func:`nonfinite_flags`, :func:`sq_norm_sum`: per-tensor "holds NaN/Inf" and ``Σ ‖t‖²`` (float64)
-  with one host synchronisation each (in the common case).
+  with one host synchronisation each (in the common case); :func:`nonfinite_mask`,
+  :func:`sq_norm_total`: the same left on the device (no synchronisation).
 
 :func:`per_matrix` switches stacking and grouping off (groups of one matrix): the per-matrix
 path that the tests compare the batched one against.
@@ -154,36 +154,50 @@ def map_stacked(fn: Callable[[Tensor], Any], tensors: Sequence[Tensor]) -> list:
 
 
 def apply_lifts(params: Sequence[Tensor], As: Sequence[Tensor], Bs: Sequence[Tensor], decays: Sequence[float], *,
-                in_weight_dtype: bool = False) -> None:
+                in_weight_dtype: bool = False, skip: Optional[Tensor] = None) -> None:
     """``W ← W·(1 − decay) − A B`` for every target, in place, without materialising ``ΔW = A B``
     where possible: one ``addmm_`` per fp32 weight (``β = 1 − decay``, ``α = −1``: one pass over ``W``);
     small same-shape groups are stacked into one ``bmm`` and subtracted with ``_foreach_sub_`` where
     the device stacks. Other dtypes (bf16): the fp32 math rounded once into ``W`` (an fp32 copy of one
     weight at a time), or with ``in_weight_dtype`` one ``addmm_`` in the weight's dtype (``A, B``
     cast to it; on CUDA the product accumulates in fp32 and is rounded once into ``W``; no copy).
+
+    ``skip`` (a 0-dim bool tensor on the device, nobody reads it on the host): where it holds every
+    ``W`` stays as it was — the caller zeroed ``B``, and a decay is undone by selecting the old
+    ``W`` (the update out of place: one matrix alive at a time); the same bits where it does not.
     """
     keys = [(tuple(W.shape), tuple(A.shape), W.dtype, W.device, float(d)) for W, A, d in zip(params, As, decays)]
     for idx in group_indices(keys):
         W0 = params[idx[0]]
         decay = float(decays[idx[0]])
+        select = skip is not None and decay != 0.0  # the decay must not touch a skipped W
         if W0.dtype != torch.float32 and in_weight_dtype:
             for i in idx:
-                params[i].addmm_(As[i].to(W0.dtype), Bs[i].to(W0.dtype), beta=1.0 - decay, alpha=-1.0)
+                A, B = As[i].to(W0.dtype), Bs[i].to(W0.dtype)
+                if select:
+                    torch.where(skip, params[i], torch.addmm(params[i], A, B, beta=1.0 - decay, alpha=-1.0), out=params[i])
+                else:
+                    params[i].addmm_(A, B, beta=1.0 - decay, alpha=-1.0)
             continue
         if W0.dtype != torch.float32:
             for i in idx:
                 W32 = params[i].float()
                 W32.addmm_(As[i].float(), Bs[i].float(), beta=1.0 - decay, alpha=-1.0)
-                params[i].copy_(W32)
+                params[i].copy_(torch.where(skip, params[i], W32, out=W32) if select else W32)
             continue
         if len(idx) > 1 and W0.numel() <= _stack_limit(W0.device):
             W = [params[i] for i in idx]
             if decay:
-                torch._foreach_mul_(W, 1.0 - decay)
+                keep = 1.0 - decay if skip is None else torch.where(skip, 1.0, 1.0 - decay).to(torch.float32)
+                torch._foreach_mul_(W, keep)
             torch._foreach_sub_(W, matmuls([As[i] for i in idx], [Bs[i] for i in idx], dtype=torch.float32))
             continue
         for i in idx:
-            params[i].addmm_(As[i].float(), Bs[i].float(), beta=1.0 - decay, alpha=-1.0)
+            if select:
+                new = torch.addmm(params[i], As[i].float(), Bs[i].float(), beta=1.0 - decay, alpha=-1.0)
+                torch.where(skip, params[i], new, out=params[i])
+            else:
+                params[i].addmm_(As[i].float(), Bs[i].float(), beta=1.0 - decay, alpha=-1.0)
 
 
 def nonfinite_flags(tensors: Sequence[Tensor]) -> list[bool]:
@@ -203,13 +217,27 @@ def nonfinite_flags(tensors: Sequence[Tensor]) -> list[bool]:
     return flags
 
 
-def sq_norm_sum(tensors: Sequence[Tensor]) -> float:
-    """``Σ ‖t‖²`` in float64 (one host synchronisation; 0.0 for an empty list)."""
+def nonfinite_mask(tensors: Sequence[Tensor]) -> Tensor:
+    """``[t holds NaN or ±Inf]`` as a bool tensor on the tensors' device, no host synchronisation.
+
+    One ``_foreach_norm`` in float64: the sum of squares of fp32 or bf16 values (at most ~1e77 each)
+    cannot overflow it, so a non-finite norm is exactly a NaN/Inf element."""
+    return ~torch.isfinite(torch.stack(list(torch._foreach_norm(list(tensors), 2, dtype=torch.float64))))
+
+
+def sq_norm_total(tensors: Sequence[Tensor]) -> Optional[Tensor]:
+    """``Σ ‖t‖²`` in float64 as a 0-dim tensor on the tensors' device, no host synchronisation
+    (``None`` for a list with nothing in it)."""
     live = [t for t in tensors if t.numel() > 0]
     if not live:
-        return 0.0
-    norms = torch._foreach_norm(live, 2, dtype=torch.float64)
-    return float(torch.stack(list(norms)).pow(2).sum())
+        return None
+    return torch.stack(list(torch._foreach_norm(live, 2, dtype=torch.float64))).pow(2).sum()
+
+
+def sq_norm_sum(tensors: Sequence[Tensor]) -> float:
+    """``Σ ‖t‖²`` in float64 (one host synchronisation; 0.0 for an empty list)."""
+    total = sq_norm_total(tensors)
+    return 0.0 if total is None else float(total)
 
 
 def pack(tensors: Sequence[Tensor], out: Optional[Tensor] = None, *, dtype: Optional[torch.dtype] = None) -> Tensor:

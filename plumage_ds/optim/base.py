@@ -34,7 +34,7 @@ from ..kernels.adam import adam_step_size, adamw_chunks
 from ..kernels.batched import group_indices, nonfinite_flags, sq_norm_sum
 from ..targets import named_groups
 from .checkpoints import CheckpointMixin
-from .streaming import StreamingMixin
+from .streaming import DeviceSkip, StreamingMixin
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -100,8 +100,8 @@ class MatrixOptimizer(StreamingMixin, CheckpointMixin, torch.optim.Optimizer):
         self.max_grad_norm = float(max_grad_norm)
         self.skipped_steps = 0  # steps skipped on every rank because of non-finite gradients
         self.empty_steps = 0  # steps where no parameter had a gradient on any rank (no-ops after the first step)
-        self.last_nonfinite: list[str] = []  # parameters that made the last skipped step non-finite
-        self.last_grad_norm: Optional[float] = None  # the clipping norm of the last step (max_grad_norm > 0)
+        self.last_nonfinite = []  # parameters that made the last skipped step non-finite
+        self.last_grad_norm = None  # the clipping norm of the last step (max_grad_norm > 0)
         self._entries: list[Entry] = []
         self._layout = None
         self._layout_options = {"process_group": process_group, "replicate_group": replicate_group, **layout_options}
@@ -297,7 +297,9 @@ class MatrixOptimizer(StreamingMixin, CheckpointMixin, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step_with_partition(self, partition: Optional[DensePartition]) -> bool:
-        """:meth:`step`, with ``partition``'s pieces stepped too; whether the step was applied."""
+        """:meth:`step`, with ``partition``'s pieces stepped too; whether the step was applied (a step
+        whose non-finite flag stayed on the device counts as applied until it is read)."""
+        self._settle()  # the previous step's flag, if it stayed on the device
         self._check_engine()
         try:
             return self._run_step(partition)
@@ -350,9 +352,9 @@ class MatrixOptimizer(StreamingMixin, CheckpointMixin, torch.optim.Optimizer):
         plan = self._begin_step(partition)
         if plan is None:
             return False
-        targets, dense, external = plan
-        if self._streams(targets, external):  # in place, chunk by chunk (optim/streaming.py)
-            self._stream_step(targets, dense)
+        targets, dense, external, skip = plan
+        if skip is not None or self._streams(targets, external):  # in place, chunk by chunk (optim/streaming.py)
+            self._stream_step(targets, dense, skip)
             return True
         staged: dict[Any, dict] = {}
         work = self._targets_inputs(targets, staged)
@@ -461,8 +463,10 @@ class MatrixOptimizer(StreamingMixin, CheckpointMixin, torch.optim.Optimizer):
         """Updates applied to ``e`` so far (0 before its first step; reading creates no state)."""
         return self._state_of(e).get("step", 0)
 
-    def _begin_step(self, partition: Optional[DensePartition]) -> Optional[tuple[list[Entry], list[Entry], list[Entry]]]:
-        """``(targets, dense, external)`` entries with a gradient on some rank; ``None`` to skip the step.
+    def _begin_step(self, partition: Optional[DensePartition]) -> Optional[tuple]:
+        """``(targets, dense, external, skip)``: the entries with a gradient on some rank, and the step's
+        non-finite flag where it stays on the device (:class:`~plumage_ds.optim.streaming.DeviceSkip`,
+        else ``None``); ``None`` to skip the step.
 
         One small collective agrees, for every entry, on "has a gradient somewhere" and "holds a
         non-finite value somewhere" (and for ``partition``: "holds a non-finite value on some rank"),
@@ -471,6 +475,10 @@ class MatrixOptimizer(StreamingMixin, CheckpointMixin, torch.optim.Optimizer):
         parameters. No gradient anywhere: before the first step an error (the engine probably took
         the parameters away, or the model was wrapped after this optimizer was built), later a no-op
         counted in ``empty_steps`` (as ``torch.optim`` skips parameters without gradients).
+
+        A step that streams with ``nonfinite="skip"`` (one process, or DDP ranks each with the whole
+        averaged gradient) reads nothing on the host: "has a gradient" is known there, "non-finite"
+        stays on the device and the step runs as if finite, cancelled on the device where it is not.
         """
         n = len(self._entries)
         external = self._partition_entries(partition)
@@ -480,6 +488,11 @@ class MatrixOptimizer(StreamingMixin, CheckpointMixin, torch.optim.Optimizer):
                 if t is not None:
                     pending.append(t)
                     owner_of.append(i)
+        if partition is None and self.nonfinite == "skip":
+            active = [self._entries[i] for i in dict.fromkeys(owner_of)]
+            targets, dense = [e for e in active if e.lowrank], [e for e in active if not e.lowrank]
+            if active and self._streams(targets, []):  # no collective: "somewhere" is here
+                return targets, dense, [], DeviceSkip.of(pending, [self._entries[i].name for i in owner_of])
         ext_grads = [e.param.grad for e in external]
         flags = nonfinite_flags(pending + ext_grads)
         has, bad = [False] * n, [False] * n
@@ -509,7 +522,7 @@ class MatrixOptimizer(StreamingMixin, CheckpointMixin, torch.optim.Optimizer):
             self.last_nonfinite = names
             return None
         active = [e for e, h in zip(self._entries, has_grad) if h]
-        return [e for e in active if e.lowrank], [e for e in active if not e.lowrank], external
+        return [e for e in active if e.lowrank], [e for e in active if not e.lowrank], external, None
 
     def _partition_entries(self, partition: Optional[DensePartition]) -> list[Entry]:
         """Entries for ``partition``'s pieces that hold a gradient here (their state is the partition's)."""

@@ -40,7 +40,7 @@ from ..distributed.layouts import FSDP_ROWS, REPLICATED, ZERO3_FLAT, Entry
 from ..distributed.ownership import lowrank_load
 from ..estimators import is_refresh, orient
 from ..estimators.registry import estimator_problem, get_estimator, resolve_realign
-from ..kernels.adam import adam_direction_foreach, adam_moments_foreach, adam_step_size
+from ..kernels.adam import adam_direction_foreach, adam_moments_foreach, adam_step_size, skip_constants
 from ..kernels.batched import group_indices, matmuls, projections
 from .base import MatrixOptimizer
 from .plumage_state import PlumageStateMixin
@@ -313,16 +313,19 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
         N_owned = self._lowrank_adam(lowrank, work["R"], clip, staged)
         return self._layout.lift(lowrank, N_owned, work["P_use"])
 
-    def _apply_targets(self, lowrank: list[Entry], factors: list[tuple[Tensor, Tensor]]) -> None:
+    def _apply_targets(self, lowrank: list[Entry], factors: list[tuple[Tensor, Tensor]], found: Optional[Tensor] = None) -> None:
         """``W ← W·(1 − lr·wd) − A B`` for every target, in place (the layout places the update; the
-        GEMM in the weight's dtype under a low-precision compute policy)."""
+        GEMM in the weight's dtype under a low-precision compute policy; ``found``: a step the device
+        may cancel)."""
         self._layout.apply_lifts(lowrank, factors, [e.group["lr"] * e.group["weight_decay"] for e in lowrank],
-                                 in_weight_dtype=self.compute_dtype != torch.float32)
+                                 in_weight_dtype=self.compute_dtype != torch.float32, skip=found)
 
-    def _lowrank_adam(self, lowrank: list[Entry], R_owned: list, clip: float, staged: Optional[dict]) -> list:
+    def _lowrank_adam(self, lowrank: list[Entry], R_owned: list, clip, staged: Optional[dict],
+                      found: Optional[Tensor] = None) -> list:
         """Adam on the projected gradients this rank holds: ``N``  # (r, l_k), step size and scale
         folded in (``None`` where it holds nothing). ``staged``: new moments staged, not written
-        (``None``: updated in place — the streaming step). fp32 math; ``state_dtype`` on store.
+        (``None``: updated in place — the streaming step, where ``found`` may skip it on the device:
+        ``R`` zeroed by the caller, ``M, V`` kept, ``N = 0``). fp32 math; ``state_dtype`` on store.
         Batched: one ``_foreach`` chain per set of equal hyperparameters and step."""
         N_owned: list[Optional[Tensor]] = [None] * len(lowrank)
         live = [i for i, R in enumerate(R_owned) if R is not None]
@@ -335,15 +338,16 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
             idx = [live[j] for j in part]
             lr, (beta1, beta2), eps, scale, dinv, step = keys[part[0]]
             R = [R_owned[i] for i in idx]
-            if clip != 1.0:
+            if torch.is_tensor(clip) or clip != 1.0:
                 R = list(torch._foreach_mul(R, clip))
             es = [lowrank[i] for i in idx]
             M = [self._fp32(current(e, "exp_avg")) for e in es]
             V = [self._fp32(current(e, "exp_avg_sq")) for e in es]
             if staged is None:  # the same operations, in place
-                torch._foreach_mul_(M, beta1)
+                b1, b2, eps, _ = skip_constants(found, beta1, beta2, eps, 0.0)
+                torch._foreach_mul_(M, b1)
                 torch._foreach_add_(M, R, alpha=1.0 - beta1)
-                torch._foreach_mul_(V, beta2)
+                torch._foreach_mul_(V, b2)
                 torch._foreach_addcmul_(V, R, R, value=1.0 - beta2)
             else:
                 M, V = adam_moments_foreach(M, V, R, beta1, beta2)
@@ -380,10 +384,13 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
                 R[i] = r
         return R
 
-    def _stream_targets(self, chunk: list[Entry], clip: float) -> None:
-        """Project, step and lift this chunk in place."""
-        N = self._lowrank_adam(chunk, self._stream_inputs(chunk), clip, None)
-        self._apply_targets(chunk, self._layout.lift(chunk, N, [self.state[e.param]["P"] for e in chunk]))
+    def _stream_targets(self, chunk: list[Entry], clip, found: Optional[Tensor] = None) -> None:
+        """Project, step and lift this chunk in place (``found``: a step the device may cancel)."""
+        R = self._stream_inputs(chunk)  # the step's own tensors: zeroed in place where skipped
+        if found is not None:
+            R = self._zeroed(R, [True] * len(R), found)
+        N = self._lowrank_adam(chunk, R, clip, None, found)
+        self._apply_targets(chunk, self._layout.lift(chunk, N, [self.state[e.param]["P"] for e in chunk]), found)
 
     def _refresh(self, refresh: list[Entry], grads: list[Tensor], staged: dict) -> None:
         """Stage new ``P, d`` and realigned (or fresh) moments for ``refresh``.

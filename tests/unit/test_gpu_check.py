@@ -51,7 +51,7 @@ def test_cpu_tiny_dry_run_prints_every_table() -> None:
         row = next(line for line in out.splitlines() if line.startswith(f"| comm hook ({variant}): async vs sync path on gloo"))
         assert row.endswith("| yes |"), row
     for check in ("bf16 weights, bf16 compute and state on cpu vs CPU fp32 oracle (same gradients)",
-                  "streaming vs staged step on cpu"):
+                  "streaming vs staged step on cpu", "host synchronisations in an ordinary step on cpu"):
         row = next(line for line in out.splitlines() if line.startswith(f"| plumage: {check} |"))
         assert row.endswith("| yes |"), row
     for method in ("adamw", "galore_torch", "plumage", "plumage_bf16"):

@@ -199,11 +199,12 @@ class Layout:
         return float(t.item())
 
     def apply_lifts(self, entries: Sequence[Entry], factors: Sequence[tuple[Tensor, Tensor]], decays: Sequence[float], *,
-                    in_weight_dtype: bool = False) -> None:
+                    in_weight_dtype: bool = False, skip: Optional[Tensor] = None) -> None:
         """``W ← W·(1 − decay) − A B`` on this rank's piece of every target, in place (bf16 weights with
-        ``in_weight_dtype``: one GEMM in their own dtype, see :func:`~plumage_ds.kernels.batched.apply_lifts`)."""
+        ``in_weight_dtype``: one GEMM in their own dtype; ``skip``: a step the device may cancel; see
+        :func:`~plumage_ds.kernels.batched.apply_lifts`)."""
         apply_lifts([local(e.param) for e in entries], [A for A, _ in factors], [B for _, B in factors], decays,
-                    in_weight_dtype=in_weight_dtype)
+                    in_weight_dtype=in_weight_dtype, skip=skip)
 
     def apply_deltas(self, entries: Sequence[Entry], deltas: Sequence[Tensor], decays: Sequence[float]) -> None:
         """``W ← W·(1 − decay) − ΔW`` with ``ΔW`` this rank's piece (stored orientation), fp32 math rounded once."""

@@ -40,7 +40,9 @@ class Zero3FlatLayout(ReplicatedLayout):
     def logical_shape(p: Tensor) -> tuple:
         return tuple(getattr(p, "ds_shape", p.shape))
 
-    def apply_lifts(self, entries, factors, decays, *, in_weight_dtype: bool = False) -> None:
+    def apply_lifts(self, entries, factors, decays, *, in_weight_dtype: bool = False, skip=None) -> None:
+        if skip is not None:  # a step decided on the device streams, and this layout never does
+            raise RuntimeError("the ZeRO-3 layout runs collectives in every step: its steps are staged, not skipped on the device")
         self.apply_deltas(entries, [A.float() @ B.float() for A, B in factors], decays)
 
     def apply_deltas(self, entries, deltas, decays) -> None:

@@ -24,12 +24,14 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_check
 
 import torch  # noqa: E402
 from torch.distributed._tools.mem_tracker import MemTracker  # noqa: E402
 
 from plumage_ds import PlumageAdamW  # noqa: E402
 from plumage_ds.optim import lowrank_param_groups  # noqa: E402
+from gpu_check import _state_bytes  # noqa: E402  (galore-torch's projectors counted too)
 
 WIDTH, FFN, RANK = 256, 688, 64
 BATCH, SEQ = 2, 32  # few tokens: gradients, not activations, set the peak (as at 1B scale with activation checkpointing)
@@ -46,18 +48,6 @@ def _galore(params_or_groups, tau: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return galore_torch.GaLoreAdamW(params_or_groups, lr=1e-3, no_deprecation_warning=True)
-
-
-def _state_bytes(opt) -> int:
-    if callable(getattr(opt, "state_bytes", None)):
-        return int(opt.state_bytes()["total"])
-    total = 0
-    for st in opt.state.values():
-        for v in st.values():
-            t = v if torch.is_tensor(v) else getattr(v, "ortho_matrix", None)
-            if torch.is_tensor(t):
-                total += t.numel() * t.element_size()
-    return total
 
 
 def step_transient() -> list[tuple[str, int, int]]:
@@ -142,7 +132,6 @@ def whole_step() -> list[tuple[str, int]]:
         tracker = MemTracker()
         tracker.track_external(opt, *model.parameters())
         with tracker:
-            before = tracker.get_tracker_snapshot("current")
             train_step(batches[2])
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         rows.append((name, _total(tracker.get_tracker_snapshot("peak")) - weights))

@@ -390,6 +390,7 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
         if found is not None:
             R = self._zeroed(R, [True] * len(R), found)
         N = self._lowrank_adam(chunk, R, clip, None, found)
+        del R  # gone before the lift: the chunk's transient bound counts it once
         self._apply_targets(chunk, self._layout.lift(chunk, N, [self.state[e.param]["P"] for e in chunk]), found)
 
     def _refresh(self, refresh: list[Entry], grads: list[Tensor], staged: dict) -> None:

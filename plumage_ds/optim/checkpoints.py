@@ -172,6 +172,7 @@ class CheckpointMixin:
 
     def _install_state(self, new_state: dict, groups: list, meta: Optional[dict] = None) -> None:
         """Replace group hyperparameters (but ``params``/``names``) and the whole state."""
+        self._settle()  # a step still pending on the device belongs to the state being replaced
         for g, saved in zip(self.param_groups, groups):
             for k, v in saved.items():
                 if k in ("params", "names"):

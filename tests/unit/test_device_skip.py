@@ -143,3 +143,19 @@ def test_backward_projection_sees_the_settled_step():
                 opt.step()
     assert opts[0].skipped_steps == 1 and opts[1].skipped_steps == 0
     assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()))
+
+
+def test_loading_a_state_dict_over_a_pending_skip_keeps_the_loaded_state():
+    """The flag of a step skipped on the device is settled against the state it changed, not a loaded one."""
+    params = _params(torch.float32)
+    opt = _opt(params)
+    for step in range(2):
+        _grads(params, step)
+        opt.step()
+    saved = opt.state_dict()
+    _grads(params, 2)
+    opt.step()  # applied: counters at 3
+    _grads(params, 99, bad=0)
+    opt.step()  # skipped on the device, not yet read
+    opt.load_state_dict(saved)
+    assert all(opt.state[p]["step"] == 2 for p in params) and opt.skipped_steps == 0

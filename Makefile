@@ -1,6 +1,7 @@
 # make test  — install into .venv (once) and run the test suite
 # make demo  — install into .venv (once), train adamw/galore/plumage/optimal/haar/gum on configs/demo.yaml, compare, plot
 # make quality — the same estimators over 5 seeds, each at its best LR (benchmarks/quality.py)
+# make quality-ladder — the same at widths 256 and 384 (docs/quality.md §10; ~10 h on 2 cores)
 #
 # Works on a fresh machine with python3.11+, pip and gcc. torch is installed first and
 # pinned, so pip never resolves an unpinned torch (that would fetch CUDA wheels).
@@ -24,7 +25,7 @@ DEMO_ARGS   ?=
 
 QUALITY_ARGS ?=
 
-.PHONY: install test demo plot bench quality clean-runs
+.PHONY: install test demo plot bench quality quality-ladder clean-runs
 
 install: $(VENV)/.installed
 
@@ -73,6 +74,12 @@ bench: $(VENV)/.installed
 # per seed, loss curves. Resumable (finished runs are reused); hours on 2 cores at 600 steps.
 quality: $(VENV)/.installed
 	$(RUN) $(PY) benchmarks/quality.py --config $(DEMO_CONFIG) --out runs/quality --steps 600 --seeds 5 --sweep-seeds 5 --jobs 2 $(QUALITY_ARGS)
+
+# The scale ladder (docs/quality.md §10): widths 256 and 384, both corpora, 3 seeds, then the mechanism
+# arms at 384 (benchmarks/quality_ladder.sh; resumable, ~10 h on 2 cores). The GPU point is
+# benchmarks/gpu_quality.sh (one CUDA device, < 9 min).
+quality-ladder: $(VENV)/.installed
+	$(RUN) PYTHON=$(PY) bash benchmarks/quality_ladder.sh
 
 clean-runs:
 	rm -rf runs

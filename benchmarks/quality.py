@@ -20,6 +20,16 @@ another ``--out``.
   The LR swept is ``optimizer.lr``: with ``optimizer.dense_lr`` set (the demo config sets it) that is
   the LR of the target matrices only, and every arm trains the dense parameters (embeddings, norms,
   head) with the same AdamW at ``dense_lr`` — arms differ only in how the matrices are stepped.
+* **The shared dense LR.** ``--dense-lr-grid Y1:Y2:...`` sweeps ``optimizer.dense_lr`` (every arm's LR
+  for the parameters that stay dense) once per corpus: first the matrix LRs are swept at the config's
+  ``dense_lr`` (the *base*), then every arm with its own LR runs each ``Y`` at its best matrix LR on the
+  sweep seeds, and the ``Y`` with the lowest mean over those arms is chosen for every arm (one pass of
+  coordinate descent; arms share it, so none is tuned against the others). One value runs everything,
+  the matrix sweep included, at that ``dense_lr``. Runs at a ``dense_lr`` other than the base live in
+  ``ARM/dense_lr=Y/lr=X/seed=S``; runs at the base stay in ``ARM/lr=X/seed=S``, so earlier runs are reused.
+* **Grid edges.** ``--extend-grid K``: when a sweep's best LR (matrix or dense) is the smallest or largest
+  of its grid, the next point outward (the edge's own ratio: ×2 on a doubling grid) is added and run,
+  up to ``K`` times per grid; the table says whether each optimum is inside its grid or at an edge.
 * **Corpora.** ``--corpus embedded`` (the main job's stdlib corpus), ``text:DIR`` (a folder of text
   files) or ``manpages`` (English prose built by ``benchmarks/prose_corpus.py``, apt-installed there);
   :func:`corpus_overrides` is the one place that maps a corpus to ``--set data.*`` overrides.
@@ -128,9 +138,13 @@ class Run:
     lr: float
     seed: int
     steps: int
+    dense_lr: Optional[float] = None  # None: the config's optimizer.dense_lr (no override)
 
     def dir(self, out: Path) -> Path:
-        return out / corpus_label(self.corpus) / f"steps={self.steps}" / self.arm.name / f"lr={self.lr:g}" / f"seed={self.seed}"
+        arm = out / corpus_label(self.corpus) / f"steps={self.steps}" / self.arm.name
+        if self.dense_lr is not None:
+            arm = arm / f"dense_lr={self.dense_lr:g}"
+        return arm / f"lr={self.lr:g}" / f"seed={self.seed}"
 
 
 @dataclass
@@ -163,6 +177,40 @@ def parse_mapping(items: list[str], flag: str) -> dict[str, str]:
     return out
 
 
+def round_lr(x: float) -> float:
+    """6 significant digits: the value a folder name (``:g``) and a ``--set`` spell the same way."""
+    return float(f"{x:.6g}")
+
+
+def parse_grid(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        values = tuple(round_lr(float(v)) for v in text.split(":") if v)
+    except ValueError:
+        values = ()
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values) or len(set(values)) != len(values):
+        raise ValueError(f"Invalid {flag} {text!r}: expected distinct positive numbers v1:v2:...")
+    return values
+
+
+def grid_edge(grid, best: float) -> str:
+    """Where ``best`` sits in ``grid``: ``inside``, ``lower edge``, ``upper edge`` (or ``fixed``: one point)."""
+    g = sorted(grid)
+    if len(g) < 2:
+        return "fixed"
+    return "lower edge" if best == g[0] else ("upper edge" if best == g[-1] else "inside")
+
+
+def next_grid_point(grid, best: float) -> Optional[float]:
+    """The next point outward when ``best`` is at an edge of ``grid`` (that edge's own ratio), else ``None``."""
+    g = sorted(grid)
+    edge = grid_edge(g, best)
+    if edge == "lower edge":
+        return round_lr(g[0] * g[0] / g[1])
+    if edge == "upper edge":
+        return round_lr(g[-1] * g[-1] / g[-2])
+    return None
+
+
 def build_arms(ns) -> list[Arm]:
     arms = [Arm(name=e, estimator=e) for e in ns.estimators.split(",") if e]
     arms += [parse_arm(a) for a in ns.arm]
@@ -187,7 +235,7 @@ def build_arms(ns) -> list[Arm]:
         if a.name in fixed:
             lrs = (float(fixed[a.name]),)
         elif a.name in grids:
-            lrs = tuple(float(v) for v in grids[a.name].split(":"))
+            lrs = parse_grid(grids[a.name], f"--lr-grid {a.name}=")
         elif a.estimator in DEFAULT_LR_GRID:
             lrs = DEFAULT_LR_GRID[a.estimator]
         else:
@@ -197,7 +245,7 @@ def build_arms(ns) -> list[Arm]:
 
 
 def run_overrides(run: Run, corpus_sets: list[str], extra: list[str]) -> list[str]:
-    """Every ``--set`` of one run, in order: corpus, harness, arm defaults, arm, user extras."""
+    """Every ``--set`` of one run, in order: corpus, harness, arm defaults, arm, user extras, dense LR."""
     sets = list(corpus_sets)
     sets += [
         f"train.steps={run.steps}",
@@ -209,6 +257,8 @@ def run_overrides(run: Run, corpus_sets: list[str], extra: list[str]) -> list[st
         f"optimizer.lr={run.lr!r}",
     ]
     sets += list(ARM_DEFAULTS.get(run.arm.estimator, ())) + list(run.arm.overrides) + list(extra)
+    if run.dense_lr is not None:  # the dense-LR sweep's value wins over the config and every --set
+        sets.append(f"optimizer.dense_lr={run.dense_lr!r}")
     return sets
 
 
@@ -373,13 +423,14 @@ def fmt(x: float, digits: int = 4) -> str:
     return "diverged" if x == math.inf else ("n/a" if x != x else f"{x:.{digits}f}")
 
 
-def markdown(corpus: str, steps: int, seeds: list[int], rows: dict) -> str:
+def markdown(corpus: str, steps: int, seeds: list[int], rows: dict, dense: Optional[dict] = None,
+             sweep_seeds: Optional[list[int]] = None) -> str:
     lines = [
         f"### Corpus `{corpus}`, {steps} steps, seeds {seeds}",
         "",
-        "| arm | overrides | LR (best of sweep) | sweep: LR → mean final eval | final eval mean ± sd | "
+        "| arm | overrides | LR (best of sweep) | sweep: LR → mean final eval | final eval mean ± sd | final eval per seed | "
         "Δ vs GaLore per seed | gap closed per seed | gap closed mean ± sd | refresh spike mean / max |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         sweep = ", ".join(f"{lr} → {fmt(v)}" for lr, v in r["sweep"].items()) or (
@@ -395,9 +446,12 @@ def markdown(corpus: str, steps: int, seeds: list[int], rows: dict) -> str:
         gap_mean = "-" if not gaps else ("n/a" if not finite_gaps else f"{100 * gm:.0f}% ± {100 * gsd:.0f}%")
         deltas = r.get("delta_vs_galore")
         delta_txt = ", ".join(f"{d:+.4f}" for d in deltas) if deltas else "-"
+        edge = r.get("lr_edge")
+        lr_txt = f"{r['lr']:g}" + (f" ({edge})" if edge else "")
+        per_seed = ", ".join(fmt(x) for x in r["final_eval"])
         lines.append(
-            f"| {name} | {' '.join(f'`{o}`' for o in r['overrides']) or '-'} | {r['lr']:g} | {sweep} | "
-            f"{fmt(m)} ± {fmt(sd)} | {delta_txt} | {gap_txt} | {gap_mean} | {spike_txt} |"
+            f"| {name} | {' '.join(f'`{o}`' for o in r['overrides']) or '-'} | {lr_txt} | {sweep} | "
+            f"{fmt(m)} ± {fmt(sd)} | {per_seed} | {delta_txt} | {gap_txt} | {gap_mean} | {spike_txt} |"
         )
     if "adamw" in rows and "galore" in rows:
         a, g = rows["adamw"]["final_eval_mean_sd"][0], rows["galore"]["final_eval_mean_sd"][0]
@@ -406,6 +460,20 @@ def markdown(corpus: str, steps: int, seeds: list[int], rows: dict) -> str:
                 f"\nAdamW ({fmt(a)}) does not beat GaLore ({fmt(g)}) at their best LRs here: the gap-closed "
                 "ratio (n/a on every seed where L_adamw >= L_galore) is not meaningful; read Δ vs GaLore instead."
             )
+    if dense and dense["sweep"]:
+        points = "; ".join(
+            f"{y} → mean {fmt(v['mean'])} (" + ", ".join(f"{a} {fmt(x)}" for a, x in v.items() if a != "mean") + ")"
+            for y, v in dense["sweep"].items()
+        )
+        base = "none" if dense["base"] is None else f"{dense['base']:g}"
+        lines.append(
+            f"\nShared `optimizer.dense_lr`, swept at each arm's best matrix LR (matrix LRs swept at the base "
+            f"dense_lr {base}; seeds {sweep_seeds}): {points}. Chosen: **{dense['chosen']:g}** "
+            f"({dense['edge']}; per arm: " + ", ".join(f"{a} {y:g}" for a, y in dense["best_per_arm"].items())
+            + "); every row above runs at it."
+        )
+    elif dense:
+        lines.append(f"\nEvery run at `optimizer.dense_lr` = {dense['chosen']:g}.")
     return "\n".join(lines)
 
 
@@ -458,32 +526,98 @@ def plot(path: Path, corpus: str, arms: list[Arm], seeds: list[int], main: dict)
 # --------------------------------------------------------------------------- main
 
 
+def base_dense_lr(ns, corpus_sets: list[str]) -> Optional[float]:
+    """``optimizer.dense_lr`` of the config with the corpus and ``--set`` overrides applied (the base)."""
+    from plumage_ds.cli import apply_overrides
+    from plumage_ds.config import load_config
+
+    return apply_overrides(load_config(ns.config), list(corpus_sets) + list(ns.set)).optimizer.dense_lr
+
+
+def sweep_means(runs: dict, keys: dict) -> dict:
+    """``{key: mean final eval over its runs}`` for ``keys = {key: [Run, ...]}``."""
+    return {k: mean_sd([runs[r].final_eval for r in rs])[0] for k, rs in keys.items()}
+
+
 def run_corpus(ns, runner: Runner, arms: list[Arm], corpus: str, out: Path) -> tuple[dict, str]:
     corpus_sets = corpus_overrides(corpus, out)
     seeds = list(range(ns.seed0, ns.seed0 + ns.seeds))
     sweep_seeds = seeds[: ns.sweep_seeds]
-    sweep_runs = [Run(corpus, a, lr, s, ns.steps) for a in arms if len(a.lrs) > 1 for lr in a.lrs for s in sweep_seeds]
-    swept = runner.many(sweep_runs, corpus_sets)
+    dense_grid = parse_grid(ns.dense_lr_grid, "--dense-lr-grid") if ns.dense_lr_grid else ()
+    base = base_dense_lr(ns, corpus_sets) if dense_grid else None
+
+    def at(y: Optional[float]) -> Optional[float]:  # runs at the base dense LR carry no override
+        return None if y is None or (base is not None and math.isclose(y, base, rel_tol=1e-9)) else y
+
+    # 1. matrix LRs: at the base dense LR, or at the one value of --dense-lr-grid
+    dense0 = at(dense_grid[0]) if len(dense_grid) == 1 else None
+    grids = {a.name: list(a.lrs) for a in arms if a.lr_from is None and len(a.lrs) > 1}
+    extended = dict.fromkeys(grids, 0)
     best, sweep = {}, {}
+    while True:
+        keys = {(a.name, lr): [Run(corpus, a, lr, s, ns.steps, dense0) for s in sweep_seeds]
+                for a in arms if a.name in grids for lr in grids[a.name]}  # fmt: skip
+        swept = runner.many([r for rs in keys.values() for r in rs], corpus_sets)
+        means = sweep_means(swept, keys)
+        grown = False
+        for name, grid in grids.items():
+            sweep[name] = {lr: means[(name, lr)] for lr in grid}
+            best[name] = min(grid, key=lambda lr: (sweep[name][lr], lr))
+            nxt = next_grid_point(grid, best[name]) if extended[name] < ns.extend_grid else None
+            if nxt is not None:
+                grid.append(nxt)
+                extended[name] += 1
+                grown = True
+        if not grown:
+            break
     for a in arms:
-        if a.lr_from is None:
-            if len(a.lrs) > 1:
-                sweep[a.name] = {lr: mean_sd([swept[Run(corpus, a, lr, s, ns.steps)].final_eval for s in sweep_seeds])[0] for lr in a.lrs}
-                best[a.name] = min(a.lrs, key=lambda lr: (sweep[a.name][lr], lr))
-            else:
-                best[a.name] = a.lrs[0]
+        if a.lr_from is None and a.name not in grids:
+            best[a.name] = a.lrs[0]
     for a in arms:
         if a.lr_from is not None:
             best[a.name] = best[a.lr_from]
-    main_runs = {(a.name, s): Run(corpus, a, best[a.name], s, ns.steps) for a in arms for s in seeds}
+    edges = {a.name: grid_edge(grids[a.name], best[a.name]) for a in arms if a.name in grids}
+
+    # 2. the shared dense LR: every arm with its own LR, at its best matrix LR, on the sweep seeds
+    dense = None
+    if len(dense_grid) > 1:
+        own = [a for a in arms if a.lr_from is None]
+        dgrid, dext = list(dense_grid), 0
+        while True:
+            keys = {(a.name, y): [Run(corpus, a, best[a.name], s, ns.steps, at(y)) for s in sweep_seeds]
+                    for y in dgrid for a in own}  # fmt: skip
+            swept = runner.many([r for rs in keys.values() for r in rs], corpus_sets)
+            per_arm = sweep_means(swept, keys)
+            dsweep = {y: {a.name: per_arm[(a.name, y)] for a in own} for y in dgrid}
+            dmean = {y: mean_sd(list(dsweep[y].values()))[0] for y in dgrid}
+            chosen = min(dgrid, key=lambda y: (dmean[y], y))
+            nxt = next_grid_point(dgrid, chosen) if dext < ns.extend_grid else None
+            if nxt is None:
+                break
+            dgrid.append(nxt)
+            dext += 1
+        dense = {
+            "base": base, "grid": sorted(dgrid), "chosen": chosen, "edge": grid_edge(dgrid, chosen),
+            "sweep": {f"{y:g}": {**dsweep[y], "mean": dmean[y]} for y in sorted(dgrid)},
+            "best_per_arm": {a.name: min(dgrid, key=lambda y: (dsweep[y][a.name], y)) for a in own},
+        }  # fmt: skip
+        dense0 = at(chosen)
+    elif dense_grid:
+        dense = {"base": base, "grid": list(dense_grid), "chosen": dense_grid[0], "edge": "fixed", "sweep": {}}
+
+    # 3. every seed at the chosen LRs
+    main_runs = {(a.name, s): Run(corpus, a, best[a.name], s, ns.steps, dense0) for a in arms for s in seeds}
     done = runner.many(list(main_runs.values()), corpus_sets)
     main = {key: done[run] for key, run in main_runs.items()}
     rows = summarise(arms, seeds, best, sweep, main)
+    for name, edge in edges.items():
+        rows[name]["lr_edge"] = edge
     png = out / f"curves{ns.tag}-{corpus_label(corpus)}.png"
     plot(png, corpus, arms, seeds, main)
-    return {"seeds": seeds, "sweep_seeds": sweep_seeds, "steps": ns.steps, "arms": rows, "png": png.name}, markdown(
-        corpus, ns.steps, seeds, rows
-    )
+    result = {"seeds": seeds, "sweep_seeds": sweep_seeds, "steps": ns.steps, "arms": rows, "png": png.name}
+    if dense is not None:
+        result["dense_lr"] = dense
+    return result, markdown(corpus, ns.steps, seeds, rows, dense, sweep_seeds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -500,6 +634,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--seed0", type=int, default=0)
     ap.add_argument("--sweep-seeds", type=int, default=1, help="seeds the LR sweep averages over")
+    ap.add_argument("--dense-lr-grid", default="", metavar="Y1:Y2:...",
+                    help="sweep the shared optimizer.dense_lr at each arm's best matrix LR (one value: run at it)")
+    ap.add_argument("--extend-grid", type=int, default=0, metavar="K",
+                    help="add up to K points outward to a grid whose best LR sits at its edge")
     ap.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     ap.add_argument("--nice", type=int, default=19, help="run each job under nice -n N (0: not)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="for every run")
@@ -513,6 +651,8 @@ def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     ns.tag = f"-{ns.report}" if ns.report else ""
     try:
+        if ns.extend_grid < 0:
+            raise ValueError(f"Invalid --extend-grid={ns.extend_grid}: must be >= 0")
         for name in ("steps", "seeds", "jobs", "sweep_seeds"):
             if getattr(ns, name) < 1:
                 raise ValueError(f"Invalid --{name.replace('_', '-')}={getattr(ns, name)}: must be >= 1")

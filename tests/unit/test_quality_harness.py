@@ -98,3 +98,56 @@ def test_refresh_spikes_pair_against_adamw(quality):
     )
     assert quality.refresh_spikes(arm, adamw) == pytest.approx([0.5, 0.5, 0.5])
     assert quality.refresh_spikes(adamw, adamw) == []
+
+
+def test_dense_lr_sweep_and_grid_extension(quality, tiny_config_path, tmp_path, monkeypatch, capsys):
+    """No training: ``Runner.one`` returns a made-up loss with its minimum at matrix LR 4e-3 (every arm) and
+    dense LR 2.8e-3. PLUMAGE's grid 1e-3:2e-3 grows to 4e-3 and 8e-3 (best inside); AdamW's 1e-3:2e-3
+    grows once (K = 1) and its best stays at the upper edge; the dense grid 4e-3:8e-3 grows down to 2e-3
+    and 1e-3 and picks 2e-3. Runs at the base dense LR keep the old folder; the others carry it."""
+    made = {}
+
+    def fake_one(self, run, corpus_sets):
+        dense = run.dense_lr if run.dense_lr is not None else 0.004
+        made[run.dir(self.out).relative_to(self.out).as_posix()] = quality.run_overrides(run, corpus_sets, self.ns.set)
+        loss = 1 + 0.1 * math.log2(run.lr / 4e-3) ** 2 + 0.05 * math.log2(dense / 2.8e-3) ** 2 + 0.01 * run.seed
+        return quality.Outcome("completed", loss + (0.02 if run.arm.name == "galore" else 0.0))
+
+    monkeypatch.setattr(quality.Runner, "one", fake_one)
+    out = tmp_path / "q"
+    argv = ["--config", str(tiny_config_path), "--out", str(out), "--steps", "5", "--seeds", "2", "--quiet",
+            "--estimators", "adamw,galore,plumage", "--lr-grid", "adamw=1e-3:2e-3", "--lr", "galore=4e-3",
+            "--lr-grid", "plumage=1e-3:2e-3", "--arm", "knob=plumage,optimizer.realign=false",
+            "--lr-from", "knob=plumage", "--set", "optimizer.dense_lr=0.004", "--dense-lr-grid", "0.004:0.008"]  # fmt: skip
+    assert quality.main(argv + ["--extend-grid", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())["corpora"]["embedded"]
+    arms, dense = res["arms"], res["dense_lr"]
+    assert set(arms["plumage"]["sweep"]) == {"0.001", "0.002", "0.004"} and arms["plumage"]["lr_edge"] == "upper edge"
+    assert dense["grid"] == [0.002, 0.004, 0.008] and dense["chosen"] == 0.002 and dense["edge"] == "lower edge"
+
+    made.clear()
+    assert quality.main(argv + ["--extend-grid", "2"]) == 0
+    res = json.loads((out / "results.json").read_text())["corpora"]["embedded"]
+    arms, dense = res["arms"], res["dense_lr"]
+    assert set(arms["plumage"]["sweep"]) == {"0.001", "0.002", "0.004", "0.008"}
+    assert arms["plumage"]["lr"] == 0.004 == arms["knob"]["lr"] and arms["plumage"]["lr_edge"] == "inside"
+    assert set(arms["adamw"]["sweep"]) == {"0.001", "0.002", "0.004", "0.008"} and arms["adamw"]["lr_edge"] == "inside"
+    assert arms["galore"]["lr"] == 0.004 and "lr_edge" not in arms["galore"]
+    assert dense["grid"] == [0.001, 0.002, 0.004, 0.008] and dense["chosen"] == 0.002 and dense["edge"] == "inside"
+    assert set(dense["sweep"]["0.002"]) == {"adamw", "galore", "plumage", "mean"}  # arms with their own LR only
+    assert dense["best_per_arm"] == {"adamw": 0.002, "galore": 0.002, "plumage": 0.002}
+    # folders: matrix sweep at the base dense LR (old layout), the dense sweep's other values and every seed at 2e-3
+    assert "embedded/steps=5/plumage/lr=0.008/seed=0" in made
+    assert made["embedded/steps=5/adamw/lr=0.004/seed=0"][-1] == "optimizer.dense_lr=0.004"  # the --set, no override
+    assert made["embedded/steps=5/galore/dense_lr=0.008/lr=0.004/seed=0"][-1] == "optimizer.dense_lr=0.008"
+    for arm in ("adamw", "galore", "plumage", "knob"):
+        for seed in (0, 1):
+            assert made[f"embedded/steps=5/{arm}/dense_lr=0.002/lr=0.004/seed={seed}"][-1] == "optimizer.dense_lr=0.002"
+    assert not any(k.startswith("embedded/steps=5/knob/dense_lr=0.008") for k in made)  # knob arms are not swept
+    table = (out / "quality.md").read_text()
+    assert re.search(r"^\| plumage \| - \| 0\.004 \(inside\) \|", table, re.M), table
+    assert "Chosen: **0.002** (inside; per arm: adamw 0.002, galore 0.002, plumage 0.002)" in table
+    per_seed = next(line for line in table.splitlines() if line.startswith("| galore |")).split("|")[6].strip()
+    galore = 1.02 + 0.05 * math.log2(2e-3 / 2.8e-3) ** 2  # at its matrix optimum and the chosen dense LR
+    assert per_seed == f"{galore:.4f}, {galore + 0.01:.4f}"  # seeds 0 and 1
+    capsys.readouterr()

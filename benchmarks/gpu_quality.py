@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Training quality at GPU scale (issue 20): AdamW, GaLore and PLUMAGE on one device, per seed.
+
+    benchmarks/gpu_quality.sh                         # one CUDA device: < 9 min, prints the per-seed tables
+    benchmarks/gpu_quality.sh --device cpu --tiny     # dry run of every part on CPU (tiny models, seconds)
+
+Points (each: 3 arms × 2 seeds through the quality harness, ``benchmarks/quality.py``, i.e. the main
+job ``python -m plumage_ds train`` as subprocesses, all six at once on the one device):
+
+* ``11m`` — ``configs/gpu-11m.yaml``: LLaMA 6 × 384 (10.9M parameters), seq 256 × batch 64, 1000 steps
+  (16.4M byte tokens), fp32, rank 96 = s/4, τ = 200, the embedded corpus (the running interpreter's
+  standard library, 8 MB).
+* ``40m`` — ``configs/gpu-40m.yaml``: LLaMA 8 × 640 (39.9M parameters), the same data, rank 160, τ = 200;
+  run only if it fits: its steps are sized from the ``11m`` point's measured wall time
+  (:func:`size_steps`), at most 1000, and it is skipped (saying why) below :data:`MIN_STEPS`.
+
+Every arm runs at its matrix LR swept at width 384 on CPU (:data:`LRS`, docs/quality.md §10), every
+arm's dense parameters (embeddings, norms, head) at the same ``optimizer.dense_lr`` (:data:`DENSE_LR`).
+After each point it prints one table: final eval loss per seed, PLUMAGE − GaLore, and the gap closed
+``(L_galore − L_plumage)/(L_galore − L_adamw)`` where AdamW beats GaLore on that seed (else ``n/a``).
+Run folders go to ``--out`` (``OUT/POINT/...``, the harness's layout: rerunning resumes).
+
+**Sizing** (no H200 figures of this project were measured; the estimate, from the issue's protocol):
+one ``11m`` step is ``6 · 10.9M · 16 384 ≈ 1.07`` TFLOP plus ~0.1 TFLOP of attention; at ~40 % of the
+H200's ~67 TFLOP/s of plain fp32 that is ~45 ms, so 1000 steps ≈ 45 s of device time per run and the
+six runs ≈ 4.5 min if they serialise on the device (their Python overhead overlaps: six processes).
+With ~0.5 min of start-up that leaves ~3.5 min of the 8.5-min budget (``--budget-s 510``; the shell
+wrapper kills at 530 s) for the ``40m`` point, which costs ~3.7× per step: it runs only if ≥ 300 steps
+fit by the measured rate. ``--points 40m --big-steps 1000`` runs it alone in full (~17 min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "benchmarks"))
+
+ARMS = ("adamw", "galore", "plumage")
+SEEDS = 2
+LRS = {"adamw": 1e-3, "galore": 2e-3, "plumage": 2e-3}
+"""Matrix LR (``optimizer.lr``) per arm: the demo's; replaced by the width-384 optima of docs/quality.md §10."""
+DENSE_LR = 4e-3
+"""``optimizer.dense_lr`` of every arm."""
+
+POINTS = {
+    "11m": {"config": "configs/gpu-11m.yaml", "params": 10_873_728, "label": "LLaMA 6 × 384, rank 96"},
+    "40m": {"config": "configs/gpu-40m.yaml", "params": 39_864_960, "label": "LLaMA 8 × 640, rank 160"},
+}
+STEPS = 1000
+MIN_STEPS = 300
+"""The ``40m`` point is skipped when fewer steps than this fit in the time left."""
+
+TINY = {  # --tiny: every part on CPU in seconds (the structure of each point, tiny widths)
+    "11m": ["model.hidden_size=32", "model.intermediate_size=86", "model.num_hidden_layers=2",
+            "model.num_attention_heads=2", "model.num_key_value_heads=2", "optimizer.rank=8"],
+    "40m": ["model.hidden_size=48", "model.intermediate_size=129", "model.num_hidden_layers=2",
+            "model.num_attention_heads=2", "model.num_key_value_heads=2", "optimizer.rank=12"],
+}  # fmt: skip
+TINY_COMMON = ["data.seq_len=32", "data.batch_size=4", "data.max_corpus_bytes=200000", "optimizer.update_interval=3",
+               "train.eval_interval=3", "train.eval_batches=2", "train.warmup_steps=2"]  # fmt: skip
+TINY_STEPS = 6
+
+
+def size_steps(elapsed_s: float, steps_done: int, params_done: int, params_next: int, left_s: float,
+               cap: int = STEPS, quantum: int = 100) -> int:
+    """Steps of the next point that fit in ``left_s``: the last point's wall seconds per step
+    (start-up included, so conservative) times the parameter ratio (FLOPs per token ∝ parameters;
+    attention grows less), with a 10 % margin, rounded down to ``quantum``, at most ``cap``."""
+    if steps_done <= 0 or elapsed_s <= 0 or left_s <= 0:
+        return 0
+    per_step = elapsed_s / steps_done * params_next / params_done
+    fit = int(0.9 * left_s / per_step)
+    return min(cap, fit // quantum * quantum)
+
+
+def per_seed_table(results: dict, seeds: list[int]) -> tuple[str, dict]:
+    """Markdown rows ``seed | AdamW | GaLore | PLUMAGE | PLUMAGE − GaLore | gap closed`` and the numbers."""
+    arms = results["arms"]
+    rows = ["| seed | AdamW | GaLore | PLUMAGE | PLUMAGE − GaLore | gap closed |", "|---|---|---|---|---|---|"]
+    data = {"seeds": seeds, "final_eval": {a: arms[a]["final_eval"] for a in ARMS}, "delta": [], "gap_closed": []}
+    for i, seed in enumerate(seeds):
+        a, g, p = (arms[name]["final_eval"][i] for name in ARMS)
+        delta = p - g
+        gap = (g - p) / (g - a) if a < g else math.nan
+        data["delta"].append(delta)
+        data["gap_closed"].append(gap)
+        gap_txt = f"{100 * gap:.0f} %" if gap == gap else "n/a (AdamW does not beat GaLore)"
+        rows.append(f"| {seed} | {a:.4f} | {g:.4f} | {p:.4f} | {delta:+.4f} | {gap_txt} |")
+    means = [statistics.fmean(arms[name]["final_eval"]) for name in ARMS]
+    rows.append(f"| mean | {means[0]:.4f} | {means[1]:.4f} | {means[2]:.4f} | {statistics.fmean(data['delta']):+.4f} | |")
+    return "\n".join(rows), data
+
+
+def run_point(name: str, steps: int, ns, quality) -> tuple[dict, float]:
+    """One point through the harness; returns its results and its wall time."""
+    point = POINTS[name]
+    out = Path(ns.out) / name
+    argv = ["--config", str(REPO / point["config"]), "--out", str(out), "--steps", str(steps),
+            "--seeds", str(ns.seeds), "--sweep-seeds", "1", "--jobs", str(ns.jobs), "--nice", str(ns.nice),
+            "--estimators", ",".join(ARMS), "--corpus", "embedded", "--report", "gpu",
+            "--set", f"optimizer.dense_lr={ns.dense_lr!r}"]  # fmt: skip
+    for arm in ARMS:
+        argv += ["--lr", f"{arm}={ns.lr[arm]!r}"]
+    for s in (TINY[name] + TINY_COMMON if ns.tiny else []):
+        argv += ["--set", s]
+    t0 = time.perf_counter()
+    rc = quality.main(argv)
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(rc)
+    results = json.loads((out / "results-gpu.json").read_text(encoding="utf-8"))["corpora"]["embedded"]
+    return results, wall
+
+
+def describe_runs(out: Path) -> tuple[str, list[float]]:
+    """The corpus description and every run's tokens/s (from the run folders' ``summary.json``)."""
+    corpus, speeds = "", []
+    for summary in sorted(out.glob("embedded/steps=*/*/lr=*/seed=*/summary.json")):
+        s = json.loads(summary.read_text(encoding="utf-8"))
+        c = s.get("corpus", {})
+        corpus = corpus or f"{c.get('root')} ({c.get('train_bytes')} train bytes, sha1 {str(c.get('sha1'))[:12]})"
+        speeds.append(float(s.get("tokens_per_s") or 0.0))
+    return corpus, speeds
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (dry run)")
+    p.add_argument("--tiny", action="store_true", help="tiny widths, 6 steps: a dry run of every part")
+    p.add_argument("--points", default="11m,40m", help="comma-separated: 11m, 40m (40m only if it fits)")
+    p.add_argument("--out", default=str(REPO / "runs" / "gpu_quality"))
+    p.add_argument("--budget-s", type=float, default=510.0, help="wall seconds for all points (sizes the 40m point)")
+    p.add_argument("--big-steps", type=int, default=0, help="steps of the 40m point (0: sized to the budget)")
+    p.add_argument("--seeds", type=int, default=SEEDS, help="seeds per arm (default 2)")
+    p.add_argument("--jobs", type=int, default=0, help="concurrent runs (default: 6 on cuda, 2 on cpu)")
+    p.add_argument("--nice", type=int, default=None, help="nice of each run (default: 0 on cuda, 19 on cpu)")
+    p.add_argument("--lr", action="append", default=[], metavar="ARM=v", help="matrix LR of an arm (default LRS)")
+    p.add_argument("--dense-lr", type=float, default=DENSE_LR)
+    ns = p.parse_args(argv)
+    t_start = time.perf_counter()
+    if ns.device not in ("cuda", "cpu"):
+        print(f"Invalid --device={ns.device!r}: must be 'cuda' or 'cpu'", file=sys.stderr)
+        return 2
+    if ns.seeds < 1:
+        print(f"Invalid --seeds={ns.seeds}: must be >= 1", file=sys.stderr)
+        return 2
+    points = [x for x in ns.points.split(",") if x]
+    if not points or any(x not in POINTS for x in points):
+        print(f"Invalid --points={ns.points!r}: choose from {', '.join(POINTS)}", file=sys.stderr)
+        return 2
+    lrs = dict(LRS)
+    for item in ns.lr:
+        arm, sep, value = item.partition("=")
+        if arm not in ARMS or not sep:
+            print(f"Invalid --lr {item!r}: expected ARM=VALUE with ARM in {', '.join(ARMS)}", file=sys.stderr)
+            return 2
+        lrs[arm] = float(value)
+    ns.lr = lrs
+    if ns.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the main job uses CUDA whenever it sees a device
+    import torch
+
+    if ns.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_quality: CUDA is not available (torch.cuda.is_available() is False, torch "
+              f"{torch.__version__}); run it on a machine with a CUDA device, or use --device cpu --tiny for a "
+              "dry run", file=sys.stderr)  # fmt: skip
+        return 2
+    ns.jobs = ns.jobs or (ns.seeds * len(ARMS) if ns.device == "cuda" else 2)
+    ns.nice = ns.nice if ns.nice is not None else (0 if ns.device == "cuda" else 19)
+    import quality  # benchmarks/quality.py
+
+    name = torch.cuda.get_device_name(0) if ns.device == "cuda" else "CPU"
+    print(f"gpu_quality on {name}, torch {torch.__version__}, python {sys.version.split()[0]}"
+          f"{' (tiny dry run)' if ns.tiny else ''}; matrix LRs {lrs}, dense_lr {ns.dense_lr:g}; "
+          f"{ns.jobs} runs at a time; budget {ns.budget_s:.0f} s\n", flush=True)  # fmt: skip
+    summary, last = {}, None
+    for point in points:
+        steps = TINY_STEPS if ns.tiny else STEPS
+        if point == "40m":
+            left = ns.budget_s - (time.perf_counter() - t_start)
+            if ns.big_steps:
+                steps = ns.big_steps
+            elif last is not None:
+                sized = size_steps(last[0], last[1], POINTS[last[2]]["params"], POINTS["40m"]["params"], left)
+                if sized < MIN_STEPS and not ns.tiny:
+                    print(f"## 40m: skipped — {sized} steps fit in the {left:.0f} s left (at the 11m point's "
+                          f"{last[0] / last[1]:.3f} s per step × {POINTS['40m']['params'] / POINTS['11m']['params']:.2f}); "
+                          f"needs >= {MIN_STEPS}. Run it alone: --points 40m --big-steps 1000\n", flush=True)  # fmt: skip
+                    summary[point] = {"skipped": True, "steps_that_fit": sized, "left_s": left}
+                    continue
+                steps = TINY_STEPS if ns.tiny else sized
+        results, wall = run_point(point, steps, ns, quality)
+        last = (wall, steps, point)
+        corpus, speeds = describe_runs(Path(ns.out) / point)
+        table, data = per_seed_table(results, results["seeds"])
+        cfg = POINTS[point]
+        shape = ("tiny widths, seq 32 × batch 4, τ = 3" if ns.tiny else
+                 f"{cfg['label']} ({cfg['params'] / 1e6:.1f}M parameters), seq 256 × batch 64, τ = 200")
+        print(f"\n## {point}: {shape}, {steps} steps, fp32, embedded corpus {corpus}\n"
+              f"matrix LR adamw {lrs['adamw']:g}, galore {lrs['galore']:g}, plumage {lrs['plumage']:g}; "
+              f"dense_lr {ns.dense_lr:g}; final eval loss:\n\n{table}\n\n"
+              f"wall {wall:.0f} s for {len(speeds)} runs on {name} (tokens/s per run while {ns.jobs} ran: "
+              f"{', '.join(f'{s:.0f}' for s in speeds)})\n", flush=True)  # fmt: skip
+        summary[point] = {"steps": steps, "wall_s": wall, **data}
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_quality.json").write_text(json.dumps({"device": name, "lrs": lrs, "dense_lr": ns.dense_lr,
+                                                      "tiny": ns.tiny, "points": summary}, indent=2) + "\n")  # fmt: skip
+    print(f"total wall {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

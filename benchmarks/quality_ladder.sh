@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The scale ladder of docs/quality.md §10: AdamW, GaLore and PLUMAGE at widths 256 and 384 (4 layers,
+# configs/ladder-*.yaml), 600 steps, 3 seeds, both corpora, each arm at its own best matrix LR for the
+# width and one shared dense_lr swept per width; then the mechanism arms at width 384, paired by seed.
+# Every harness call is resumable (finished runs are reused), so rerunning continues where it stopped.
+#
+#   bash benchmarks/quality_ladder.sh                 # ~10 h on 2 cores (make quality-ladder)
+#   OUT=runs/ladder PYTHON=python3 bash benchmarks/quality_ladder.sh
+#
+# Width 256: the matrix LRs are swept on seed 0 of the embedded corpus at the config's dense_lr (4e-3),
+# then dense_lr ∈ {2, 4, 8}e-3 at each arm's best (grids grow by --extend-grid when the best sits at
+# an edge); the prose corpus (manpages) reuses the optima. Width 384: 3-point grids centred on the 256
+# optima (matrix and dense), the same procedure. Width 128 is docs/quality.md §9.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT="${OUT:-runs/ladder}"
+Q="$PYTHON benchmarks/quality.py --steps 600 --jobs ${JOBS:-2} --nice 19 --estimators adamw,galore,plumage"
+stage() { echo "=== $(date +%T) $*"; }
+get() {  # get RESULTS.json CORPUS lr ARM | dense
+  "$PYTHON" - "$@" <<'PYEOF'
+import json, sys
+res = json.load(open(sys.argv[1]))["corpora"][sys.argv[2]]
+if sys.argv[3] == "lr":
+    print(f'{res["arms"][sys.argv[4]]["lr"]:g}')
+else:
+    print(f'{(res.get("dense_lr") or {}).get("chosen", 0.004):g}')
+PYEOF
+}
+half() { "$PYTHON" -c "print(f'{float(\"$1\") / 2:g}')"; }
+dbl() { "$PYTHON" -c "print(f'{float(\"$1\") * 2:g}')"; }
+
+stage "w256 embedded: matrix sweep (seed 0), dense sweep, seeds 0-2"
+$Q --config configs/ladder-256.yaml --out "$OUT/w256" --seeds 3 --sweep-seeds 1 \
+  --lr-grid adamw=0.0005:0.001:0.002 --lr-grid galore=0.001:0.002:0.004 --lr-grid plumage=0.001:0.002:0.004 \
+  --dense-lr-grid 0.002:0.004:0.008 --extend-grid 2 --corpus embedded --report embedded
+J="$OUT/w256/results-embedded.json"
+A=$(get "$J" embedded lr adamw); G=$(get "$J" embedded lr galore); P=$(get "$J" embedded lr plumage); D=$(get "$J" embedded dense)
+echo "w256 optima: adamw $A galore $G plumage $P dense $D"
+
+stage "w256 manpages at the embedded optima"
+$Q --config configs/ladder-256.yaml --out "$OUT/w256" --seeds 3 --lr adamw="$A" --lr galore="$G" --lr plumage="$P" \
+  --dense-lr-grid "$D" --corpus manpages --report manpages
+
+stage "w384 embedded: grids centred on the 256 optima, base dense = 256's"
+$Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --sweep-seeds 1 --set optimizer.dense_lr="$D" \
+  --lr-grid adamw="$(half "$A"):$A:$(dbl "$A")" --lr-grid galore="$(half "$G"):$G:$(dbl "$G")" \
+  --lr-grid plumage="$(half "$P"):$P:$(dbl "$P")" --dense-lr-grid "$(half "$D"):$D:$(dbl "$D")" --extend-grid 2 \
+  --corpus embedded --report embedded
+J="$OUT/w384/results-embedded.json"
+A4=$(get "$J" embedded lr adamw); G4=$(get "$J" embedded lr galore); P4=$(get "$J" embedded lr plumage); D4=$(get "$J" embedded dense)
+echo "w384 optima: adamw $A4 galore $G4 plumage $P4 dense $D4"
+
+stage "w384 manpages at the embedded optima"
+$Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --set optimizer.dense_lr="$D" \
+  --lr adamw="$A4" --lr galore="$G4" --lr plumage="$P4" --dense-lr-grid "$D4" --corpus manpages --report manpages
+
+stage "w384 mechanism (embedded, paired by seed; arms in priority order)"
+$Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --sweep-seeds 1 --set optimizer.dense_lr="$D" \
+  --lr adamw="$A4" --lr galore="$G4" --lr plumage="$P4" --dense-lr-grid "$D4" --corpus embedded --report mechanism \
+  --arm plumage-tau200=plumage,optimizer.update_interval=200 --lr-from plumage-tau200=plumage \
+  --arm galore-tau200=galore,optimizer.update_interval=200 --lr-from galore-tau200=galore \
+  --arm plumage-norealign=plumage,optimizer.realign=false --lr-from plumage-norealign=plumage \
+  --arm galore-realign=galore,optimizer.realign=true --lr-from galore-realign=galore \
+  --arm optimal=optimal --lr-from optimal=plumage \
+  --arm haar=haar --lr-grid haar="$P4:$(dbl "$P4")" \
+  --arm plumage-r8=plumage,optimizer.rank=48 --lr-from plumage-r8=plumage \
+  --arm galore-r8=galore,optimizer.rank=48 --lr-from galore-r8=galore \
+  --arm plumage-mix0.1=plumage,optimizer.uniform_mix=0.1 --lr-from plumage-mix0.1=plumage
+stage "done"

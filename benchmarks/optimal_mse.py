@@ -8,6 +8,8 @@ oriented gradients ``G_o`` ``(s, l)``:
 * **PLUMAGE**: the design ``(U, p ∝ σ)`` of *one* gradient (what a refresh sees), ``ε = uniform_mix``;
 * **optimal**: ``(Q, π ∝ √λ(Σ))`` with ``Σ`` the mean of ``G_o G_oᵀ`` over the first ``k`` fit
   gradients (``k = 1`` is PLUMAGE's design);
+* **kept in float32**: the same ``Σ`` rounded to float32 after every update (what halving its memory
+  would do; the eigenvalue floor stays float64's);
 * **oracle**: the optimal design for the held-out gradients' own second moment (a lower bound);
 * **Haar**: uniform on the Stiefel manifold, ``(s/r − 1)‖G‖²``.
 
@@ -60,11 +62,13 @@ def gradients(model, stream: BatchStream, targets: list[str], steps: range) -> d
     return out
 
 
-def second_moment(Gs: list[torch.Tensor]) -> torch.Tensor:
+def second_moment(Gs: list[torch.Tensor], kept: torch.dtype = torch.float64) -> torch.Tensor:
+    """The running mean of ``G_o G_oᵀ`` (each update in float64), kept in ``kept`` between updates
+    (``float32``: what a half-size ``Σ`` would be)."""
     Sigma = None
     for k, G in enumerate(Gs):
-        Sigma = second_moment_update(Sigma, G, 1.0 / (k + 1))  # oriented already: (s, l) has s <= l
-    return Sigma
+        Sigma = second_moment_update(Sigma, G, 1.0 / (k + 1)).to(kept)
+    return Sigma.double()
 
 
 def measure(fit: dict, test: dict, rank: int, ks: list[int], mixes: list[float]) -> dict[str, float]:
@@ -88,6 +92,8 @@ def measure(fit: dict, test: dict, rank: int, ks: list[int], mixes: list[float])
             for eps in mixes:
                 Q, pi = optimal_design(second_moment(Gs[:k]), r, uniform_mix=eps)
                 add(f"optimal (Σ of {k} gradients, ε={eps:g})", Q, pi)
+            Q, pi = optimal_design(second_moment(Gs[:k], torch.float32), r)
+            add(f"optimal (Σ of {k} gradients kept in float32, ε=0)", Q, pi)
         Q, pi = optimal_design(M, r)
         add("oracle (Σ of the held-out gradients)", Q, pi)
     return {k: v / norm for k, v in err.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,25 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def repo_root() -> Path:
     """The repository root (where ``configs/`` and ``setup.py`` live)."""
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark(NAME)``: ``benchmarks/NAME.py`` as a module, registered in ``sys.modules``
+    (dataclasses resolve their annotations through it) until the session ends."""
+    loaded = []
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        loaded.append(name)
+        return module
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture(scope="session")

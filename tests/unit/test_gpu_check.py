@@ -6,7 +6,6 @@ test suite never needs one.
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import subprocess
 import sys
@@ -19,11 +18,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
-def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def gpu_check(load_benchmark):
+    return load_benchmark("gpu_check")
 
 
 DRY_RUN_TIMEOUT_S = 240  # ~5 s when healthy; below pytest-timeout (600 s), so a hang prints its stacks

@@ -5,7 +5,6 @@ The GPU numbers come from running ``benchmarks/gpu_quality.sh`` on a CUDA machin
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -23,11 +22,8 @@ DRY_RUN_TIMEOUT_S = 300  # ~8 s on a quiet 2-core machine: three tiny runs of th
 
 
 @pytest.fixture(scope="module")
-def gpu_quality():
-    spec = importlib.util.spec_from_file_location("gpu_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def gpu_quality(load_benchmark):
+    return load_benchmark("gpu_quality")
 
 
 def _row(out: str, first: str) -> list[str]:

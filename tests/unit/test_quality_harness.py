@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
-import sys
 
 import pytest
 
 
 @pytest.fixture(scope="module")
-def quality(repo_root):
-    spec = importlib.util.spec_from_file_location("quality", repo_root / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["quality"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("quality", None)
+def quality(load_benchmark):
+    return load_benchmark("quality")
 
 
 def test_harness_end_to_end_and_resume(quality, tiny_config_path, tmp_path, capsys):

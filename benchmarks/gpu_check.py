@@ -55,7 +55,7 @@ from torch import nn  # noqa: E402
 LAYER_1B = dict(hidden=2048, intermediate=5632, kv=256)
 LAYER_TINY = dict(hidden=64, intermediate=176, kv=16)
 ESTIMATORS = ("plumage", "galore", "haar")
-METHODS = ("adamw", "galore_torch", "plumage", "plumage_bf16")
+METHODS = ("adamw", "galore_torch", "plumage", "plumage_bf16", "plumage_bf16_compiled")
 
 
 def _sync(device: torch.device) -> None:
@@ -138,8 +138,13 @@ def correctness(device: torch.device, steps: int) -> list[tuple[str, float, floa
         _train(staged, PlumageAdamW(staged.parameters(), estimator=estimator, step_impl="staged", **kw), steps, device)
         d = _max_diff(fp32, staged)
         rows.append((f"{estimator}: streaming vs staged step on {device.type}", d, 1e-6, d <= 1e-6))
-        n = _host_syncs(device, kw)
-        rows.append((f"{estimator}: host synchronisations in an ordinary step on {device.type}", n, 0, n == 0))
+        compiled = _mlp().to(device)
+        _train(compiled, PlumageAdamW(compiled.parameters(), estimator=estimator, step_impl="compiled", **kw), steps, device)
+        d = _max_diff(fp32, compiled)
+        rows.append((f"{estimator}: compiled vs streaming step on {device.type}", d, 1e-6, d <= 1e-6))
+        for impl in ("streaming", "compiled"):
+            n = _host_syncs(device, {**kw, "step_impl": impl})
+            rows.append((f"{estimator}: host synchronisations in an ordinary {impl} step on {device.type}", n, 0, n == 0))
     return rows
 
 
@@ -150,7 +155,8 @@ def _host_syncs(device: torch.device, kw: dict) -> int:
 
     params = [p.detach().clone().requires_grad_() for p in _mlp().to(device).parameters()]
     opt = PlumageAdamW(params, **kw)
-    _replay(params, opt, 1)  # the refresh (it may synchronise)
+    _replay(params, opt, 2)  # the refresh (it may synchronise) and a first ordinary step (it may compile)
+    assert opt.skipped_steps == 0  # settles that step's flag here, not in the step measured
     for p in params:
         p.grad = torch.randn_like(p)
     _sync(device)
@@ -231,8 +237,10 @@ def _optimizer(name: str, params: list[torch.Tensor], rank: int, tau: int):
         return torch.optim.AdamW(params, lr=1e-3, fused=fused, foreach=None if fused else True)
     if name == "plumage":
         return PlumageAdamW(params, lr=1e-3, rank=rank, update_interval=tau)
-    if name == "plumage_bf16":
-        return PlumageAdamW(params, lr=1e-3, rank=rank, update_interval=tau, compute_dtype="bfloat16", state_dtype="bfloat16")
+    if name in ("plumage_bf16", "plumage_bf16_compiled"):
+        impl = "compiled" if name.endswith("compiled") else "auto"
+        return PlumageAdamW(params, lr=1e-3, rank=rank, update_interval=tau, compute_dtype="bfloat16", state_dtype="bfloat16",
+                            step_impl=impl)
     import galore_torch
 
     low = [p for p in params if min(p.shape) > rank]
@@ -306,7 +314,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps per optimizer (default 12, 3 with --tiny)")
     p.add_argument("--tau", type=int, default=None, help="refresh interval inside the timed run (default 5, 2 with --tiny)")
     p.add_argument("--check-steps", type=int, default=None, help="correctness steps (default 10, 4 with --tiny)")
-    p.add_argument("--methods", nargs="+", default=["adamw", "galore_torch", "plumage", "plumage_bf16"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--skip-whole-step", action="store_true", help="skip part 4 (whole training step, 1B shapes)")
     p.add_argument("--skip-main-job", action="store_true", help="skip part 5 (the main job at ~85M)")
     args = p.parse_args(argv)

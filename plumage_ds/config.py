@@ -40,7 +40,7 @@ NONFINITE_POLICIES = ("skip", "raise")
 QUANTIZE_CHOICES = ("int8", "fp16")
 RIGHT_PROJECTORS = ("sharded", "replicated")
 DTYPES = ("float32", "bfloat16")
-STEP_IMPLS = ("auto", "staged", "streaming")
+STEP_IMPLS = ("auto", "staged", "streaming", "compiled")
 
 
 class ConfigError(ValueError):
@@ -392,9 +392,9 @@ class OptimizerConfig:
     # dtype P, M, V are kept in ("bfloat16": half the state; the math stays fp32, rounded once on store)
     compute_dtype: Optional[str] = None
     state_dtype: Optional[str] = None
-    # PlumageAdamW's ordinary step: "streaming" (in place, matrix chunks, transient memory bounded by one matrix;
-    # for layouts with no collective in the step), "staged" (batched lists, state staged until the last collective),
-    # "auto": streaming where it applies
+    # PlumageAdamW's ordinary step: "streaming" (in place, matrix chunks, transient bounded by one matrix; layouts
+    # with no collective in the step), "compiled" (streaming, the compressed Adam one torch.compile'd kernel per
+    # matrix), "staged" (batched lists, state staged until the last collective), "auto": streaming where it applies
     step_impl: str = "auto"
     collective_timeout: float = 0.0  # seconds a collective of the step may wait (0: the process group's timeout)
     backward_projection: Optional[bool] = None  # keep Pᵀ G (r×l), not G (m×n), from backward to step; None: on for ZeRO-3 only

@@ -42,6 +42,7 @@ from ..estimators import is_refresh, orient
 from ..estimators.registry import estimator_problem, get_estimator, resolve_realign
 from ..kernels.adam import adam_direction_foreach, adam_moments_foreach, adam_step_size, skip_constants
 from ..kernels.batched import group_indices, matmuls, projections
+from ..kernels.fused import compiled_compressed_adam, warm_up
 from .base import MatrixOptimizer
 from .plumage_state import PlumageStateMixin
 
@@ -122,8 +123,10 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
             state; the math stays fp32, rounded once when stored). ``d`` stays fp32, ``Σ`` float64.
         step_impl: ``"auto"`` (default: ``"streaming"`` where it applies, else ``"staged"``),
             ``"streaming"`` (ordinary steps in place, matrix chunk by chunk, transient memory bounded
-            by one matrix — for layouts with no collective in the step; refresh steps stage) or
-            ``"staged"`` (batched lists, new state staged until the step's last collective).
+            by one matrix — for layouts with no collective in the step; refresh steps stage),
+            ``"compiled"`` (streaming, with the compressed Adam of each matrix as one ``torch.compile``d
+            kernel, :mod:`~plumage_ds.kernels.fused`; compiled at the first step, before anything is
+            written) or ``"staged"`` (batched lists, new state staged until the step's last collective).
         process_group: plain-tensor parameters only: the optimizer *is* the data-parallel
             strategy over this group (``dist.group.WORLD`` for the world): do not wrap the model
             in DDP; each target's moments live on its owner rank, gradients are reduced by the
@@ -174,6 +177,7 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
         self.state_dtype = _dtype("state_dtype", state_dtype)
         check_choice("step_impl", step_impl, STEP_IMPLS)
         self.step_impl = step_impl
+        self._fused_ready, self._fused_consts = False, {}
         if svd_method is None and estimator_problem(estimator, "lowrank_adam") is None:
             svd_method = get_estimator(estimator).default_svd_method or "gram"  # haar takes no SVD
         defaults.update(
@@ -192,9 +196,9 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
             process_group=process_group, replicate_group=replicate_group, collective_timeout=collective_timeout,
             target_modules=target_modules, right_projectors=right_projectors,
         )
-        if step_impl == "streaming" and (self._layout.comm is not None or self._layout.replica_comm is not None):
+        if step_impl in ("streaming", "compiled") and (self._layout.comm is not None or self._layout.replica_comm is not None):
             raise ValueError(
-                f"Invalid step_impl='streaming': the {self._layout.describe()} layout runs collectives in every step, "
+                f"Invalid {step_impl=}: the {self._layout.describe()} layout runs collectives in every step, "
                 "so its new state is staged until the last one; use 'auto' or 'staged'"
             )
 
@@ -343,7 +347,12 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
             es = [lowrank[i] for i in idx]
             M = [self._fp32(current(e, "exp_avg")) for e in es]
             V = [self._fp32(current(e, "exp_avg_sq")) for e in es]
-            if staged is None:  # the same operations, in place
+            if staged is None and self.step_impl == "compiled":  # the same arithmetic, one kernel per matrix
+                M = [self.state[e.param]["exp_avg"] for e in es]
+                V = [self.state[e.param]["exp_avg_sq"] for e in es]
+                consts = self._fused_constants(beta1, beta2, eps, found, R[0].device)
+                N = [compiled_compressed_adam()(m, v, r, *consts) for m, v, r in zip(M, V, R)]
+            elif staged is None:  # the same operations, in place
                 b1, b2, eps, _ = skip_constants(found, beta1, beta2, eps, 0.0)
                 torch._foreach_mul_(M, b1)
                 torch._foreach_add_(M, R, alpha=1.0 - beta1)
@@ -351,7 +360,8 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
                 torch._foreach_addcmul_(V, R, R, value=1.0 - beta2)
             else:
                 M, V = adam_moments_foreach(M, V, R, beta1, beta2)
-            N = adam_direction_foreach(M, V, eps)  # (r, l_k) each
+            if staged is not None or self.step_impl != "compiled":
+                N = adam_direction_foreach(M, V, eps)  # (r, l_k) each
             if dinv == "lift":
                 torch._foreach_div_(N, [current(e, "d")[:, None] for e in es])
             torch._foreach_mul_(N, adam_step_size(lr, step + 1, beta1, beta2) * scale)
@@ -365,6 +375,25 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
         return N_owned
 
     # ------------------------------------------------------------------ the streaming step
+
+    def _prepare_stream(self) -> None:
+        """``step_impl="compiled"``: compile the compressed Adam for this state's dtype before the first write."""
+        if self.step_impl == "compiled" and not self._fused_ready:
+            warm_up([self.state_dtype], self._device())
+            self._fused_ready = True
+
+    def _fused_constants(self, beta1: float, beta2: float, eps: float, found: Optional[Tensor], device) -> tuple:
+        """``(keep1, keep2, eps, 1 − β1, 1 − β2)`` as 0-dim fp32 tensors on ``device`` for
+        :func:`~plumage_ds.kernels.fused.compressed_adam_`: made once per hyperparameters (no copy to the
+        device per step); where ``found`` may skip the step the first three come from :func:`skip_constants`."""
+        key = (device, beta1, beta2, eps)
+        consts = self._fused_consts.get(key)
+        if consts is None:
+            consts = tuple(torch.tensor(x, dtype=torch.float32, device=device) for x in (beta1, beta2, eps, 1.0 - beta1, 1.0 - beta2))
+            self._fused_consts[key] = consts
+        if found is None:
+            return consts
+        return (*skip_constants(found, beta1, beta2, eps, 0.0)[:3], *consts[3:])
 
     def _targets_stream(self, lowrank: list[Entry]) -> bool:
         """Ordinary step for every target (a refresh stages its new projectors)."""

@@ -168,6 +168,9 @@ class StreamingMixin:
     def _targets_stream(self, targets: list[Entry]) -> bool:
         return False
 
+    def _prepare_stream(self) -> None:
+        """Work a streamed step needs done before its first write (e.g. compiling its kernels)."""
+
     def _stream_budget(self) -> int:
         """Bytes of the largest single matrix (or dense piece) of this rank, in fp32: the chunk budget."""
         return max((4 * local(e.param).numel() for e in self._entries), default=0)
@@ -199,6 +202,7 @@ class StreamingMixin:
     def _stream_step(self, targets: list[Entry], dense: list[Entry], skip: Optional[DeviceSkip] = None) -> None:
         """The step, in place, chunk by chunk (the module docstring); step counters advance at the end.
         ``skip``: the step's non-finite flag is on the device; nothing here reads it."""
+        self._prepare_stream()  # may refuse the step: nothing is written yet
         found = None if skip is None else skip.found
         if skip is not None:
             skip.queue_read()

@@ -1,8 +1,9 @@
 """An ordinary streamed step decides "skip for NaN/Inf" on the device (docs/design.md §5.1):
 
-* nothing in the step reads a tensor on the host (``item``, ``tolist``, ``bool``, ``float``, ...);
+* nothing in the step reads a tensor on the host (``item``, ``tolist``, ``bool``, ``float``, ...)
+  beyond the previous step's flag, which the next ``step()`` settles first if nothing did before;
 * a step the device skipped leaves parameters and state as they were, bit for bit, under every
-  precision policy, with weight decay and clipping, on the stacked lift path and with gradients
+  precision policy and the compiled step, with weight decay and clipping, on the stacked lift path and with gradients
   projected during backward: the run equals one that never saw the bad step;
 * what the host reports (``skipped_steps``, ``last_nonfinite``, ``last_grad_norm``, ``state``,
   ``state_dict()``) is settled from the flag when read.
@@ -21,6 +22,8 @@ POLICIES = {
     "fp32": (torch.float32, {}),
     "bf16-weights": (torch.bfloat16, {}),
     "bf16-compute-state": (torch.bfloat16, {"compute_dtype": "bfloat16", "state_dtype": "bfloat16"}),
+    "compiled": (torch.float32, {"step_impl": "compiled"}),
+    "compiled-bf16-state": (torch.bfloat16, {"state_dtype": "bfloat16", "step_impl": "compiled"}),
 }
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
 
@@ -74,14 +77,30 @@ def test_an_ordinary_step_reads_nothing_on_the_host(monkeypatch, policy, kw):
     dtype, options = POLICIES[policy]
     params = _params(dtype)
     opt = _opt(params, **options, **kw)
-    _grads(params, 0)
-    opt.step()  # the refresh may read on the host
-    _grads(params, 1)
+    for step in range(2):  # the refresh may read on the host, and the first ordinary step compiles
+        _grads(params, step)
+        opt.step()
+    assert opt.skipped_steps == 0  # settles step 1's flag here (else the next step() reads it first, design §5.1)
+    _grads(params, 2)
     reads = _record_host_reads(monkeypatch)
     opt.step()
     assert reads == []
     monkeypatch.undo()
-    assert opt.skipped_steps == 0 and opt.state[params[0]]["step"] == 2
+    assert opt.skipped_steps == 0 and opt.state[params[0]]["step"] == 3
+
+
+def test_in_a_loop_a_step_reads_only_the_previous_steps_flag(monkeypatch):
+    """Back to back, each ordinary step first settles the previous one: one ``tolist`` of the flag
+    that was queued for the host when that step began (on an accelerator: a wait for that copy only)."""
+    params = _params(torch.float32)
+    opt = _opt(params)
+    for step in range(2):
+        _grads(params, step)
+        opt.step()
+    _grads(params, 2)
+    reads = _record_host_reads(monkeypatch)
+    opt.step()
+    assert reads == ["tolist"]
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))

@@ -47,10 +47,12 @@ def test_cpu_tiny_dry_run_prints_every_table() -> None:
         row = next(line for line in out.splitlines() if line.startswith(f"| comm hook ({variant}): async vs sync path on gloo"))
         assert row.endswith("| yes |"), row
     for check in ("bf16 weights, bf16 compute and state on cpu vs CPU fp32 oracle (same gradients)",
-                  "streaming vs staged step on cpu", "host synchronisations in an ordinary step on cpu"):
+                  "streaming vs staged step on cpu", "compiled vs streaming step on cpu",
+                  "host synchronisations in an ordinary streaming step on cpu",
+                  "host synchronisations in an ordinary compiled step on cpu"):
         row = next(line for line in out.splitlines() if line.startswith(f"| plumage: {check} |"))
         assert row.endswith("| yes |"), row
-    for method in ("adamw", "galore_torch", "plumage", "plumage_bf16"):
+    for method in ("adamw", "galore_torch", "plumage", "plumage_bf16", "plumage_bf16_compiled"):
         assert any(line.startswith(f"| {method} | ") for line in out.splitlines()), method
     assert "| state | peak above weights + gradients |" in out
     assert "| Gram eigh: batched / one by one |" in out and "| 16 × 43 |" in out  # the stacking sweep

@@ -63,6 +63,52 @@ def test_streaming_equals_staged_bitwise(kw):
     assert streamed.step_impl == "streaming"
 
 
+@pytest.mark.parametrize("kw", [
+    {}, {"dinv_placement": "lift", "max_grad_norm": 0.5}, {"dinv_placement": "coords"},
+    {"state_dtype": "bfloat16"}, {"estimator": "optimal", "uniform_mix": 0.1},
+], ids=["plumage", "lift-clip", "coords", "bf16-state", "optimal"])
+def test_compiled_step_matches_streaming(kw):
+    """``step_impl="compiled"`` (the compressed Adam as one compiled kernel per matrix) against the eager
+    streaming step: equal moments up to the compiler's contraction of ``a·b + c``, weights and state
+    within 1e-6 relative after 8 steps (refreshes at 0, 3, 6); the kernel is compiled, not run eagerly."""
+    from torch._dynamo.utils import counters
+
+    a, b = _small(), _small()
+    compiled = _run(a, 8, step_impl="compiled", **kw)
+    streamed = _run(b, 8, step_impl="streaming", **kw)
+    assert compiled._fused_ready and counters["stats"]["unique_graphs"] >= 1  # compiled (once per process)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6 * float(q.abs().max()))
+    for p, q in zip(a, b):
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in streamed.state[q]:
+                x, y = compiled.state[p][key].float(), streamed.state[q][key].float()
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max()))
+
+
+def test_compiled_step_refuses_before_writing_if_the_compiler_fails(monkeypatch):
+    """A compiler failure at the first ordinary step raises naming the cause and the way out; the
+    parameters and the state are as they were."""
+    from plumage_ds.kernels import fused
+
+    params = _small()
+    opt = _run(params, 1, step_impl="compiled")  # the refresh (staged: nothing to compile)
+    before = [p.detach().clone() for p in params]
+    moments = [opt.state[p]["exp_avg"].clone() for p in params[:4]]
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(fused, "_compiled", broken)
+    _grads(params, 1)
+    with pytest.raises(RuntimeError, match=re.escape("step_impl='compiled': torch.compile failed for torch.float32 moments on cpu "
+                                                     "(RuntimeError: no C++ compiler); use step_impl='streaming'")):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert all(torch.equal(opt.state[p]["exp_avg"], m) for p, m in zip(params[:4], moments))
+    assert opt.state[params[0]]["step"] == 1
+
+
 def test_streaming_with_backward_projection_equals_staged():
     """Gradients projected during backward (``Pᵀ G_o`` accumulated, ``G`` dropped) stream too."""
     torch.manual_seed(0)
@@ -148,8 +194,9 @@ def test_streaming_on_a_layout_with_collectives_is_refused(tmp_path):
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        with pytest.raises(ValueError, match=re.escape("Invalid step_impl='streaming': the replicated, owner-sharded over 1 ranks layout")):
-            PlumageAdamW(_small(), rank=3, process_group=dist.group.WORLD, step_impl="streaming")
+        for impl in ("streaming", "compiled"):
+            with pytest.raises(ValueError, match=re.escape(f"Invalid step_impl='{impl}': the replicated, owner-sharded over 1 ranks layout")):
+                PlumageAdamW(_small(), rank=3, process_group=dist.group.WORLD, step_impl=impl)
         opt = PlumageAdamW(_small(), rank=3, process_group=dist.group.WORLD)  # auto: staged there
         _grads(opt.param_groups[0]["params"], 0)
         opt.step()
@@ -172,7 +219,7 @@ def test_policies_checkpoint_and_refuse_bad_values():
     for kw, match in [
         ({"state_dtype": "float16"}, "Invalid state_dtype='float16': must be one of ['float32', 'bfloat16']"),
         ({"compute_dtype": torch.float64}, "Invalid compute_dtype='float64': must be one of ['float32', 'bfloat16']"),
-        ({"step_impl": "fused"}, "Invalid step_impl='fused': must be one of ['auto', 'staged', 'streaming']"),
+        ({"step_impl": "fused"}, "Invalid step_impl='fused': must be one of ['auto', 'staged', 'streaming', 'compiled']"),
     ]:
         with pytest.raises(ValueError, match=re.escape(match)):
             PlumageAdamW(_small(), rank=3, **kw)

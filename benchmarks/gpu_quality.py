@@ -14,8 +14,9 @@ job ``python -m plumage_ds train`` as subprocesses, all six at once on the one d
   run only if it fits: its steps are sized from the ``11m`` point's measured wall time
   (:func:`size_steps`), at most 1000, and it is skipped (saying why) below :data:`MIN_STEPS`.
 
-Every arm runs at its matrix LR swept at width 384 on CPU (:data:`LRS`, docs/quality.md §10), every
-arm's dense parameters (embeddings, norms, head) at the same ``optimizer.dense_lr`` (:data:`DENSE_LR`).
+Every arm runs at its matrix LR swept on CPU at width 256, the widest point of the ladder measured
+(:data:`LRS`, docs/quality.md §10), every arm's dense parameters (embeddings, norms, head) at the same
+``optimizer.dense_lr`` swept there too (:data:`DENSE_LR`). ``--lr ARM=v`` and ``--dense-lr`` override them.
 After each point it prints one table: final eval loss per seed, PLUMAGE − GaLore, and the gap closed
 ``(L_galore − L_plumage)/(L_galore − L_adamw)`` where AdamW beats GaLore on that seed (else ``n/a``).
 Run folders go to ``--out`` (``OUT/POINT/...``, the harness's layout: rerunning resumes).
@@ -47,10 +48,10 @@ if __package__ in (None, ""):
 
 ARMS = ("adamw", "galore", "plumage")
 SEEDS = 2
-LRS = {"adamw": 1e-3, "galore": 2e-3, "plumage": 2e-3}
-"""Matrix LR (``optimizer.lr``) per arm: the demo's; replaced by the width-384 optima of docs/quality.md §10."""
-DENSE_LR = 4e-3
-"""``optimizer.dense_lr`` of every arm."""
+LRS = {"adamw": 5e-4, "galore": 1e-3, "plumage": 1e-3}
+"""Matrix LR (``optimizer.lr``) per arm: the width-256 optima of docs/quality.md §10 (each inside its grid)."""
+DENSE_LR = 1.6e-2
+"""``optimizer.dense_lr`` of every arm: the width-256 optimum of docs/quality.md §10 (inside its grid)."""
 
 POINTS = {
     "11m": {"config": "configs/gpu-11m.yaml", "params": 10_873_728, "label": "LLaMA 6 × 384, rank 96"},

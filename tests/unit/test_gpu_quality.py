@@ -32,7 +32,7 @@ def _row(out: str, first: str) -> list[str]:
     return [c.strip() for c in line.strip("|").split("|")]
 
 
-def test_cpu_tiny_dry_run_prints_the_per_seed_table(tmp_path) -> None:
+def test_cpu_tiny_dry_run_prints_the_per_seed_table(tmp_path, gpu_quality) -> None:
     """The shell wrapper → the harness → the main job on CPU, in a child with a deadline: the 11m point's
     3 arms on one seed (the full dry run, 2 points × 3 arms × 2 seeds, takes ~1 min on 2 cores; the
     2-seed table is checked below on made-up losses); the table's Δ and gap closed are recomputed."""
@@ -64,7 +64,7 @@ def test_cpu_tiny_dry_run_prints_the_per_seed_table(tmp_path) -> None:
     assert len(runs) == 3
     for summary in runs:  # the LRs and the dense LR the table names reached every run
         s = json.loads(summary.read_text())
-        assert s["status"] == "completed" and s["config"]["optimizer"]["dense_lr"] == 0.004
+        assert s["status"] == "completed" and s["config"]["optimizer"]["dense_lr"] == gpu_quality.DENSE_LR
         assert s["config"]["model"]["hidden_size"] == 32 and s["config"]["optimizer"]["update_interval"] == 3
 
 

@@ -69,8 +69,8 @@ def test_streaming_equals_staged_bitwise(kw):
 ], ids=["plumage", "lift-clip", "coords", "bf16-state", "optimal"])
 def test_compiled_step_matches_streaming(kw):
     """``step_impl="compiled"`` (the compressed Adam as one compiled kernel per matrix) against the eager
-    streaming step: equal moments up to the compiler's contraction of ``a·b + c``, weights and state
-    within 1e-6 relative after 8 steps (refreshes at 0, 3, 6); the kernel is compiled, not run eagerly."""
+    streaming step after 8 steps (refreshes at 0, 3, 6): weights within 1e-6 and moments within 1e-5
+    relative (the compiler may contract ``a·b + c``); the kernel is compiled, not run eagerly."""
     from torch._dynamo.utils import counters
 
     a, b = _small(), _small()

@@ -19,7 +19,10 @@ Every arm runs at its matrix LR swept on CPU at width 256, the widest point of t
 ``optimizer.dense_lr`` swept there too (:data:`DENSE_LR`). ``--lr ARM=v`` and ``--dense-lr`` override them.
 After each point it prints one table: final eval loss per seed, PLUMAGE − GaLore, and the gap closed
 ``(L_galore − L_plumage)/(L_galore − L_adamw)`` where AdamW beats GaLore on that seed (else ``n/a``).
-Run folders go to ``--out`` (``OUT/POINT/...``, the harness's layout: rerunning resumes).
+Run folders go to ``--out`` (``OUT/POINT/...``, the harness's layout: rerunning resumes). ``--set``
+passes an override to every run (τ = 200 reproduces the issue's run; docs/quality.md §10 measured
+that τ = 50 suits PLUMAGE and τ = 200 GaLore at width 256, so ``--set optimizer.update_interval=50``
+into another ``--out`` is the other half of a fair comparison).
 
 **Sizing** (no H200 figures of this project were measured; the estimate, from the issue's protocol):
 one ``11m`` step is ``6 · 10.9M · 16 384 ≈ 1.07`` TFLOP plus ~0.1 TFLOP of attention; at ~40 % of the
@@ -112,7 +115,7 @@ def run_point(name: str, steps: int, ns, quality) -> tuple[dict, float]:
             "--set", f"optimizer.dense_lr={ns.dense_lr!r}"]  # fmt: skip
     for arm in ARMS:
         argv += ["--lr", f"{arm}={ns.lr[arm]!r}"]
-    for s in (TINY[name] + TINY_COMMON if ns.tiny else []):
+    for s in (TINY[name] + TINY_COMMON if ns.tiny else []) + ns.set:
         argv += ["--set", s]
     t0 = time.perf_counter()
     rc = quality.main(argv)
@@ -147,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--nice", type=int, default=None, help="nice of each run (default: 0 on cuda, 19 on cpu)")
     p.add_argument("--lr", action="append", default=[], metavar="ARM=v", help="matrix LR of an arm (default LRS)")
     p.add_argument("--dense-lr", type=float, default=DENSE_LR)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="for every run, e.g. optimizer.update_interval=50 (use another --out than the runs without it)")
     ns = p.parse_args(argv)
     t_start = time.perf_counter()
     if ns.device not in ("cuda", "cpu"):

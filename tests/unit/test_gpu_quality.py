@@ -38,7 +38,7 @@ def test_cpu_tiny_dry_run_prints_the_per_seed_table(tmp_path, gpu_quality) -> No
     2-seed table is checked below on made-up losses); the table's Δ and gap closed are recomputed."""
     env = dict(os.environ, PYTHON=sys.executable)
     cmd = ["bash", str(ROOT / "benchmarks" / "gpu_quality.sh"), "--device", "cpu", "--tiny", "--points", "11m",
-           "--seeds", "1", "--out", str(tmp_path)]  # fmt: skip
+           "--seeds", "1", "--out", str(tmp_path), "--set", "train.log_interval=2"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=DRY_RUN_TIMEOUT_S)
@@ -66,6 +66,7 @@ def test_cpu_tiny_dry_run_prints_the_per_seed_table(tmp_path, gpu_quality) -> No
         s = json.loads(summary.read_text())
         assert s["status"] == "completed" and s["config"]["optimizer"]["dense_lr"] == gpu_quality.DENSE_LR
         assert s["config"]["model"]["hidden_size"] == 32 and s["config"]["optimizer"]["update_interval"] == 3
+        assert s["config"]["train"]["log_interval"] == 2  # --set reached the run
 
 
 def _fake_results(seeds=(0, 1)):

@@ -345,22 +345,22 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
             if torch.is_tensor(clip) or clip != 1.0:
                 R = list(torch._foreach_mul(R, clip))
             es = [lowrank[i] for i in idx]
-            M = [self._fp32(current(e, "exp_avg")) for e in es]
-            V = [self._fp32(current(e, "exp_avg_sq")) for e in es]
             if staged is None and self.step_impl == "compiled":  # the same arithmetic, one kernel per matrix
-                M = [self.state[e.param]["exp_avg"] for e in es]
+                M = [self.state[e.param]["exp_avg"] for e in es]  # updated in place, in state_dtype
                 V = [self.state[e.param]["exp_avg_sq"] for e in es]
                 consts = self._fused_constants(beta1, beta2, eps, found, R[0].device)
-                N = [compiled_compressed_adam()(m, v, r, *consts) for m, v, r in zip(M, V, R)]
-            elif staged is None:  # the same operations, in place
-                b1, b2, eps, _ = skip_constants(found, beta1, beta2, eps, 0.0)
-                torch._foreach_mul_(M, b1)
-                torch._foreach_add_(M, R, alpha=1.0 - beta1)
-                torch._foreach_mul_(V, b2)
-                torch._foreach_addcmul_(V, R, R, value=1.0 - beta2)
+                N = [compiled_compressed_adam()(m, v, r, *consts) for m, v, r in zip(M, V, R)]  # (r, l_k) each
             else:
-                M, V = adam_moments_foreach(M, V, R, beta1, beta2)
-            if staged is not None or self.step_impl != "compiled":
+                M = [self._fp32(current(e, "exp_avg")) for e in es]
+                V = [self._fp32(current(e, "exp_avg_sq")) for e in es]
+                if staged is None:  # the same operations, in place
+                    b1, b2, eps, _ = skip_constants(found, beta1, beta2, eps, 0.0)
+                    torch._foreach_mul_(M, b1)
+                    torch._foreach_add_(M, R, alpha=1.0 - beta1)
+                    torch._foreach_mul_(V, b2)
+                    torch._foreach_addcmul_(V, R, R, value=1.0 - beta2)
+                else:
+                    M, V = adam_moments_foreach(M, V, R, beta1, beta2)
                 N = adam_direction_foreach(M, V, eps)  # (r, l_k) each
             if dinv == "lift":
                 torch._foreach_div_(N, [current(e, "d")[:, None] for e in es])

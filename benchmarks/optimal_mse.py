@@ -10,6 +10,9 @@ oriented gradients ``G_o`` ``(s, l)``:
   gradients (``k = 1`` is PLUMAGE's design);
 * **kept in float32**: the same ``Σ`` rounded to float32 after every update (what halving its memory
   would do; the eigenvalue floor stays float64's);
+* **kept as k eigenpairs + isotropic** (``sigma_rank = k``, ``k = r`` and ``r/4``): between updates ``Σ``
+  is its top ``k`` eigenpairs plus the mean of the other eigenvalues on the complement, ``(s, k+1)``
+  floats; the last update, which the design is drawn from, is whole (as in the optimizer);
 * **oracle**: the optimal design for the held-out gradients' own second moment (a lower bound);
 * **Haar**: uniform on the Stiefel manifold, ``(s/r − 1)‖G‖²``.
 
@@ -36,8 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from plumage_ds.config import load_config  # noqa: E402
 from plumage_ds.estimators import (  # noqa: E402
+    compact_second_moment,
     expected_error,
     is_left,
+    optimal_basis,
     optimal_design,
     orient,
     plumage_design,
@@ -62,11 +67,14 @@ def gradients(model, stream: BatchStream, targets: list[str], steps: range) -> d
     return out
 
 
-def second_moment(Gs: list[torch.Tensor], kept: torch.dtype = torch.float64) -> torch.Tensor:
+def second_moment(Gs: list[torch.Tensor], kept: torch.dtype = torch.float64, compact: int = 0) -> torch.Tensor:
     """The running mean of ``G_o G_oᵀ`` (each update in float64), kept in ``kept`` between updates
-    (``float32``: what a half-size ``Σ`` would be)."""
+    (``float32``: what a half-size ``Σ`` would be), or low-rank plus isotropic with ``compact`` = k
+    eigenpairs between updates (the last update, which the design is drawn from, is whole)."""
     Sigma = None
     for k, G in enumerate(Gs):
+        if compact and Sigma is not None:
+            Sigma = compact_second_moment(*optimal_basis(Sigma), compact)
         Sigma = second_moment_update(Sigma, G, 1.0 / (k + 1)).to(kept)
     return Sigma.double()
 
@@ -94,6 +102,10 @@ def measure(fit: dict, test: dict, rank: int, ks: list[int], mixes: list[float])
                 add(f"optimal (Σ of {k} gradients, ε={eps:g})", Q, pi)
             Q, pi = optimal_design(second_moment(Gs[:k], torch.float32), r)
             add(f"optimal (Σ of {k} gradients kept in float32, ε=0)", Q, pi)
+            for label, c in (("r", r), ("r/4", max(1, r // 4))):
+                if k > 1 and c <= s - 2:
+                    Q, pi = optimal_design(second_moment(Gs[:k], compact=c), r)
+                    add(f"optimal (Σ of {k} gradients kept as {label} eigenpairs + isotropic, ε=0)", Q, pi)
         Q, pi = optimal_design(M, r)
         add("oracle (Σ of the held-out gradients)", Q, pi)
     return {k: v / norm for k, v in err.items()}

@@ -162,7 +162,7 @@ def _refresh(state: PlumageHookState, comms: Collectives, pids: list[int], grads
                     svd_method=state.svd_method, uniform_mix=state.uniform_mix,
                     generator=None if state.resample else sampler_generator(state.seed, pid, refresh_idx),
                     kept=dict(zip(("sigma_count", "Sigma"), state.sigma[pid])) if pid in state.sigma else {},
-                    sigma_weight=state.sigma_weight,
+                    sigma_weight=state.sigma_weight, sigma_rank=state.sigma_rank,
                 )
                 for pid, g in mine
             ])

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..config import CommHookConfig, ConfigError, OptimizerConfig, check_estimator, from_dict, to_dict
-from ..estimators import is_refresh, oriented_shape, projection_from_design, refresh_index, sampler_generator
+from ..estimators import is_refresh, kept_sigma_columns, oriented_shape, projection_from_design, refresh_index, sampler_generator
 from ..estimators.registry import ESTIMATORS, estimator_names, get_estimator, resolve_svd_method
 from ..estimators.rounding import QUANTIZERS
 from ..targets import select_targets
@@ -86,7 +86,8 @@ class PlumageHookState:
             ``svd_method`` and ``uniform_mix`` (PLUMAGE: mix ``ε`` of uniform probability into the
             design so no direction has ``p = 0``; that keeps ``E[Ĝ_t] = G_t`` for the gradients
             *between* refreshes too — 0.1 cost no loss in the measurements of ``docs/benchmarks.md``;
-            0, the default of the one schema, is the paper's design), and
+            0, the default of the one schema, is the paper's design), ``sigma_rank`` (``optimal``:
+            keep ``Σ`` as that many eigenpairs plus an isotropic rest between refreshes), and
             ``comm_hook.start_iter`` (warm-up steps with a plain all-reduce) and
             ``comm_hook.min_compression_rate`` (compress a matrix only if ``s / min(rank, s) >=`` it).
         process_group: group to communicate on (``None``: the default group).
@@ -122,6 +123,7 @@ class PlumageHookState:
         "resample",
         "quantize",
         "sigma_weight",
+        "sigma_rank",
         "async_comm",
         "iter",
         "param_names",
@@ -173,6 +175,7 @@ class PlumageHookState:
         self.resample = hook.resample_interval > 0
         self.quantize = hook.quantize
         self.sigma_weight = hook.sigma_weight
+        self.sigma_rank = cfg.sigma_rank
         self.async_comm = hook.async_comm
         self.iter = 0
         named = _named_trainable(model)
@@ -182,7 +185,7 @@ class PlumageHookState:
         self.param_shapes = [tuple(p.shape) for _, p in named]
         self.projections: dict[int, tuple[int, Tensor, Tensor]] = {}  # pid -> (draw, P (s, r), d (r,))
         self.designs: dict[int, tuple[int, Tensor, Tensor]] = {}  # resample: pid -> (refresh, U (s, s), p (s,))
-        self.sigma: dict[int, tuple[int, Tensor]] = {}  # optimal, on the owner: pid -> (count, Σ (s, s) fp64)
+        self.sigma: dict[int, tuple[int, Tensor]] = {}  # optimal, on the owner: pid -> (count, Σ (s, s) or (s, k+1) fp64)
         self.deterministic: set[int] = set()  # pids whose current PLUMAGE design has no randomness
         # the optimizers' selection rule (target_modules: regexes, "all-linear", None = the default)
         module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -277,7 +280,8 @@ class PlumageHookState:
         projections = {pid: checked("projections", pid, v, {"P": (-1, r(pid)), "d": (r(pid),)}) for pid, v in sd["projections"].items()}
         designs = {pid: checked("designs", pid, v, {"U": (-1, -1), "p": (-1,)}) for pid, v in sd["designs"].items()}
         owners = self.owners()
-        sigma = {pid: checked("sigma", pid, v, {"Sigma": (-1, -1)}) for pid, v in sd["sigma"].items()}
+        cols = lambda pid: kept_sigma_columns(min(self.matrix_shape(pid)), self.sigma_rank)  # noqa: E731
+        sigma = {pid: checked("sigma", pid, v, {"Sigma": (-1, cols(pid))}) for pid, v in sd["sigma"].items()}
         self.iter, self.skipped_refreshes = sd["iter"], sd["skipped_refreshes"]
         self.projections = {pid: (int(v["draw"]), v["P"].float(), v["d"].float()) for pid, v in projections.items()}
         self.designs = {pid: (int(v["refresh"]), v["U"].float(), v["p"].double()) for pid, v in designs.items()}

@@ -3,7 +3,10 @@ strategies (:mod:`.registry`) and the owner refresh shared by the optimizers and
 
 from .gum import sample_layers
 from .optimal import (
+    compact_second_moment,
     expected_error,
+    full_second_moment,
+    kept_sigma_columns,
     optimal_basis,
     optimal_design,
     optimal_probabilities,
@@ -43,7 +46,10 @@ __all__ = [
     "estimator_names",
     "estimator_problem",
     "estimator_variance",
+    "compact_second_moment",
     "expected_error",
+    "full_second_moment",
+    "kept_sigma_columns",
     "galore_from_basis",
     "galore_projection",
     "get_estimator",

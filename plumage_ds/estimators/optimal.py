@@ -52,7 +52,8 @@ def second_moment_update(Sigma: Optional[Tensor], G: Tensor, weight: float) -> T
 
 
 def second_moment_from_gram(Sigma: Optional[Tensor], gram: Tensor, weight: float, *, shape: Optional[tuple] = None) -> Tensor:
-    """``Σ ← (1 − w)·Σ + w·gram`` with ``gram = G_o G_oᵀ``  # (s, s), in float64, symmetrised.
+    """``Σ ← (1 − w)·Σ + w·gram`` with ``gram = G_o G_oᵀ``  # (s, s), in float64, symmetrised; a compact
+    ``Σ`` (:func:`compact_second_moment`) is expanded first, so the result is always ``(s, s)``.
 
     Symmetrising (``½(X + Xᵀ)``, exact in floating point) keeps ``Σ = Σᵀ`` bit for bit, so a saved
     ``Σ`` can be checked for symmetry. ``shape`` (the gradient's) only names it in errors.
@@ -64,11 +65,47 @@ def second_moment_from_gram(Sigma: Optional[Tensor], gram: Tensor, weight: float
     outer = gram.detach().double()
     if Sigma is not None:
         s = outer.shape[0]
-        if tuple(Sigma.shape) != (s, s):
+        if Sigma.dim() != 2 or Sigma.shape[0] != s or not 1 < Sigma.shape[1] <= s:
             of = f" for G.shape={shape}" if shape is not None else ""
-            raise ValueError(f"Invalid Sigma.shape={tuple(Sigma.shape)}: must be ({s}, {s}){of}")
-        outer = (1.0 - weight) * Sigma.to(device=outer.device, dtype=torch.float64) + weight * outer
+            raise ValueError(f"Invalid Sigma.shape={tuple(Sigma.shape)}: must be ({s}, {s}) or compact ({s}, k+1){of}")
+        outer = (1.0 - weight) * full_second_moment(Sigma.to(device=outer.device)) + weight * outer
     return 0.5 * (outer + outer.mT)
+
+
+def compact_second_moment(Q: Tensor, root: Tensor, k: int) -> Tensor:
+    """``Σ`` kept low-rank plus isotropic: ``[F | c]``  # (s, k+1) float64, with ``F = Q_k·√(λ_k − σ²)``
+    # (s, k) and every entry of ``c`` equal to ``σ² = mean(λ_{k+1..s})``, so that
+    ``F Fᵀ + diag(c)`` (:func:`full_second_moment`) keeps the top ``k`` eigenpairs of ``Σ`` and its
+    trace, and spreads the rest of the spectrum evenly over the complement.
+
+    ``(Q, √λ)`` is :func:`optimal_basis`'s (descending). ``(s, k+1)`` instead of ``(s, s)`` floats:
+    a refresh still draws from the whole ``Σ`` it just formed; only what is carried to the next
+    refresh is compressed. Needs ``1 <= k <= s − 2`` (otherwise nothing is saved)."""
+    s = Q.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= s - 2:
+        raise ValueError(f"Invalid {k=}: must be 1 <= k <= {s - 2} for a ({s}, {s}) Σ")
+    lam = root.to(torch.float64).square()  # (s,) descending
+    iso = lam[..., k:].mean(dim=-1, keepdim=True)  # (1,) σ²
+    F = Q[..., :, :k] * (lam[..., :k] - iso).clamp(min=0.0).sqrt().unsqueeze(-2)  # (s, k)
+    return torch.cat([F, iso.unsqueeze(-2).expand(*F.shape[:-1], 1)], dim=-1)  # (s, k+1)
+
+
+def kept_sigma_columns(s: int, sigma_rank: int) -> int:
+    """Columns of the ``Σ`` an owner keeps for a short side ``s``: ``k + 1`` (compact) where
+    ``0 < k = sigma_rank <= s − 2``, else ``s`` (the whole ``Σ``, which is then no larger)."""
+    return sigma_rank + 1 if 0 < sigma_rank <= s - 2 else s
+
+
+def full_second_moment(Sigma: Tensor) -> Tensor:
+    """``Σ``  # (s, s) float64 from what the owner keeps: ``Σ`` itself, or the compact ``[F | c]``
+    # (s, k+1), k + 1 < s, of :func:`compact_second_moment` as ``F Fᵀ + diag(c)``."""
+    S = Sigma.to(torch.float64)
+    if S.dim() != 2 or S.shape[1] > S.shape[0] or S.shape[1] == 0:
+        raise ValueError(f"Invalid Sigma.shape={tuple(Sigma.shape)}: must be (s, s) or compact (s, k+1) with k + 1 < s")
+    if S.shape[0] == S.shape[1]:
+        return S
+    F, c = S[:, :-1], S[:, -1]  # (s, k), (s,)
+    return torch.diag_embed(c) + F @ F.mT
 
 
 def optimal_basis(Sigma: Tensor) -> tuple[Tensor, Tensor]:

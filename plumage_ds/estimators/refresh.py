@@ -7,7 +7,8 @@ Per matrix the route is decided by its estimator (:mod:`.registry`):
 
 * ``sigma`` — estimators that keep a second moment (``optimal``): the Gram matrix ``G_o G_oᵀ`` is
   folded into ``Σ ← (1 − w)·Σ + w·G_o G_oᵀ`` (``w = 1/k`` at the ``k``-th refresh, or a constant
-  ``sigma_weight``) and ``Σ`` is decomposed (``eigh``);
+  ``sigma_weight``) and ``Σ`` is decomposed (``eigh``); with ``sigma_rank`` the owner keeps it compact
+  until the next refresh (top eigenpairs plus an isotropic rest);
 * ``svd`` — ``torch.linalg.svd`` of ``G`` (``svd_method="svd"``, a gradient at hand);
 * ``gram`` — ``eigh`` of ``G_o G_oᵀ`` in float64 (given, e.g. summed over row shards, or formed here).
 
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.batched import DECOMPOSITION_STACK_ELEMENTS, stack_plan
+from .optimal import compact_second_moment, kept_sigma_columns
 from .registry import Estimator, oriented_gram
 from .spectral import gram_basis, short_side_basis
 
@@ -48,6 +50,13 @@ class RefreshInput:
     generator: Optional[torch.Generator] = None  # None: return the design (U, p) instead of a draw
     kept: dict = field(default_factory=dict)  # the estimator's refresh state (optimal: Sigma, sigma_count)
     sigma_weight: Optional[float] = None  # optimal: weight of the newest Gram matrix (None: running mean)
+    sigma_rank: int = 0  # optimal: keep Σ as k eigenpairs + isotropic rest between refreshes (0: whole)
+
+    def compact(self, Sigma: Tensor, Q: Tensor, root: Tensor) -> Tensor:
+        """What the owner keeps of the ``Σ`` it just decomposed into ``(Q, √λ)``: compact ``(s, k+1)``
+        where ``0 < k = sigma_rank <= s − 2``, else ``Σ`` itself."""
+        s = Sigma.shape[-1]
+        return Sigma if kept_sigma_columns(s, self.sigma_rank) == s else compact_second_moment(Q, root, self.sigma_rank)
 
     @property
     def route(self) -> str:
@@ -132,15 +141,15 @@ def _decompose(group: list[RefreshInput]) -> tuple[list[tuple[Tensor, Tensor]], 
     item keeps: ``sigma`` items fold their Gram matrix into ``Σ`` first and return ``(Q, √λ)`` of it."""
     route = group[0].route
     if route == "sigma":
-        sigmas, kept = [], []
+        sigmas, counts = [], []
         for it in group:
-            count = it.kept.get("sigma_count", 0) + 1
-            weight = it.sigma_weight if it.sigma_weight is not None else 1.0 / count
-            Sigma = it.estimator.second_moment(it.kept.get("Sigma"), _gram(it), weight)  # (s, s) float64
-            sigmas.append(Sigma)
-            kept.append({"Sigma": Sigma, "sigma_count": count})
+            counts.append(it.kept.get("sigma_count", 0) + 1)
+            weight = it.sigma_weight if it.sigma_weight is not None else 1.0 / counts[-1]
+            sigmas.append(it.estimator.second_moment(it.kept.get("Sigma"), _gram(it), weight))  # (s, s) float64
         Q, root = group[0].estimator.spectrum_of_second_moment(_stacked(sigmas))
-        return _unstacked(Q, root, len(group)), kept
+        spectra = _unstacked(Q, root, len(group))
+        kept = [{"Sigma": it.compact(S, *qr), "sigma_count": c} for it, S, qr, c in zip(group, sigmas, spectra, counts)]
+        return spectra, kept
     if route == "svd":
         U, sigma = short_side_basis(_stacked([it.X for it in group]), "svd")
     else:

@@ -51,6 +51,20 @@ def compiled_compressed_adam() -> Callable:
     return _compiled
 
 
+def refuse_under_dispatch_mode() -> None:
+    """Raise ``RuntimeError`` when a (non-infrastructure) ``TorchDispatchMode`` is active — ``MemTracker``,
+    ``FlopCounterMode``, a debug mode: ``torch.compile`` does not trace under one, so the compiled kernel
+    would fail at its first call. A step calls this before it writes anything."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode, is_in_torch_dispatch_mode
+
+    if is_in_torch_dispatch_mode(include_infra_modes=False):
+        mode = type(_get_current_dispatch_mode()).__name__
+        raise RuntimeError(
+            f"step_impl='compiled' cannot run under an active TorchDispatchMode ({mode}): torch.compile "
+            "does not trace under one; use step_impl='streaming' while it is active"
+        )
+
+
 def warm_up(dtypes, device: torch.device) -> None:
     """Compile :func:`compiled_compressed_adam` for moments of each dtype in ``dtypes`` on ``device``, on
     scratch tensors: a step calls this before it writes anything, so a compiler failure leaves the

@@ -42,12 +42,12 @@ from ..estimators import is_refresh, orient
 from ..estimators.registry import estimator_problem, get_estimator, resolve_realign
 from ..kernels.adam import adam_direction_foreach, adam_moments_foreach, adam_step_size, skip_constants
 from ..kernels.batched import group_indices, matmuls, projections
-from ..kernels.fused import compiled_compressed_adam, warm_up
+from ..kernels.fused import compiled_compressed_adam, refuse_under_dispatch_mode, warm_up
 from .base import MatrixOptimizer
 from .plumage_state import PlumageStateMixin
 
 _LOWRANK_KEYS = (
-    "rank", "update_interval", "estimator", "scale", "dinv_placement", "realign", "svd_method", "uniform_mix"
+    "rank", "update_interval", "estimator", "scale", "dinv_placement", "realign", "svd_method", "uniform_mix", "sigma_rank",
 )
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -94,6 +94,10 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
         uniform_mix: PLUMAGE and optimal: mix ε of uniform probability into the
             sampling design so no direction has ``p = 0`` (keeps the estimate
             unbiased for later gradients between refreshes; 0 = the paper's design).
+        sigma_rank: optimal only: between refreshes the owner keeps ``Σ`` as its top
+            ``sigma_rank`` eigenpairs plus an isotropic rest, ``(s, k+1)`` float64 instead of
+            ``(s, s)``; each refresh still draws from the whole ``Σ`` it forms. 0: the whole
+            ``Σ`` (so too for a matrix with ``s <= sigma_rank + 1``, where it is no larger).
         seed: sampler seed.
         strict: raise instead of falling back to AdamW for a target matrix that
             cannot take the low-rank path.
@@ -158,6 +162,7 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
         realign: Optional[bool] = None,
         svd_method: Optional[str] = None,
         uniform_mix: float = 0.0,
+        sigma_rank: int = 0,
         seed: int = 0,
         strict: bool = False,
         max_grad_norm: float = 0.0,
@@ -183,7 +188,7 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
         defaults.update(
             rank=rank, update_interval=update_interval, estimator=estimator, scale=scale,
             dinv_placement=dinv_placement, realign=realign, svd_method=svd_method, uniform_mix=uniform_mix,
-            lowrank=None,
+            sigma_rank=sigma_rank, lowrank=None,
         )
         self._validate_group(defaults)
         check_choice("right_projectors", right_projectors, RIGHT_PROJECTORS)
@@ -377,8 +382,12 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
     # ------------------------------------------------------------------ the streaming step
 
     def _prepare_stream(self) -> None:
-        """``step_impl="compiled"``: compile the compressed Adam for this state's dtype before the first write."""
-        if self.step_impl == "compiled" and not self._fused_ready:
+        """``step_impl="compiled"``: before the first write, refuse under a dispatch mode and compile the
+        compressed Adam for this state's dtype (once)."""
+        if self.step_impl != "compiled":
+            return
+        refuse_under_dispatch_mode()
+        if not self._fused_ready:
             warm_up([self.state_dtype], self._device())
             self._fused_ready = True
 

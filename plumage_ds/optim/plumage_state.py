@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..distributed.layouts import EVERY_RANK, Entry
+from ..estimators.optimal import kept_sigma_columns
 from ..estimators.registry import get_estimator
 
 _STATE_FORMAT = 1
@@ -33,7 +34,7 @@ class PlumageStateMixin:
         ``state[i]`` holds this rank's state of parameter ``i``: replicated weights keep ``P, d``
         on every rank and moments on the owner; under FSDP2 every rank holds its shard of
         ``P``/``M``/``V`` as ``DTensor`` s (``torch.distributed.checkpoint`` reshards them).
-        ``optimal``: ``Sigma`` (float64 ``(s, s)``) and ``sigma_count`` on the matrix's owner only,
+        ``optimal``: ``Sigma`` (float64 ``(s, s)``, or ``(s, k+1)`` with ``sigma_rank``) and ``sigma_count`` on the matrix's owner only,
         in every case (plain values: DCP writes them once, the new owner loads them).
         ``plumage`` records the ownership plan and world size.
         """
@@ -77,7 +78,7 @@ class PlumageStateMixin:
             expect = {"exp_avg": self._layout.dense_shape(e)}
         expect["exp_avg_sq"] = expect["exp_avg"]
         if self._holds_sigma(e):
-            expect["Sigma"] = (e.s, e.s)
+            expect["Sigma"] = (e.s, kept_sigma_columns(e.s, e.group.get("sigma_rank", 0)))
         self._check_state_tensors(e, st, expect, ("step", "sigma_count"))
         if "step" not in st:
             raise ValueError(f"Invalid state_dict: {e.name} has no step")
@@ -88,8 +89,9 @@ class PlumageStateMixin:
         self._check_sigma_state(e, st)
 
     def _check_sigma_state(self, e: Entry, st: dict) -> None:
-        """``optimal``: the owner holds ``Sigma``  # (s, s) (shape and finiteness checked with the rest),
-        symmetric, with ``sigma_count >= 1``; both or neither, and both once a refresh ran."""
+        """``optimal``: the owner holds ``Sigma``  # (s, s) or compact (s, k+1) (shape and finiteness checked
+        with the rest), symmetric (compact: isotropic part >= 0), with ``sigma_count >= 1``; both or
+        neither, and both once a refresh ran."""
         kept = {"Sigma", "sigma_count"} & set(st)
         if not self._holds_sigma(e):
             if kept:
@@ -107,6 +109,10 @@ class PlumageStateMixin:
         if st["sigma_count"] < 1:
             raise ValueError(f"Invalid state_dict: {e.name} sigma_count={st['sigma_count']!r}: must be >= 1")
         S = st["Sigma"].double()
+        if S.shape[0] != S.shape[1]:  # compact [F | c]: the isotropic part c must be >= 0
+            if bool((S[:, -1] < 0).any()):
+                raise ValueError(f"Invalid state_dict: {e.name}.Sigma is compact with a negative isotropic part")
+            return
         asym = float((S - S.mT).abs().max())
         if asym > 1e-10 * float(S.abs().max()):
             raise ValueError(f"Invalid state_dict: {e.name}.Sigma is not symmetric (max |Σ − Σᵀ| = {asym:.3g})")

@@ -33,7 +33,8 @@ from torch import Tensor
 
 from ..config import validate_adam_options, validate_lowrank_options
 from ..estimators import (
-    deorient, is_left, optimal_projection, orient, realign_moments, realignment, sampler_generator, second_moment_update,
+    compact_second_moment, deorient, is_left, kept_sigma_columns, optimal_basis, optimal_projection, orient, realign_moments, realignment,
+    sampler_generator, second_moment_update,
 )
 from ..estimators.registry import get_estimator, resolve_realign, resolve_svd_method
 
@@ -53,7 +54,8 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
         ``(r, l)`` for low-rank matrices, the parameter's shape for dense ones;
       * ``P`` ``(s, r)`` and ``d`` ``(r,)`` in fp32 for low-rank matrices;
       * ``optimal`` only: ``Sigma`` ``(s, s)`` float64, the mean of ``G_o G_oᵀ`` over the
-        ``sigma_count`` refresh gradients seen so far.
+        ``sigma_count`` refresh gradients seen so far (with ``sigma_rank = k``, ``0 < k <= s − 2``:
+        compact ``(s, k+1)``, its top ``k`` eigenpairs plus an isotropic rest).
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
         realign: bool | None = None,
         svd_method: str | None = None,
         uniform_mix: float = 0.0,
+        sigma_rank: int = 0,
         seed: int = 0,
     ):
         svd_method = resolve_svd_method(estimator, svd_method) or "gram"  # haar takes no SVD
@@ -84,6 +87,7 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
             dinv_placement=dinv_placement,
             svd_method=svd_method,
             uniform_mix=uniform_mix,
+            sigma_rank=sigma_rank,
         )
         if realign is not None and not isinstance(realign, bool):
             raise ValueError(f"Invalid {realign=}: must be None, True or False")
@@ -100,6 +104,7 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
             realign=realign,
             svd_method=svd_method,
             uniform_mix=uniform_mix,
+            sigma_rank=sigma_rank,
             seed=seed,
         )
         super().__init__(params, defaults)
@@ -191,9 +196,11 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
             spec = get_estimator(group["estimator"], family="lowrank_adam")
             if spec.keeps_second_moment:  # optimal: Σ ← running mean of the refresh gradients' G_o G_oᵀ
                 count = state.get("sigma_count", 0) + 1
-                state["Sigma"] = second_moment_update(state.get("Sigma"), G, 1.0 / count)  # (s, s) float64
+                Sigma = second_moment_update(state.get("Sigma"), G, 1.0 / count)  # (s, s) float64
                 state["sigma_count"] = count
-                proj = optimal_projection(state["Sigma"], group["rank"], gen, uniform_mix=group["uniform_mix"])
+                proj = optimal_projection(Sigma, group["rank"], gen, uniform_mix=group["uniform_mix"])
+                k, s = group["sigma_rank"], Sigma.shape[0]
+                state["Sigma"] = Sigma if kept_sigma_columns(s, k) == s else compact_second_moment(*optimal_basis(Sigma), k)
             else:
                 proj = spec.build(G, group["rank"], gen, svd_method=group["svd_method"], uniform_mix=group["uniform_mix"])
             P_new = proj.P.float()  # (s, r)

@@ -20,8 +20,8 @@ under the real ``torchrun`` launcher is in ``tests/distributed/test_main_job.py`
   parameters, ``rank >= short side`` (reported fallback; ``strict=True`` raises);
 * distributed checkpoints: W=2 → W=2 bitwise; W=2 → W=1 and W=4 via ``merge_shards`` within
   1e-6; an unmerged shard on another world size raises ``ValueError``;
-* ``estimator="optimal"`` at W=2: matches the oracle and single-device ``PlumageAdamW``, ``Σ`` lives on
-  each matrix's owner only (also in the saved shards), resume W=2 → W=2 bitwise and W=2 → W=1 via
+* ``estimator="optimal"`` at W=2 (``Σ`` kept compact, ``sigma_rank``): matches the oracle and
+  single-device ``PlumageAdamW``, ``Σ`` lives on each matrix's owner only (also in the saved shards), resume W=2 → W=2 bitwise and W=2 → W=1 via
   ``merge_shards`` within 1e-6.
 """
 
@@ -267,7 +267,7 @@ def _single_device_refs(ckpt) -> dict:
     return out
 
 
-OPTIMAL = dict(estimator="optimal", uniform_mix=0.1)
+OPTIMAL = dict(estimator="optimal", uniform_mix=0.1, sigma_rank=RANK)  # Σ kept compact: (s, RANK + 1)
 
 
 def _optimal_runs(rank, world, ckpt) -> dict:
@@ -693,8 +693,9 @@ def test_checkpoint_resume(w2, w4):
 
 @pytest.mark.distributed
 def test_optimal_matches_single_device_and_resumes(w2, ckpt_dir):
-    """``estimator="optimal"``: W=2 follows the oracle and ``PlumageAdamW``; ``Σ`` lives on the owner only
-    (in memory and in the saved shards, where it is float64); resume W=2 → W=2 bitwise, W=2 → W=1 via
+    """``estimator="optimal"`` with ``Σ`` kept compact (``sigma_rank``): W=2 follows the oracle and
+    ``PlumageAdamW``; ``Σ`` lives on the owner only (in memory and in the saved shards, where it is
+    float64 ``(s, r+1)``); resume W=2 → W=2 bitwise, W=2 → W=1 via
     ``merge_shards`` within 1e-6."""
     runs = [res["optimal"] for res in w2]
     refs = runs[1]
@@ -707,12 +708,13 @@ def test_optimal_matches_single_device_and_resumes(w2, ckpt_dir):
         assert run["sigma_on_this_rank"] == [i for i in targets if owners[i] == rank]
         assert run["sigma_counts"] == [len(range(0, STEPS, TAU))]  # one Gram per refresh
         assert run["state_bytes"]["second_moment"] == sum(
-            8 * _oriented(row["shape"])[0] ** 2 for row in plan(run["report"])["lowrank"] if row["owner"] == rank
+            8 * _oriented(row["shape"])[0] * (RANK + 1) for row in plan(run["report"])["lowrank"] if row["owner"] == rank
         )
         sd = torch.load(os.path.join(ckpt_dir, f"optimal_w2_rank{rank}.pt"), weights_only=True)
         for index, st in sd["state"].items():
             assert ("Sigma" in st) == ("sigma_count" in st) == (index in targets and owners[index] == rank), index
-            assert "Sigma" not in st or (st["Sigma"].dtype == torch.float64 and st["sigma_count"] == 3)
+            assert "Sigma" not in st or (st["Sigma"].dtype == torch.float64 and st["Sigma"].shape[1] == RANK + 1
+                                         and st["sigma_count"] == 3)
     full = runs[0]["params"]
     for run in runs:
         assert all(torch.equal(run["resume_w2"][n], full[n]) for n in full), "W=2 → W=2 resume is not bitwise"

@@ -59,7 +59,7 @@ ADAMW = ["optimizer.dense_lr=3e-3"]  # every adamw run: two LRs, by the low-rank
 RESUME = ["train.steps=6", "train.save_interval=2", "optimizer.estimator=plumage", "train.engine=sharded"]
 # ddp_hook resumes carrying the hook's whole state: optimal's Σ (on each matrix's owner), resampled designs
 HOOK_RESUME = {
-    "optimal": ["optimizer.estimator=optimal"],
+    "optimal": ["optimizer.estimator=optimal", "optimizer.sigma_rank=2"],  # Σ kept compact (s, 3) between refreshes
     "plumage-resample": ["optimizer.estimator=plumage", "optimizer.uniform_mix=0.1", "optimizer.comm_hook.resample_interval=2"],
 }
 HOOK_COMMON = ["train.engine=ddp_hook", "train.steps=6", "train.save_interval=2", "train.keep_last=3"]
@@ -227,6 +227,10 @@ def test_ddp_hook_resume_is_bitwise(runs, name):
     assert json.loads((cut / "summary.json").read_text())["resumed_from_step"] == CUT_AT
     hook_files = sorted(p.name for p in (full / "checkpoints" / f"step_{CUT_AT:08d}" / "engine").iterdir() if "hook" in p.name)
     assert hook_files == [f"comm_hook_rank{k}_of_{W}.pt" for k in range(W)]
+    if name == "optimal":  # each owner's Σ, kept compact: (s, sigma_rank + 1)
+        saved = [torch.load(full / "checkpoints" / f"step_{CUT_AT:08d}" / "engine" / f, weights_only=True) for f in hook_files]
+        shapes = {tuple(v["Sigma"].shape) for sd in saved for v in sd["sigma"].values()}
+        assert shapes and all(s[1] == 3 < s[0] for s in shapes), shapes
     ref, got = _weights(full), _weights(cut)
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     losses = [[json.loads(x)["loss"] for x in (p / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)]

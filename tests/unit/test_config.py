@@ -27,6 +27,8 @@ BAD_OPTIMIZER = [
     ({"strict": 1}, "Invalid {p}strict=1: must be true or false"),
     ({"lr": "fast"}, "Invalid {p}lr='fast': must be a number"),
     ({"uniform_mix": 1.5}, "Invalid {p}uniform_mix=1.5: must be in [0, 1]"),
+    ({"estimator": "optimal", "sigma_rank": -1}, "Invalid {p}sigma_rank=-1: must be an integer >= 0"),
+    ({"sigma_rank": 8}, "Invalid {p}sigma_rank=8: applies to estimator 'optimal' only (it keeps Σ), not 'plumage'"),
     ({"dense_lr": 0.0}, "Invalid {p}dense_lr=0.0: must be a positive finite number"),
     ({"estimator": "haar", "svd_method": "gram"}, "Invalid {p}svd_method='gram': estimator 'haar' takes no SVD"),
     ({"estimator": "optimal", "svd_method": "svd"}, "Invalid {p}svd_method='svd': estimator 'optimal' takes no SVD"),

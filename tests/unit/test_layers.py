@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "plumage_ds"
 LAYERS = [
     {"kernels"},
     {"estimators"},
+    {"schema"},
     {"config", "io", "targets"},
     {"distributed"},
     {"optim"},

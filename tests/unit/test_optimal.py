@@ -25,17 +25,21 @@ import torch
 from montecarlo import Z, Summary, draw_uniforms, lift_batch, systematic_from_uniforms
 
 from plumage_ds.estimators import (
+    compact_second_moment,
     estimate,
     expected_error,
+    full_second_moment,
     haar_projection,
     inclusion_probabilities,
     is_left,
+    optimal_basis,
     optimal_probabilities,
     optimal_projection,
     orient,
     plumage_projection,
     sampler_generator,
     scaled_projector,
+    second_moment_from_gram,
     second_moment_update,
     short_side_basis,
 )
@@ -216,9 +220,37 @@ def test_rank_deficient_sigma_and_uniform_mix():
     assert mixed.d.numel() == RANK and bool((mixed.d >= 0.2 * RANK / 16 - 1e-7).all()) and not mixed.deterministic
 
 
+def test_compact_sigma_keeps_the_top_pairs_and_the_trace():
+    """``Σ`` kept low-rank plus isotropic (``sigma_rank = k``): ``(s, k+1)`` floats; expanded, its top ``k``
+    eigenpairs are ``Σ``'s, the other ``s − k`` eigenvalues all equal the mean of ``Σ``'s, the trace is
+    kept; a ``Σ`` of rank <= k comes back whole; a compact ``Σ`` folds into the next update as its expansion."""
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(12, 30, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 12, dtype=torch.float64)[:, None]
+    Sigma = A @ A.mT  # (12, 12), a decaying spectrum
+    Q, root = optimal_basis(Sigma)
+    lam = root.square()
+    C = compact_second_moment(Q, root, 4)
+    assert C.shape == (12, 5) and C.dtype == torch.float64
+    S = full_second_moment(C)
+    torch.testing.assert_close(torch.trace(S), torch.trace(Sigma), rtol=1e-12, atol=0)
+    mu, V = torch.linalg.eigh(S)
+    mu, V = mu.flip(-1), V.flip(-1)
+    torch.testing.assert_close(mu[:4], lam[:4], rtol=1e-10, atol=0)
+    torch.testing.assert_close(mu[4:], lam[4:].mean().expand(8), rtol=1e-10, atol=0)
+    torch.testing.assert_close((V[:, :4].mT @ Q[:, :4]).abs(), torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-8)
+    B = A[:, :3] @ A[:, :3].mT  # rank 3 <= k: nothing is dropped
+    torch.testing.assert_close(full_second_moment(compact_second_moment(*optimal_basis(B), 4)), B, rtol=0, atol=1e-12 * float(B.abs().max()))
+    gram = A[:, 3:9] @ A[:, 3:9].mT
+    torch.testing.assert_close(second_moment_from_gram(C, gram, 0.25), second_moment_from_gram(S, gram, 0.25), rtol=1e-14, atol=0)
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
+        (lambda: compact_second_moment(torch.eye(5), torch.ones(5), 4), "Invalid k=4: must be 1 <= k <= 3 for a (5, 5) Σ"),
+        (lambda: compact_second_moment(torch.eye(5), torch.ones(5), 0), "Invalid k=0: must be 1 <= k <= 3 for a (5, 5) Σ"),
+        (lambda: full_second_moment(torch.ones(3, 5)), "Invalid Sigma.shape=(3, 5): must be (s, s) or compact (s, k+1) with k + 1 < s"),
+        (lambda: second_moment_from_gram(torch.ones(4, 2), torch.eye(3), 0.5), "Invalid Sigma.shape=(4, 2): must be (3, 3) or compact (3, k+1)"),
         (lambda: second_moment_update(None, torch.ones(3), 1.0), "Invalid G.shape=(3,): the second moment needs a matrix"),
         (lambda: second_moment_update(None, torch.ones(3, 4), 0.0), "Invalid weight=0.0: must be in (0, 1]"),
         (lambda: second_moment_update(torch.eye(4), torch.ones(3, 4), 0.5), "Invalid Sigma.shape=(4, 4): must be (3, 3)"),

@@ -78,12 +78,13 @@ def _mlp_with_square(seed: int = 0) -> nn.Module:
     )
 
 
-@pytest.mark.parametrize("uniform_mix", [0.0, 0.1])
-def test_optimal_matches_reference_left_right_square(uniform_mix: float) -> None:
+@pytest.mark.parametrize("uniform_mix, sigma_rank", [(0.0, 0), (0.1, 0), (0.0, 3), (0.1, 6)])
+def test_optimal_matches_reference_left_right_square(uniform_mix: float, sigma_rank: int) -> None:
     """``estimator="optimal"`` follows the oracle over 5 refreshes on left (8×20), right (20×12,
-    24×8) and square (20×20) weights; ``Σ`` is float64 and equal to the oracle's."""
+    24×8) and square (20×20) weights; ``Σ`` is float64 and equal to the oracle's — whole ``(s, s)``,
+    or compact ``(s, k+1)`` with ``sigma_rank = k`` where ``k <= s − 2`` (k = 6 keeps ``s = 8`` whole)."""
     m1, m2 = _mlp_with_square(), _mlp_with_square()
-    kw = dict(HPARAMS, estimator="optimal", uniform_mix=uniform_mix)
+    kw = dict(HPARAMS, estimator="optimal", uniform_mix=uniform_mix, sigma_rank=sigma_rank)
     ref = ReferencePlumageAdam(m1.parameters(), **kw)
     opt = PlumageAdamW(m2.parameters(), **kw)
     _train(m1, ref, range(14))
@@ -93,8 +94,9 @@ def test_optimal_matches_reference_left_right_square(uniform_mix: float) -> None
     for p1, p2 in zip(m1.parameters(), m2.parameters()):
         if p1.dim() == 2:
             shapes.add("left" if p1.shape[0] < p1.shape[1] else "square" if p1.shape[0] == p1.shape[1] else "right")
-            S = opt.state[p2]["Sigma"]
-            assert S.dtype == torch.float64 and S.shape == (min(p1.shape),) * 2 and opt.state[p2]["sigma_count"] == 5
+            S, s = opt.state[p2]["Sigma"], min(p1.shape)
+            kept = (s, sigma_rank + 1) if 0 < sigma_rank <= s - 2 else (s, s)
+            assert S.dtype == torch.float64 and S.shape == kept and opt.state[p2]["sigma_count"] == 5
             torch.testing.assert_close(ref.state[p1]["Sigma"], S, rtol=0, atol=1e-6 * float(S.abs().max()))
     assert shapes == {"left", "right", "square"}
 
@@ -115,6 +117,45 @@ def test_optimal_sigma_is_the_mean_of_refresh_grams() -> None:
         torch.testing.assert_close(opt.state[W]["Sigma"], torch.stack(grams).mean(0), rtol=1e-12, atol=1e-12)
         assert opt.state[W]["sigma_count"] == len(grams)
     assert opt.state_bytes()["second_moment"] == 8 * 6 * 6
+
+
+def test_optimal_compact_sigma_memory_and_first_refresh() -> None:
+    """``sigma_rank = k``: the owner keeps ``8·s·(k+1)`` bytes of ``Σ`` instead of ``8·s²``; the first
+    refresh draws from the whole ``Σ`` (the same ``P`` as ``sigma_rank = 0``), later ones from what was
+    kept plus the new gradient (another ``P``: the compact ``Σ`` is an approximation)."""
+    runs = {}
+    for k in (0, 2):
+        W = nn.Parameter(torch.zeros(10, 8))  # right projection: s = 8
+        opt = PlumageAdamW([W], lr=1e-2, rank=2, update_interval=2, estimator="optimal", sigma_rank=k)
+        Ps = []
+        for step in range(5):
+            g = torch.Generator().manual_seed(step)
+            W.grad = torch.randn(10, 1, generator=g) * torch.randn(1, 8, generator=g) + 0.3 * torch.randn(10, 8, generator=g)
+            opt.step()
+            if step % 2 == 0:
+                Ps.append(opt.state[W]["P"].clone())
+        runs[k] = (Ps, opt.state_bytes()["second_moment"], opt.state[W]["Sigma"].shape)
+    assert runs[0][1:] == (8 * 8 * 8, (8, 8)) and runs[2][1:] == (8 * 8 * 3, (8, 3))
+    assert torch.equal(runs[0][0][0], runs[2][0][0]) and not torch.equal(runs[0][0][2], runs[2][0][2])
+
+
+def test_optimal_compact_sigma_bad_state_is_rejected() -> None:
+    """A compact ``Σ`` of the wrong shape, or with a negative isotropic part, is refused by name."""
+    model = _mlp()
+    names = [n for n, _ in model.named_parameters()]
+    opt = PlumageAdamW([{"params": list(model.parameters()), "names": names}], **dict(HPARAMS, estimator="optimal", sigma_rank=3))
+    _train(model, opt, range(4))
+    for how, match in (("shape", r"^Invalid state_dict: 0\.weight\.Sigma has shape \(12, 12\), expected \(12, 4\)$"),
+                       ("negative", r"^Invalid state_dict: 0\.weight\.Sigma is compact with a negative isotropic part$")):
+        sd = _roundtrip(opt.state_dict())
+        st = next(st for st in sd["state"].values() if "Sigma" in st)
+        if how == "shape":
+            st["Sigma"] = torch.eye(12, dtype=torch.float64)
+        else:
+            st["Sigma"][:, -1] = -1.0
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(sd)
+    opt.load_state_dict(_roundtrip(opt.state_dict()))  # and the state as saved loads
 
 
 @pytest.mark.parametrize("shape", [(8, 20), (20, 12), (12, 12)])

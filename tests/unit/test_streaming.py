@@ -109,6 +109,30 @@ def test_compiled_step_refuses_before_writing_if_the_compiler_fails(monkeypatch)
     assert opt.state[params[0]]["step"] == 1
 
 
+@pytest.mark.parametrize("mode", ["MemTracker", "_FlopCounterMode"])
+def test_compiled_step_refuses_under_a_dispatch_mode(mode):
+    """``torch.compile`` does not trace under a ``TorchDispatchMode``: a compiled step inside one (a memory
+    tracker, a FLOP counter) raises naming the mode and the way out, before any write; outside it the
+    next step runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = _small()
+    opt = _run(params, 2, step_impl="compiled")  # the refresh and one compiled ordinary step
+    before = [p.detach().clone() for p in params]
+    moments = [opt.state[p]["exp_avg"].clone() for p in params[:4]]
+    _grads(params, 2)
+    ctx = MemTracker() if mode == "MemTracker" else FlopCounterMode(display=False)
+    with pytest.raises(RuntimeError, match=re.escape(f"step_impl='compiled' cannot run under an active TorchDispatchMode ({mode}): "
+                                                     "torch.compile does not trace under one; use step_impl='streaming' while it is active")):
+        with ctx:
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert all(torch.equal(opt.state[p]["exp_avg"], m) for p, m in zip(params[:4], moments))
+    assert opt.state[params[0]]["step"] == 2
+    opt.step()
+    assert opt.state[params[0]]["step"] == 3 and not all(torch.equal(p, q) for p, q in zip(params, before))
+
+
 def test_streaming_with_backward_projection_equals_staged():
     """Gradients projected during backward (``Pᵀ G_o`` accumulated, ``G`` dropped) stream too."""
     torch.manual_seed(0)

@@ -5,7 +5,8 @@
     benchmarks/gpu_quality.sh --device cpu --tiny     # dry run of every part on CPU (tiny models, seconds)
 
 Points (each: 3 arms × 2 seeds through the quality harness, ``benchmarks/quality.py``, i.e. the main
-job ``python -m plumage_ds train`` as subprocesses, all six at once on the one device):
+job ``python -m plumage_ds train`` as subprocesses, all six at once on the one device; ``--arms`` adds
+``haar`` and/or ``optimal``, two more runs each, which the 40M point's sizing then pays for):
 
 * ``11m`` — ``configs/gpu-11m.yaml``: LLaMA 6 × 384 (10.9M parameters), seq 256 × batch 64, 1000 steps
   (16.4M byte tokens), fp32, rank 96 = s/4, τ = 200, the embedded corpus (the running interpreter's
@@ -50,9 +51,13 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO / "benchmarks"))
 
 ARMS = ("adamw", "galore", "plumage")
+"""The default arms; ``--arms`` may add ``haar`` and ``optimal`` (AdamW and GaLore are always in: the gap)."""
+KNOWN_ARMS = ("adamw", "galore", "plumage", "haar", "optimal")
+LABELS = {"adamw": "AdamW", "galore": "GaLore", "plumage": "PLUMAGE", "haar": "Haar", "optimal": "optimal"}
 SEEDS = 2
-LRS = {"adamw": 5e-4, "galore": 1e-3, "plumage": 1e-3}
-"""Matrix LR (``optimizer.lr``) per arm: the width-256 optima of docs/quality.md §10 (each inside its grid)."""
+LRS = {"adamw": 5e-4, "galore": 1e-3, "plumage": 1e-3, "haar": 2e-3, "optimal": 1e-3}
+"""Matrix LR (``optimizer.lr``) per arm: the width-256 optima of docs/quality.md §10 (each inside its grid;
+``optimal`` at PLUMAGE's, as it ran there)."""
 DENSE_LR = 1.6e-2
 """``optimizer.dense_lr`` of every arm: the width-256 optimum of docs/quality.md §10 (inside its grid)."""
 
@@ -87,21 +92,30 @@ def size_steps(elapsed_s: float, steps_done: int, params_done: int, params_next:
     return min(cap, fit // quantum * quantum)
 
 
-def per_seed_table(results: dict, seeds: list[int]) -> tuple[str, dict]:
-    """Markdown rows ``seed | AdamW | GaLore | PLUMAGE | PLUMAGE − GaLore | gap closed`` and the numbers."""
-    arms = results["arms"]
-    rows = ["| seed | AdamW | GaLore | PLUMAGE | PLUMAGE − GaLore | gap closed |", "|---|---|---|---|---|---|"]
-    data = {"seeds": seeds, "final_eval": {a: arms[a]["final_eval"] for a in ARMS}, "delta": [], "gap_closed": []}
+def per_seed_table(results: dict, seeds: list[int], arms: tuple = ARMS) -> tuple[str, dict]:
+    """Markdown rows ``seed | AdamW | GaLore | X… | X − GaLore… | gap closed (X)…`` for every arm X other
+    than AdamW and GaLore, and the numbers (``delta`` and ``gap_closed`` per X)."""
+    res = results["arms"]
+    others = [a for a in arms if a not in ("adamw", "galore")]
+    cols = ["AdamW", "GaLore", *(LABELS[a] for a in others), *(f"{LABELS[a]} − GaLore" for a in others),
+            *(f"gap closed ({LABELS[a]})" if len(others) > 1 else "gap closed" for a in others)]
+    rows = ["| seed | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    data = {"seeds": seeds, "final_eval": {a: res[a]["final_eval"] for a in arms},
+            "delta": {a: [] for a in others}, "gap_closed": {a: [] for a in others}}  # fmt: skip
     for i, seed in enumerate(seeds):
-        a, g, p = (arms[name]["final_eval"][i] for name in ARMS)
-        delta = p - g
-        gap = (g - p) / (g - a) if a < g else math.nan
-        data["delta"].append(delta)
-        data["gap_closed"].append(gap)
-        gap_txt = f"{100 * gap:.0f} %" if gap == gap else "n/a (AdamW does not beat GaLore)"
-        rows.append(f"| {seed} | {a:.4f} | {g:.4f} | {p:.4f} | {delta:+.4f} | {gap_txt} |")
-    means = [statistics.fmean(arms[name]["final_eval"]) for name in ARMS]
-    rows.append(f"| mean | {means[0]:.4f} | {means[1]:.4f} | {means[2]:.4f} | {statistics.fmean(data['delta']):+.4f} | |")
+        a, g = res["adamw"]["final_eval"][i], res["galore"]["final_eval"][i]
+        losses = [res[x]["final_eval"][i] for x in others]
+        gaps = []
+        for x, loss in zip(others, losses):
+            gap = (g - loss) / (g - a) if a < g else math.nan
+            data["delta"][x].append(loss - g)
+            data["gap_closed"][x].append(gap)
+            gaps.append(f"{100 * gap:.0f} %" if gap == gap else "n/a (AdamW does not beat GaLore)")
+        cells = [f"{v:.4f}" for v in (a, g, *losses)] + [f"{v - g:+.4f}" for v in losses] + gaps
+        rows.append(f"| {seed} | " + " | ".join(cells) + " |")
+    means = [statistics.fmean(res[x]["final_eval"]) for x in ("adamw", "galore", *others)]
+    deltas = [statistics.fmean(data["delta"][x]) for x in others]
+    rows.append("| mean | " + " | ".join([*(f"{m:.4f}" for m in means), *(f"{d:+.4f}" for d in deltas), *[""] * len(others)]) + " |")
     return "\n".join(rows), data
 
 
@@ -111,9 +125,9 @@ def run_point(name: str, steps: int, ns, quality) -> tuple[dict, float]:
     out = Path(ns.out) / name
     argv = ["--config", str(REPO / point["config"]), "--out", str(out), "--steps", str(steps),
             "--seeds", str(ns.seeds), "--sweep-seeds", "1", "--jobs", str(ns.jobs), "--nice", str(ns.nice),
-            "--estimators", ",".join(ARMS), "--corpus", "embedded", "--report", "gpu",
+            "--estimators", ",".join(ns.arms), "--corpus", "embedded", "--report", "gpu",
             "--set", f"optimizer.dense_lr={ns.dense_lr!r}"]  # fmt: skip
-    for arm in ARMS:
+    for arm in ns.arms:
         argv += ["--lr", f"{arm}={ns.lr[arm]!r}"]
     for s in (TINY[name] + TINY_COMMON if ns.tiny else []) + ns.set:
         argv += ["--set", s]
@@ -148,6 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=SEEDS, help="seeds per arm (default 2)")
     p.add_argument("--jobs", type=int, default=0, help="concurrent runs (default: 6 on cuda, 2 on cpu)")
     p.add_argument("--nice", type=int, default=None, help="nice of each run (default: 0 on cuda, 19 on cpu)")
+    p.add_argument("--arms", default=",".join(ARMS),
+                   help=f"comma-separated arms from {', '.join(KNOWN_ARMS)} (adamw and galore always run: the gap)")
     p.add_argument("--lr", action="append", default=[], metavar="ARM=v", help="matrix LR of an arm (default LRS)")
     p.add_argument("--dense-lr", type=float, default=DENSE_LR)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -164,11 +180,17 @@ def main(argv=None) -> int:
     if not points or any(x not in POINTS for x in points):
         print(f"Invalid --points={ns.points!r}: choose from {', '.join(POINTS)}", file=sys.stderr)
         return 2
-    lrs = dict(LRS)
+    arms = tuple(dict.fromkeys(x for x in ns.arms.split(",") if x))
+    if any(a not in KNOWN_ARMS for a in arms) or not {"adamw", "galore"} <= set(arms) or len(arms) < 3:
+        print(f"Invalid --arms={ns.arms!r}: adamw, galore and at least one of "
+              f"{', '.join(a for a in KNOWN_ARMS if a not in ('adamw', 'galore'))}", file=sys.stderr)
+        return 2
+    ns.arms = ("adamw", "galore", *(a for a in arms if a not in ("adamw", "galore")))
+    lrs = {a: LRS[a] for a in ns.arms}
     for item in ns.lr:
         arm, sep, value = item.partition("=")
-        if arm not in ARMS or not sep:
-            print(f"Invalid --lr {item!r}: expected ARM=VALUE with ARM in {', '.join(ARMS)}", file=sys.stderr)
+        if arm not in ns.arms or not sep:
+            print(f"Invalid --lr {item!r}: expected ARM=VALUE with ARM in {', '.join(ns.arms)}", file=sys.stderr)
             return 2
         lrs[arm] = float(value)
     ns.lr = lrs
@@ -181,7 +203,7 @@ def main(argv=None) -> int:
               f"{torch.__version__}); run it on a machine with a CUDA device, or use --device cpu --tiny for a "
               "dry run", file=sys.stderr)  # fmt: skip
         return 2
-    ns.jobs = ns.jobs or (ns.seeds * len(ARMS) if ns.device == "cuda" else 2)
+    ns.jobs = ns.jobs or (ns.seeds * len(ns.arms) if ns.device == "cuda" else 2)
     ns.nice = ns.nice if ns.nice is not None else (0 if ns.device == "cuda" else 19)
     import quality  # benchmarks/quality.py
 
@@ -208,12 +230,12 @@ def main(argv=None) -> int:
         results, wall = run_point(point, steps, ns, quality)
         last = (wall, steps, point)
         corpus, speeds = describe_runs(Path(ns.out) / point)
-        table, data = per_seed_table(results, results["seeds"])
+        table, data = per_seed_table(results, results["seeds"], ns.arms)
         cfg = POINTS[point]
         shape = ("tiny widths, seq 32 × batch 4, τ = 3" if ns.tiny else
                  f"{cfg['label']} ({cfg['params'] / 1e6:.1f}M parameters), seq 256 × batch 64, τ = 200")
         print(f"\n## {point}: {shape}, {steps} steps, fp32, embedded corpus {corpus}\n"
-              f"matrix LR adamw {lrs['adamw']:g}, galore {lrs['galore']:g}, plumage {lrs['plumage']:g}; "
+              f"matrix LR {', '.join(f'{a} {lrs[a]:g}' for a in ns.arms)}; "
               f"dense_lr {ns.dense_lr:g}; final eval loss:\n\n{table}\n\n"
               f"wall {wall:.0f} s for {len(speeds)} runs on {name} (tokens/s per run while {ns.jobs} ran: "
               f"{', '.join(f'{s:.0f}' for s in speeds)})\n", flush=True)  # fmt: skip

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Training quality at GPU scale (issue 20; docs/quality.md §10): AdamW, GaLore and PLUMAGE × 2 seeds on
 # the ~11M-parameter LLaMA (6 × 384, seq 256 × batch 64, 1000 steps, fp32, rank 96, τ = 200), each at its
-# matrix LR swept at width 384, then the ~40M point (8 × 640) if it fits. Prints the per-seed tables.
+# matrix LR swept at width 256 (the widest point measured), then the ~40M point (8 × 640) if it fits. Prints the per-seed tables.
 # Needs a CUDA device (exits 2 without one); sized to finish in < 9 minutes on one H200.
 #
 #   bash benchmarks/gpu_quality.sh                            # from the repository root

@@ -93,12 +93,24 @@ def test_the_40m_point_runs_at_the_steps_that_fit_or_is_skipped(gpu_quality, tmp
     assert calls[0] == ("11m", 1000)
     # the 11m table: seed 0 has AdamW ahead of GaLore (gap closed (1.05 − 1.02)/(1.05 − 1.00) = 60 %), seed 1 not
     assert _row(out, "0")[4:] == ["-0.0300", "60 %"] and _row(out, "1")[5].startswith("n/a")
-    assert saved["11m"]["delta"] == pytest.approx([-0.03, 0.01])
+    assert saved["11m"]["delta"]["plumage"] == pytest.approx([-0.03, 0.01])
     if expect_steps is None:
         assert calls == [("11m", 1000)] and saved["40m"]["skipped"]
         assert re.search(r"## 40m: skipped — 200 steps fit in the 5\d\d s left", out), out
     else:
         assert calls == [("11m", 1000), ("40m", expect_steps)] and saved["40m"]["steps"] == expect_steps
+
+
+def test_more_arms_get_their_own_columns(gpu_quality) -> None:
+    """``--arms adamw,galore,plumage,haar``: each non-reference arm gets its loss, its Δ vs GaLore and its
+    gap closed, recomputed here from made-up losses."""
+    results = _fake_results()
+    results["arms"]["haar"] = {"final_eval": [1.01, 1.07]}
+    table, data = gpu_quality.per_seed_table(results, [0, 1], ("adamw", "galore", "plumage", "haar"))
+    assert table.splitlines()[0] == ("| seed | AdamW | GaLore | PLUMAGE | Haar | PLUMAGE − GaLore | Haar − GaLore | "
+                                     "gap closed (PLUMAGE) | gap closed (Haar) |")  # fmt: skip
+    assert _row(table, "0")[1:] == ["1.0000", "1.0500", "1.0200", "1.0100", "-0.0300", "-0.0400", "60 %", "80 %"]
+    assert _row(table, "1")[-1].startswith("n/a") and data["delta"]["haar"] == pytest.approx([-0.04, -0.01])
 
 
 def test_size_steps(gpu_quality) -> None:
@@ -122,6 +134,9 @@ def test_without_cuda_it_fails_clearly(gpu_quality, capsys) -> None:
         (["--device", "tpu"], "Invalid --device='tpu': must be 'cuda' or 'cpu'"),
         (["--points", "11m,1b"], "Invalid --points='11m,1b': choose from 11m, 40m"),
         (["--lr", "sgd=1"], "Invalid --lr 'sgd=1': expected ARM=VALUE with ARM in adamw, galore, plumage"),
+        (["--lr", "haar=1"], "Invalid --lr 'haar=1': expected ARM=VALUE with ARM in adamw, galore, plumage"),
+        (["--arms", "adamw,plumage"], "Invalid --arms='adamw,plumage': adamw, galore and at least one of plumage, haar, optimal"),
+        (["--arms", "adamw,galore,gum"], "Invalid --arms='adamw,galore,gum': adamw, galore and at least one of"),
     ],
 )
 def test_bad_arguments_exit_2(gpu_quality, capsys, argv, message) -> None:

@@ -66,6 +66,7 @@ $Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --sweep-seeds 1 
   --arm plumage-norealign=plumage,optimizer.realign=false --lr-from plumage-norealign=plumage \
   --arm galore-realign=galore,optimizer.realign=true --lr-from galore-realign=galore \
   --arm optimal=optimal --lr-from optimal=plumage \
+  --arm optimal-k96=optimal,optimizer.sigma_rank=96 --lr-from optimal-k96=plumage \
   --arm haar=haar --lr-grid haar="$P4:$(dbl "$P4")" \
   --arm plumage-r8=plumage,optimizer.rank=48 --lr-from plumage-r8=plumage \
   --arm galore-r8=galore,optimizer.rank=48 --lr-from galore-r8=galore \

@@ -96,6 +96,16 @@ def kept_sigma_columns(s: int, sigma_rank: int) -> int:
     return sigma_rank + 1 if 0 < sigma_rank <= s - 2 else s
 
 
+def kept_second_moment(Sigma: Tensor, sigma_rank: int, spectrum: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    """What an owner keeps of the whole ``Σ``  # (s, s) it just formed: compact ``(s, k+1)``
+    (:func:`compact_second_moment`) where :func:`kept_sigma_columns` says so, else ``Σ`` itself.
+    ``spectrum``: ``(Q, √λ)`` of ``Σ`` when the caller already has it (else :func:`optimal_basis`)."""
+    s = Sigma.shape[-1]
+    if kept_sigma_columns(s, sigma_rank) == s:
+        return Sigma
+    return compact_second_moment(*(spectrum if spectrum is not None else optimal_basis(Sigma)), sigma_rank)
+
+
 def full_second_moment(Sigma: Tensor) -> Tensor:
     """``Σ``  # (s, s) float64 from what the owner keeps: ``Σ`` itself, or the compact ``[F | c]``
     # (s, k+1), k + 1 < s, of :func:`compact_second_moment` as ``F Fᵀ + diag(c)``."""

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.batched import DECOMPOSITION_STACK_ELEMENTS, stack_plan
-from .optimal import compact_second_moment, kept_sigma_columns
+from .optimal import kept_second_moment
 from .registry import Estimator, oriented_gram
 from .spectral import gram_basis, short_side_basis
 
@@ -51,12 +51,6 @@ class RefreshInput:
     kept: dict = field(default_factory=dict)  # the estimator's refresh state (optimal: Sigma, sigma_count)
     sigma_weight: Optional[float] = None  # optimal: weight of the newest Gram matrix (None: running mean)
     sigma_rank: int = 0  # optimal: keep Σ as k eigenpairs + isotropic rest between refreshes (0: whole)
-
-    def compact(self, Sigma: Tensor, Q: Tensor, root: Tensor) -> Tensor:
-        """What the owner keeps of the ``Σ`` it just decomposed into ``(Q, √λ)``: compact ``(s, k+1)``
-        where ``0 < k = sigma_rank <= s − 2``, else ``Σ`` itself."""
-        s = Sigma.shape[-1]
-        return Sigma if kept_sigma_columns(s, self.sigma_rank) == s else compact_second_moment(Q, root, self.sigma_rank)
 
     @property
     def route(self) -> str:
@@ -148,7 +142,8 @@ def _decompose(group: list[RefreshInput]) -> tuple[list[tuple[Tensor, Tensor]], 
             sigmas.append(it.estimator.second_moment(it.kept.get("Sigma"), _gram(it), weight))  # (s, s) float64
         Q, root = group[0].estimator.spectrum_of_second_moment(_stacked(sigmas))
         spectra = _unstacked(Q, root, len(group))
-        kept = [{"Sigma": it.compact(S, *qr), "sigma_count": c} for it, S, qr, c in zip(group, sigmas, spectra, counts)]
+        kept = [{"Sigma": kept_second_moment(S, it.sigma_rank, qr), "sigma_count": c}
+                for it, S, qr, c in zip(group, sigmas, spectra, counts)]
         return spectra, kept
     if route == "svd":
         U, sigma = short_side_basis(_stacked([it.X for it in group]), "svd")

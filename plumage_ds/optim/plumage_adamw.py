@@ -353,8 +353,8 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
             if staged is None and self.step_impl == "compiled":  # the same arithmetic, one kernel per matrix
                 M = [self.state[e.param]["exp_avg"] for e in es]  # updated in place, in state_dtype
                 V = [self.state[e.param]["exp_avg_sq"] for e in es]
-                consts = self._fused_constants(beta1, beta2, eps, found, R[0].device)
-                N = [compiled_compressed_adam()(m, v, r, *consts) for m, v, r in zip(M, V, R)]  # (r, l_k) each
+                consts, fused = self._fused_constants(beta1, beta2, eps, found, R[0].device), compiled_compressed_adam()
+                N = [fused(m, v, r, *consts) for m, v, r in zip(M, V, R)]  # (r, l_k) each
             else:
                 M = [self._fp32(current(e, "exp_avg")) for e in es]
                 V = [self._fp32(current(e, "exp_avg_sq")) for e in es]

@@ -33,8 +33,8 @@ from torch import Tensor
 
 from ..config import validate_adam_options, validate_lowrank_options
 from ..estimators import (
-    compact_second_moment, deorient, is_left, kept_sigma_columns, optimal_basis, optimal_projection, orient, realign_moments, realignment,
-    sampler_generator, second_moment_update,
+    deorient, is_left, kept_second_moment, optimal_projection, orient, realign_moments, realignment, sampler_generator,
+    second_moment_update,
 )
 from ..estimators.registry import get_estimator, resolve_realign, resolve_svd_method
 
@@ -199,8 +199,7 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
                 Sigma = second_moment_update(state.get("Sigma"), G, 1.0 / count)  # (s, s) float64
                 state["sigma_count"] = count
                 proj = optimal_projection(Sigma, group["rank"], gen, uniform_mix=group["uniform_mix"])
-                k, s = group["sigma_rank"], Sigma.shape[0]
-                state["Sigma"] = Sigma if kept_sigma_columns(s, k) == s else compact_second_moment(*optimal_basis(Sigma), k)
+                state["Sigma"] = kept_second_moment(Sigma, group["sigma_rank"])  # whole, or compact (s, k+1)
             else:
                 proj = spec.build(G, group["rank"], gen, svd_method=group["svd_method"], uniform_mix=group["uniform_mix"])
             P_new = proj.P.float()  # (s, r)

@@ -15,7 +15,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..config import CommHookConfig, ConfigError, OptimizerConfig, check_estimator, from_dict, to_dict
-from ..estimators import is_refresh, kept_sigma_columns, oriented_shape, projection_from_design, refresh_index, sampler_generator
+from ..estimators import (
+    convert_second_moment, is_refresh, is_second_moment_form, oriented_shape, projection_from_design, refresh_index, sampler_generator,
+)
 from ..estimators.registry import ESTIMATORS, estimator_names, get_estimator, resolve_svd_method
 from ..estimators.rounding import QUANTIZERS
 from ..targets import select_targets
@@ -251,7 +253,8 @@ class PlumageHookState:
         """Install a :meth:`state_dict` (``sigma`` may hold every rank's: each keeps the matrices it owns).
 
         Everything is validated first (format, estimator, parameters, every tensor's shape and
-        finiteness, counters); a bad state raises ``ValueError`` and changes nothing.
+        finiteness, counters); a bad state raises ``ValueError`` and changes nothing. A ``Σ`` saved whole
+        or compact, under any ``sigma_rank``, is kept in the form of this hook's ``sigma_rank``.
         """
         sd = state_dict
         if not isinstance(sd, dict) or sd.get("format") != _STATE_FORMAT:
@@ -271,8 +274,12 @@ class PlumageHookState:
             s = min(self.matrix_shape(pid))
             for key, shape in shapes.items():
                 t = items.get(key)
-                want = tuple(x if x >= 0 else s for x in shape)
-                if not torch.is_tensor(t) or tuple(t.shape) != want or not bool(torch.isfinite(t).all()):
+                if shape is None:  # Σ whole or compact, under any sigma_rank (converted to this hook's form)
+                    want, ok = f"({s}, {s}) or compact ({s}, k+1)", torch.is_tensor(t) and is_second_moment_form(tuple(t.shape), s)
+                else:
+                    want = tuple(x if x >= 0 else s for x in shape)
+                    ok = torch.is_tensor(t) and tuple(t.shape) == want
+                if not ok or not bool(torch.isfinite(t).all()):
                     raise ValueError(f"Invalid comm hook state_dict: {kind}[{pid}].{key} must be a finite tensor of shape {want}")
             return items
 
@@ -280,12 +287,14 @@ class PlumageHookState:
         projections = {pid: checked("projections", pid, v, {"P": (-1, r(pid)), "d": (r(pid),)}) for pid, v in sd["projections"].items()}
         designs = {pid: checked("designs", pid, v, {"U": (-1, -1), "p": (-1,)}) for pid, v in sd["designs"].items()}
         owners = self.owners()
-        cols = lambda pid: kept_sigma_columns(min(self.matrix_shape(pid)), self.sigma_rank)  # noqa: E731
-        sigma = {pid: checked("sigma", pid, v, {"Sigma": (-1, cols(pid))}) for pid, v in sd["sigma"].items()}
+        sigma = {pid: checked("sigma", pid, v, {"Sigma": None}) for pid, v in sd["sigma"].items()}
+        me = self.collectives().rank
+        sigma = {pid: (int(v["count"]), convert_second_moment(v["Sigma"].double(), self.sigma_rank))
+                 for pid, v in sigma.items() if owners[pid] == me}
         self.iter, self.skipped_refreshes = sd["iter"], sd["skipped_refreshes"]
         self.projections = {pid: (int(v["draw"]), v["P"].float(), v["d"].float()) for pid, v in projections.items()}
         self.designs = {pid: (int(v["refresh"]), v["U"].float(), v["p"].double()) for pid, v in designs.items()}
-        self.sigma = {pid: (int(v["count"]), v["Sigma"].double()) for pid, v in sigma.items() if owners[pid] == self.collectives().rank}
+        self.sigma = sigma
         self.deterministic = set(sd["deterministic"])
 
     # ------------------------------------------------------------------ plan

@@ -4,8 +4,10 @@ strategies (:mod:`.registry`) and the owner refresh shared by the optimizers and
 from .gum import sample_layers
 from .optimal import (
     compact_second_moment,
+    convert_second_moment,
     expected_error,
     full_second_moment,
+    is_second_moment_form,
     kept_second_moment,
     kept_sigma_columns,
     optimal_basis,
@@ -48,8 +50,10 @@ __all__ = [
     "estimator_problem",
     "estimator_variance",
     "compact_second_moment",
+    "convert_second_moment",
     "expected_error",
     "full_second_moment",
+    "is_second_moment_form",
     "kept_second_moment",
     "kept_sigma_columns",
     "galore_from_basis",

@@ -106,6 +106,24 @@ def kept_second_moment(Sigma: Tensor, sigma_rank: int, spectrum: Optional[tuple[
     return compact_second_moment(*(spectrum if spectrum is not None else optimal_basis(Sigma)), sigma_rank)
 
 
+def is_second_moment_form(shape: tuple, s: int) -> bool:
+    """Whether ``shape`` is one an owner keeps ``Σ`` in for a short side ``s``: whole ``(s, s)``, or
+    compact ``(s, k+1)`` with ``1 <= k <= s − 2`` (:func:`compact_second_moment`)."""
+    return len(shape) == 2 and shape[0] == s and (shape[1] == s or 2 <= shape[1] <= s - 1)
+
+
+def convert_second_moment(Sigma: Tensor, sigma_rank: int) -> Tensor:
+    """``Σ`` in either form (saved, say, under another ``sigma_rank``) in the form an owner keeps under
+    ``sigma_rank`` (:func:`kept_sigma_columns`): itself where it has that form already, else expanded
+    (:func:`full_second_moment`) and kept anew (:func:`kept_second_moment`; one ``eigh`` where the
+    result is compact). A compact ``Σ`` of ``k`` eigenpairs converted to ``k'`` keeps its top
+    ``min(k, k')`` eigenpairs and its trace."""
+    s = Sigma.shape[0]
+    if Sigma.shape[-1] == kept_sigma_columns(s, sigma_rank):
+        return Sigma
+    return kept_second_moment(full_second_moment(Sigma), sigma_rank)
+
+
 def full_second_moment(Sigma: Tensor) -> Tensor:
     """``Σ``  # (s, s) float64 from what the owner keeps: ``Σ`` itself, or the compact ``[F | c]``
     # (s, k+1), k + 1 < s, of :func:`compact_second_moment` as ``F Fᵀ + diag(c)``."""

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..distributed.layouts import EVERY_RANK, Entry
-from ..estimators.optimal import kept_sigma_columns
+from ..estimators.optimal import convert_second_moment, is_second_moment_form
 from ..estimators.registry import get_estimator
 
 _STATE_FORMAT = 1
@@ -48,7 +48,10 @@ class PlumageStateMixin:
         which each rank keeps the moments it owns. FSDP2: the state this rank gets from
         ``torch.distributed.checkpoint`` (any world size; the ``plumage`` section may be
         absent) or from :meth:`state_dict` on the same layout. Checks: group count and
-        sizes, every hyperparameter, modes, ownership, seed, tensor shapes, finiteness.
+        sizes, every hyperparameter, modes, ownership, seed, tensor shapes, finiteness. The saved
+        hyperparameters are installed (as in ``torch.optim``); an ``optimal`` ``Sigma`` saved whole or
+        compact is converted to the form the installed ``sigma_rank`` keeps (so a state saved after
+        ``sigma_rank`` changed, before the next refresh, still loads).
         """
         meta, groups = self._check_saved_groups(state_dict, ("rank", "estimator", "lowrank"))
         full = meta is not None and meta.get("kind") == "full"
@@ -57,6 +60,7 @@ class PlumageStateMixin:
         if meta is not None and meta["seed"] != self.seed:
             raise ValueError(f"Invalid state_dict: seed={meta['seed']}, optimizer has seed={self.seed}")
         layout = self._layout
+        saved_group = {id(g): saved for g, saved in zip(self.param_groups, groups)}
 
         def prepare(e: Entry, st: dict) -> dict:
             if full and not layout.holds_moments(e):  # keep only what this rank owns
@@ -66,6 +70,9 @@ class PlumageStateMixin:
             if full and not e.lowrank:  # whole dense moments: keep this rank's piece
                 st = {k: layout.chunk_of_full(e, k, v) for k, v in st.items()}
             self._check_entry_state(e, st)
+            if "Sigma" in st:  # kept in the form of the sigma_rank being installed (it may differ from the saved form)
+                k = saved_group[id(e.group)].get("sigma_rank", e.group.get("sigma_rank", 0))
+                st = dict(st, Sigma=convert_second_moment(st["Sigma"].double(), k))
             return st
 
         self._install_state(self._load_entry_states(state_dict, prepare), groups, meta)
@@ -77,8 +84,11 @@ class PlumageStateMixin:
         else:
             expect = {"exp_avg": self._layout.dense_shape(e)}
         expect["exp_avg_sq"] = expect["exp_avg"]
-        if self._holds_sigma(e):
-            expect["Sigma"] = (e.s, kept_sigma_columns(e.s, e.group.get("sigma_rank", 0)))
+        if self._holds_sigma(e):  # whole or compact, whatever sigma_rank it was saved under (converted on load)
+            S = st.get("Sigma")
+            ok = torch.is_tensor(S) and is_second_moment_form(tuple(S.shape), e.s)
+            forms = f"({e.s}, {e.s})" + (f" or compact ({e.s}, k+1) with 1 <= k <= {e.s - 2}" if e.s > 2 else "")
+            expect["Sigma"] = tuple(S.shape) if ok else forms
         self._check_state_tensors(e, st, expect, ("step", "sigma_count"))
         if "step" not in st:
             raise ValueError(f"Invalid state_dict: {e.name} has no step")

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from plumage_ds.config import ModelConfig
 import plumage_ds.kernels.batched as batched
 from plumage_ds.distributed.comm_hook import PlumageHookState, plumage_hook
-from plumage_ds.estimators import is_left, orient
+from plumage_ds.estimators import convert_second_moment, full_second_moment, is_left, orient
 from plumage_ds.testing import run_workers
 from plumage_ds.train.model import build_model, causal_lm_loss
 
@@ -674,3 +674,35 @@ def test_refresh_failing_on_its_owner_raises_on_every_rank(w2):
     assert errors[0] is not None and errors[0] == errors[1], errors
     assert "plumage_hook: the refresh of" in errors[0] and "failed on its owner, rank 0" in errors[0]
     assert all(res["faults"]["failed_refresh"]["unchanged"] for res in w2)
+
+
+@pytest.mark.parametrize("saved_k, now_k", [(0, 4), (4, 0)])
+def test_sigma_saved_in_another_form_loads_in_the_hooks_form(tmp_path, saved_k, now_k):
+    """A hook state whose ``Σ`` was kept under another ``sigma_rank`` loads in this hook's form (expanded
+    exactly, or compressed with its trace and top pairs kept); a ``Σ`` of no form is refused by name and
+    nothing changes."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = _Block()  # proj.weight (32, 64): s = 32
+        g = torch.Generator().manual_seed(0)
+        A = torch.randn(32, 40, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 32, dtype=torch.float64)[:, None]
+        saved = convert_second_moment(A @ A.mT, saved_k)
+        hook = dict(rank=4, estimator="optimal", target_modules="proj")
+        sd = PlumageHookState(model, sigma_rank=saved_k, **hook).state_dict()
+        sd["sigma"] = {0: {"count": 2, "Sigma": saved}}
+        loader = PlumageHookState(model, sigma_rank=now_k, **hook)
+        bad = dict(sd, sigma={0: {"count": 2, "Sigma": torch.zeros(32, 33, dtype=torch.float64)}})
+        with pytest.raises(ValueError, match=r"^Invalid comm hook state_dict: sigma\[0\]\.Sigma must be a finite tensor of shape "
+                                             r"\(32, 32\) or compact \(32, k\+1\)$"):
+            loader.load_state_dict(bad)
+        assert loader.sigma == {}
+        loader.load_state_dict(sd)
+        count, kept = loader.sigma[0]
+        assert count == 2 and kept.shape == ((32, 5) if now_k else (32, 32))
+        whole, mine = full_second_moment(saved), full_second_moment(kept)
+        if not now_k:
+            assert torch.equal(mine, whole)
+        torch.testing.assert_close(torch.trace(mine), torch.trace(whole), rtol=1e-12, atol=0)
+        torch.testing.assert_close(torch.linalg.eigvalsh(mine)[-4:], torch.linalg.eigvalsh(whole)[-4:], rtol=1e-9, atol=0)
+    finally:
+        dist.destroy_process_group()

@@ -26,9 +26,11 @@ from montecarlo import Z, Summary, draw_uniforms, lift_batch, systematic_from_un
 
 from plumage_ds.estimators import (
     compact_second_moment,
+    convert_second_moment,
     estimate,
     expected_error,
     full_second_moment,
+    is_second_moment_form,
     haar_projection,
     inclusion_probabilities,
     is_left,
@@ -242,6 +244,28 @@ def test_compact_sigma_keeps_the_top_pairs_and_the_trace():
     torch.testing.assert_close(full_second_moment(compact_second_moment(*optimal_basis(B), 4)), B, rtol=0, atol=1e-12 * float(B.abs().max()))
     gram = A[:, 3:9] @ A[:, 3:9].mT
     torch.testing.assert_close(second_moment_from_gram(C, gram, 0.25), second_moment_from_gram(S, gram, 0.25), rtol=1e-14, atol=0)
+
+
+def test_convert_second_moment_between_forms():
+    """A ``Σ`` saved under one ``sigma_rank`` in the form kept under another: a form already kept is the
+    same tensor; compact to whole is its expansion; whole or compact to a compact ``k'`` keeps the top
+    ``k'`` eigenvalues (of the expansion) and the trace; only whole ``(s, s)`` and ``(s, k+1)``,
+    ``1 <= k <= s − 2``, are forms."""
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(12, 30, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 12, dtype=torch.float64)[:, None]
+    Sigma = A @ A.mT  # (12, 12)
+    C3 = convert_second_moment(Sigma, 3)
+    assert convert_second_moment(Sigma, 0) is Sigma and convert_second_moment(C3, 3) is C3 and C3.shape == (12, 4)
+    assert convert_second_moment(Sigma, 11).shape == (12, 12)  # k > s − 2 keeps the whole Σ
+    torch.testing.assert_close(convert_second_moment(C3, 0), full_second_moment(C3), rtol=0, atol=0)
+    lam = torch.linalg.eigvalsh(Sigma).flip(-1)
+    for S, k2 in ((Sigma, 3), (C3, 6), (convert_second_moment(Sigma, 6), 3)):
+        out = full_second_moment(convert_second_moment(S, k2))
+        mu = torch.linalg.eigvalsh(out).flip(-1)
+        torch.testing.assert_close(torch.trace(out), torch.trace(Sigma), rtol=1e-12, atol=0)
+        torch.testing.assert_close(mu[:3], lam[:3], rtol=1e-9, atol=0)
+    assert [is_second_moment_form(shape, 12) for shape in ((12, 12), (12, 2), (12, 11), (12, 1), (12, 13), (11, 4), (12,))] == [
+        True, True, True, False, False, False, False]
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from torch import nn
 
 from plumage_ds import PlumageAdamW, lowrank_param_groups
 from plumage_ds.config import OptimizerConfig, from_dict
+from plumage_ds.estimators import full_second_moment
 from plumage_ds.optim import build_optimizer
 from plumage_ds.optim.reference import ReferencePlumageAdam
 from plumage_ds.testing import canonical_svd
@@ -140,22 +141,51 @@ def test_optimal_compact_sigma_memory_and_first_refresh() -> None:
 
 
 def test_optimal_compact_sigma_bad_state_is_rejected() -> None:
-    """A compact ``Σ`` of the wrong shape, or with a negative isotropic part, is refused by name."""
+    """A compact ``Σ`` with a negative isotropic part is refused by name; the state as saved loads."""
     model = _mlp()
     names = [n for n, _ in model.named_parameters()]
     opt = PlumageAdamW([{"params": list(model.parameters()), "names": names}], **dict(HPARAMS, estimator="optimal", sigma_rank=3))
     _train(model, opt, range(4))
-    for how, match in (("shape", r"^Invalid state_dict: 0\.weight\.Sigma has shape \(12, 12\), expected \(12, 4\)$"),
-                       ("negative", r"^Invalid state_dict: 0\.weight\.Sigma is compact with a negative isotropic part$")):
-        sd = _roundtrip(opt.state_dict())
-        st = next(st for st in sd["state"].values() if "Sigma" in st)
-        if how == "shape":
-            st["Sigma"] = torch.eye(12, dtype=torch.float64)
-        else:
-            st["Sigma"][:, -1] = -1.0
-        with pytest.raises(ValueError, match=match):
-            opt.load_state_dict(sd)
+    sd = _roundtrip(opt.state_dict())
+    next(st for st in sd["state"].values() if "Sigma" in st)["Sigma"][:, -1] = -1.0
+    with pytest.raises(ValueError, match=r"^Invalid state_dict: 0\.weight\.Sigma is compact with a negative isotropic part$"):
+        opt.load_state_dict(sd)
     opt.load_state_dict(_roundtrip(opt.state_dict()))  # and the state as saved loads
+
+
+@pytest.mark.parametrize("saved_k, now_k", [(3, 0), (0, 3), (3, 5)])
+def test_optimal_sigma_saved_under_another_sigma_rank_loads(saved_k: int, now_k: int) -> None:
+    """``sigma_rank`` changed after a refresh (``Σ`` still in the old form) and saved: the state loads into
+    an optimizer built with ``sigma_rank=0``; the saved ``sigma_rank`` is installed, as every saved
+    hyperparameter is, and ``Σ`` converted to its form (top eigenpairs and trace kept). Expanded
+    (3 → 0), training goes on bit for bit as in the saving optimizer."""
+    model, again = _mlp(), _mlp(1)
+    opt = PlumageAdamW(model.parameters(), **dict(HPARAMS, estimator="optimal", sigma_rank=saved_k))
+    _train(model, opt, range(4))  # refreshes at steps 0 and 3
+    opt.param_groups[0]["sigma_rank"] = now_k
+    again.load_state_dict(model.state_dict())
+    loaded = PlumageAdamW(again.parameters(), **dict(HPARAMS, estimator="optimal"))
+    loaded.load_state_dict(_roundtrip(opt.state_dict()))
+    assert loaded.param_groups[0]["sigma_rank"] == now_k
+    held = 0
+    for p, q in zip(model.parameters(), again.parameters()):
+        if "Sigma" not in opt.state[p]:
+            continue
+        held += 1
+        s = min(p.shape)
+        saved, kept = full_second_moment(opt.state[p]["Sigma"]), loaded.state[q]["Sigma"]
+        assert kept.shape == (s, now_k + 1 if 0 < now_k <= s - 2 else s)
+        mine = full_second_moment(kept)
+        torch.testing.assert_close(torch.trace(mine), torch.trace(saved), rtol=1e-12, atol=0)
+        top = min(k for k in (saved_k, now_k, s) if k > 0)
+        torch.testing.assert_close(torch.linalg.eigvalsh(mine)[-top:], torch.linalg.eigvalsh(saved)[-top:], rtol=1e-9, atol=0)
+    assert held == 3
+    _train(model, opt, range(4, 8))  # a refresh at step 6
+    _train(again, loaded, range(4, 8))
+    assert all(torch.isfinite(p).all() for p in again.parameters())
+    if now_k == 0:
+        assert _max_diff(model, again) == 0.0
+    loaded.load_state_dict(_roundtrip(loaded.state_dict()))
 
 
 @pytest.mark.parametrize("shape", [(8, 20), (20, 12), (12, 12)])
@@ -317,7 +347,7 @@ def _optimal_corrupt(sd: dict, how: str) -> dict:
     "how,match",
     [
         ("asymmetric", r"^Invalid state_dict: 0\.weight\.Sigma is not symmetric \(max \|Σ − Σᵀ\| = 1\)$"),
-        ("shape", r"^Invalid state_dict: 0\.weight\.Sigma has shape \(3, 3\), expected \(12, 12\)$"),
+        ("shape", r"^Invalid state_dict: 0\.weight\.Sigma has shape \(3, 3\), expected \(12, 12\) or compact \(12, k\+1\) with 1 <= k <= 10$"),
         ("nan", r"^Invalid state_dict: 0\.weight\.Sigma holds non-finite values$"),
         ("missing", r"^Invalid state_dict: 0\.weight lacks its second moment \(Sigma and sigma_count\) after 4 steps$"),
         ("count", r"^Invalid state_dict: 0\.weight sigma_count=0: must be >= 1$"),

@@ -75,9 +75,9 @@ bench: $(VENV)/.installed
 quality: $(VENV)/.installed
 	$(RUN) $(PY) benchmarks/quality.py --config $(DEMO_CONFIG) --out runs/quality --steps 600 --seeds 5 --sweep-seeds 5 --jobs 2 $(QUALITY_ARGS)
 
-# The scale ladder (docs/quality.md §10): widths 256 and 384, both corpora, 3 seeds, then the mechanism
-# arms at 384 (benchmarks/quality_ladder.sh; resumable, ~10 h on 2 cores). The GPU point is
-# benchmarks/gpu_quality.sh (one CUDA device, < 9 min).
+# The scale ladder (docs/quality.md §10): widths 256 and 384, both corpora, 3 seeds (at 384 with the
+# default's contenders Haar and optimal), then the mechanism arms at 384 (benchmarks/quality_ladder.sh;
+# resumable, ~10 h on 2 cores). The GPU point is benchmarks/gpu_quality.sh (one CUDA device, < 9 min).
 quality-ladder: $(VENV)/.installed
 	$(RUN) PYTHON=$(PY) bash benchmarks/quality_ladder.sh
 

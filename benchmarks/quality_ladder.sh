@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The scale ladder of docs/quality.md §10: AdamW, GaLore and PLUMAGE at widths 256 and 384 (4 layers,
 # configs/ladder-*.yaml), 600 steps, 3 seeds, both corpora, each arm at its own best matrix LR for the
-# width and one shared dense_lr swept per width; then the mechanism arms at width 384, paired by seed.
+# width and one shared dense_lr swept per width; at width 384 first the default's contenders (Haar,
+# optimal) on both corpora, then the other mechanism arms, paired by seed.
 # Every harness call is resumable (finished runs are reused), so rerunning continues where it stopped.
 #
 #   bash benchmarks/quality_ladder.sh                 # ~10 h on 2 cores (make quality-ladder)
@@ -54,20 +55,30 @@ J="$OUT/w384/results-embedded.json"
 A4=$(get "$J" embedded lr adamw); G4=$(get "$J" embedded lr galore); P4=$(get "$J" embedded lr plumage); D4=$(get "$J" embedded dense)
 echo "w384 optima: adamw $A4 galore $G4 plumage $P4 dense $D4"
 
-stage "w384 manpages at the embedded optima"
-$Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --set optimizer.dense_lr="$D" \
-  --lr adamw="$A4" --lr galore="$G4" --lr plumage="$P4" --dense-lr-grid "$D4" --corpus manpages --report manpages
-
-stage "w384 mechanism (embedded, paired by seed; arms in priority order)"
+stage "w384 embedded: the default's contenders, paired by seed (Haar at its own LR; optimal, Σ whole and compact)"
 $Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --sweep-seeds 1 --set optimizer.dense_lr="$D" \
+  --lr adamw="$A4" --lr galore="$G4" --lr plumage="$P4" --dense-lr-grid "$D4" --corpus embedded --report contenders \
+  --arm haar=haar --lr-grid haar="$P4:$(dbl "$P4")" --extend-grid 2 \
+  --arm optimal-k96=optimal,optimizer.sigma_rank=96 --lr-from optimal-k96=plumage \
+  --arm optimal=optimal --lr-from optimal=plumage
+H4=$(get "$OUT/w384/results-contenders.json" embedded lr haar)
+echo "w384 haar optimum: $H4"
+
+stage "w384 manpages at the embedded optima, the contenders included"
+$Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --set optimizer.dense_lr="$D" \
+  --lr adamw="$A4" --lr galore="$G4" --lr plumage="$P4" --dense-lr-grid "$D4" --corpus manpages --report manpages \
+  --arm haar=haar --lr haar="$H4" --arm optimal-k96=optimal,optimizer.sigma_rank=96 --lr-from optimal-k96=plumage
+
+stage "w384 mechanism (embedded, paired by seed; arms in priority order; the contenders' runs are reused)"
+$Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --set optimizer.dense_lr="$D" \
   --lr adamw="$A4" --lr galore="$G4" --lr plumage="$P4" --dense-lr-grid "$D4" --corpus embedded --report mechanism \
   --arm plumage-tau200=plumage,optimizer.update_interval=200 --lr-from plumage-tau200=plumage \
   --arm galore-tau200=galore,optimizer.update_interval=200 --lr-from galore-tau200=galore \
   --arm plumage-norealign=plumage,optimizer.realign=false --lr-from plumage-norealign=plumage \
   --arm galore-realign=galore,optimizer.realign=true --lr-from galore-realign=galore \
-  --arm optimal=optimal --lr-from optimal=plumage \
+  --arm haar=haar --lr haar="$H4" \
   --arm optimal-k96=optimal,optimizer.sigma_rank=96 --lr-from optimal-k96=plumage \
-  --arm haar=haar --lr-grid haar="$P4:$(dbl "$P4")" \
+  --arm optimal=optimal --lr-from optimal=plumage \
   --arm plumage-r8=plumage,optimizer.rank=48 --lr-from plumage-r8=plumage \
   --arm galore-r8=galore,optimizer.rank=48 --lr-from galore-r8=galore \
   --arm plumage-mix0.1=plumage,optimizer.uniform_mix=0.1 --lr-from plumage-mix0.1=plumage

@@ -11,6 +11,7 @@ are bitwise equal) and ``DIR/<run>.pt`` (final parameters).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 
@@ -67,9 +68,14 @@ def main() -> None:
         }
         if int(os.environ.get("RANK", "0")) == 0:
             torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, os.path.join(args.out, f"{spec.replace(':', '_')}.pt"))
+        del trainer, state, model  # no DDP object may outlive the process group (teardown below)
     if int(os.environ.get("RANK", "0")) == 0:
         with open(args.result, "w", encoding="utf-8") as f:
             json.dump(result, f)
+    gc.collect()  # teardown: engine objects gone, then barrier and destroy (a live DDP aborts at exit)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

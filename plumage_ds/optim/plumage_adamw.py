@@ -50,6 +50,7 @@ _LOWRANK_KEYS = (
     "rank", "update_interval", "estimator", "scale", "dinv_placement", "realign", "svd_method", "uniform_mix", "sigma_rank",
 )
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_FUSED_CONSTS_KEPT = 8  # device scalars of the compiled step: sets of (β1, β2, eps) kept per optimizer
 
 
 def _dtype(key: str, value: Any) -> torch.dtype:
@@ -394,11 +395,14 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
     def _fused_constants(self, beta1: float, beta2: float, eps: float, found: Optional[Tensor], device) -> tuple:
         """``(keep1, keep2, eps, 1 − β1, 1 − β2)`` as 0-dim fp32 tensors on ``device`` for
         :func:`~plumage_ds.kernels.fused.compressed_adam_`: made once per hyperparameters (no copy to the
-        device per step); where ``found`` may skip the step the first three come from :func:`skip_constants`."""
+        device per step); where ``found`` may skip the step the first three come from :func:`skip_constants`.
+        At most ``_FUSED_CONSTS_KEPT`` sets are kept (a schedule that changes the betas every step)."""
         key = (device, beta1, beta2, eps)
         consts = self._fused_consts.get(key)
         if consts is None:
             consts = tuple(torch.tensor(x, dtype=torch.float32, device=device) for x in (beta1, beta2, eps, 1.0 - beta1, 1.0 - beta2))
+            if len(self._fused_consts) >= _FUSED_CONSTS_KEPT:
+                self._fused_consts.pop(next(iter(self._fused_consts)))  # the oldest
             self._fused_consts[key] = consts
         if found is None:
             return consts

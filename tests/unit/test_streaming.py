@@ -86,6 +86,21 @@ def test_compiled_step_matches_streaming(kw):
                 torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max()))
 
 
+def test_compiled_step_keeps_a_bounded_set_of_device_constants():
+    """The compiled step's device scalars are made once per ``(β1, β2, eps)``; a schedule that changes
+    the betas every step keeps at most 8 sets, and the step still follows the streaming one."""
+    a, b = _small(), _small()
+    opts = [PlumageAdamW(p, lr=1e-2, rank=3, update_interval=3, seed=5, step_impl=impl) for p, impl in ((a, "compiled"), (b, "streaming"))]
+    for step in range(20):
+        for params, opt in zip((a, b), opts):
+            opt.param_groups[0]["betas"] = (0.9, 0.999 - 1e-4 * step)
+            _grads(params, step)
+            opt.step()
+    assert len(opts[0]._fused_consts) == 8
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6 * float(q.detach().abs().max()))
+
+
 def test_compiled_step_refuses_before_writing_if_the_compiler_fails(monkeypatch):
     """A compiler failure at the first ordinary step raises naming the cause and the way out; the
     parameters and the state are as they were."""

@@ -17,6 +17,7 @@ from torch import Tensor
 from ..config import CommHookConfig, ConfigError, OptimizerConfig, check_estimator, from_dict, to_dict
 from ..estimators import (
     convert_second_moment, is_refresh, is_second_moment_form, oriented_shape, projection_from_design, refresh_index, sampler_generator,
+    second_moment_forms,
 )
 from ..estimators.registry import ESTIMATORS, estimator_names, get_estimator, resolve_svd_method
 from ..estimators.rounding import QUANTIZERS
@@ -275,7 +276,7 @@ class PlumageHookState:
             for key, shape in shapes.items():
                 t = items.get(key)
                 if shape is None:  # Σ whole or compact, under any sigma_rank (converted to this hook's form)
-                    want, ok = f"({s}, {s}) or compact ({s}, k+1)", torch.is_tensor(t) and is_second_moment_form(tuple(t.shape), s)
+                    want, ok = second_moment_forms(s), torch.is_tensor(t) and is_second_moment_form(tuple(t.shape), s)
                 else:
                     want = tuple(x if x >= 0 else s for x in shape)
                     ok = torch.is_tensor(t) and tuple(t.shape) == want

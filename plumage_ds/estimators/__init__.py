@@ -15,6 +15,7 @@ from .optimal import (
     optimal_probabilities,
     optimal_projection,
     scaled_projector,
+    second_moment_forms,
     second_moment_from_gram,
     second_moment_update,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "sample_layers",
     "sampler_generator",
     "scaled_projector",
+    "second_moment_forms",
     "second_moment_from_gram",
     "second_moment_update",
     "short_side_basis",

@@ -112,6 +112,11 @@ def is_second_moment_form(shape: tuple, s: int) -> bool:
     return len(shape) == 2 and shape[0] == s and (shape[1] == s or 2 <= shape[1] <= s - 1)
 
 
+def second_moment_forms(s: int) -> str:
+    """The forms of :func:`is_second_moment_form` for a short side ``s``, as error messages name them."""
+    return f"({s}, {s})" + (f" or compact ({s}, k+1) with 1 <= k <= {s - 2}" if s > 2 else "")
+
+
 def convert_second_moment(Sigma: Tensor, sigma_rank: int) -> Tensor:
     """``Σ`` in either form (saved, say, under another ``sigma_rank``) in the form an owner keeps under
     ``sigma_rank`` (:func:`kept_sigma_columns`): itself where it has that form already, else expanded

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..distributed.layouts import EVERY_RANK, Entry
-from ..estimators.optimal import convert_second_moment, is_second_moment_form
+from ..estimators.optimal import convert_second_moment, is_second_moment_form, second_moment_forms
 from ..estimators.registry import get_estimator
 
 _STATE_FORMAT = 1
@@ -87,8 +87,7 @@ class PlumageStateMixin:
         if self._holds_sigma(e):  # whole or compact, whatever sigma_rank it was saved under (converted on load)
             S = st.get("Sigma")
             ok = torch.is_tensor(S) and is_second_moment_form(tuple(S.shape), e.s)
-            forms = f"({e.s}, {e.s})" + (f" or compact ({e.s}, k+1) with 1 <= k <= {e.s - 2}" if e.s > 2 else "")
-            expect["Sigma"] = tuple(S.shape) if ok else forms
+            expect["Sigma"] = tuple(S.shape) if ok else second_moment_forms(e.s)
         self._check_state_tensors(e, st, expect, ("step", "sigma_count"))
         if "step" not in st:
             raise ValueError(f"Invalid state_dict: {e.name} has no step")

@@ -693,7 +693,7 @@ def test_sigma_saved_in_another_form_loads_in_the_hooks_form(tmp_path, saved_k, 
         loader = PlumageHookState(model, sigma_rank=now_k, **hook)
         bad = dict(sd, sigma={0: {"count": 2, "Sigma": torch.zeros(32, 33, dtype=torch.float64)}})
         with pytest.raises(ValueError, match=r"^Invalid comm hook state_dict: sigma\[0\]\.Sigma must be a finite tensor of shape "
-                                             r"\(32, 32\) or compact \(32, k\+1\)$"):
+                                             r"\(32, 32\) or compact \(32, k\+1\) with 1 <= k <= 30$"):
             loader.load_state_dict(bad)
         assert loader.sigma == {}
         loader.load_state_dict(sd)

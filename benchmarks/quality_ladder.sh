@@ -2,7 +2,8 @@
 # The scale ladder of docs/quality.md §10: AdamW, GaLore and PLUMAGE at widths 256 and 384 (4 layers,
 # configs/ladder-*.yaml), 600 steps, 3 seeds, both corpora, each arm at its own best matrix LR for the
 # width and one shared dense_lr swept per width; at width 384 first the default's contenders (Haar,
-# optimal) on both corpora, then the other mechanism arms, paired by seed.
+# optimal) on both corpora, then the same contenders at width 128 (600 steps, 5 seeds, both corpora),
+# then the other mechanism arms at width 384, paired by seed.
 # Every harness call is resumable (finished runs are reused), so rerunning continues where it stopped.
 #
 #   bash benchmarks/quality_ladder.sh                 # ~10 h on 2 cores (make quality-ladder)
@@ -68,6 +69,11 @@ stage "w384 manpages at the embedded optima, the contenders included"
 $Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --set optimizer.dense_lr="$D" \
   --lr adamw="$A4" --lr galore="$G4" --lr plumage="$P4" --dense-lr-grid "$D4" --corpus manpages --report manpages \
   --arm haar=haar --lr haar="$H4" --arm optimal-k96=optimal,optimizer.sigma_rank=96 --lr-from optimal-k96=plumage
+
+stage "w128 (configs/demo.yaml) at 600 steps: the default's contenders on both corpora, paired by seed"
+$Q --config configs/demo.yaml --out "$OUT/w128" --seeds 5 --sweep-seeds 5 --set optimizer.dense_lr=0.004 \
+  --lr adamw=0.001 --lr galore=0.002 --lr plumage=0.002 --corpus manpages --corpus embedded --report contenders \
+  --arm haar=haar --lr-grid haar=0.001:0.002:0.004 --extend-grid 1 --arm optimal=optimal --lr-from optimal=plumage
 
 stage "w384 mechanism (embedded, paired by seed; arms in priority order; the contenders' runs are reused)"
 $Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --set optimizer.dense_lr="$D" \

@@ -2,8 +2,8 @@
 # The scale ladder of docs/quality.md §10: AdamW, GaLore and PLUMAGE at widths 256 and 384 (4 layers,
 # configs/ladder-*.yaml), 600 steps, 3 seeds, both corpora, each arm at its own best matrix LR for the
 # width and one shared dense_lr swept per width; at width 384 first the default's contenders (Haar,
-# optimal) on both corpora, then the same contenders at width 128 (600 steps, 5 seeds, both corpora),
-# then the other mechanism arms at width 384, paired by seed.
+# optimal) on both corpora, then the same contenders on prose at width 256 and on both corpora at
+# width 128 (600 steps, 5 seeds), then the other mechanism arms at width 384, paired by seed.
 # Every harness call is resumable (finished runs are reused), so rerunning continues where it stopped.
 #
 #   bash benchmarks/quality_ladder.sh                 # ~10 h on 2 cores (make quality-ladder)
@@ -69,6 +69,11 @@ stage "w384 manpages at the embedded optima, the contenders included"
 $Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --set optimizer.dense_lr="$D" \
   --lr adamw="$A4" --lr galore="$G4" --lr plumage="$P4" --dense-lr-grid "$D4" --corpus manpages --report manpages \
   --arm haar=haar --lr haar="$H4" --arm optimal-k96=optimal,optimizer.sigma_rank=96 --lr-from optimal-k96=plumage
+
+stage "w256 manpages: optimal with Σ compact (sigma_rank = r) beside Haar at its width-256 optimum (2e-3, §10)"
+$Q --config configs/ladder-256.yaml --out "$OUT/w256" --seeds 3 --lr adamw="$A" --lr galore="$G" --lr plumage="$P" \
+  --dense-lr-grid "$D" --corpus manpages --report contenders-manpages --arm haar=haar --lr haar=0.002 \
+  --arm optimal-k64=optimal,optimizer.sigma_rank=64 --lr-from optimal-k64=plumage
 
 stage "w128 (configs/demo.yaml) at 600 steps: the default's contenders on both corpora, paired by seed"
 $Q --config configs/demo.yaml --out "$OUT/w128" --seeds 5 --sweep-seeds 5 --set optimizer.dense_lr=0.004 \

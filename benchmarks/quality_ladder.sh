@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The scale ladder of docs/quality.md §10: AdamW, GaLore and PLUMAGE at widths 256 and 384 (4 layers,
 # configs/ladder-*.yaml), 600 steps, 3 seeds, both corpora, each arm at its own best matrix LR for the
-# width and one shared dense_lr swept per width; at width 384 first the default's contenders (Haar,
-# optimal) on both corpora, then the same contenders on prose at width 256 and on both corpora at
-# width 128 (600 steps, 5 seeds), then the other mechanism arms at width 384, paired by seed.
+# width and one shared dense_lr swept per width; then the default's contenders, paired by seed:
+# Haar and optimal at width 384 on the embedded corpus, optimal with Σ compact (sigma_rank = r) on
+# prose at 384, on both corpora at width 128 (600 steps, 5 seeds) and on prose at 256, Haar on prose
+# at 384 and on the embedded corpus at 128; last the other mechanism arms at width 384.
 # Every harness call is resumable (finished runs are reused), so rerunning continues where it stopped.
 #
 #   bash benchmarks/quality_ladder.sh                 # ~10 h on 2 cores (make quality-ladder)
@@ -61,24 +62,34 @@ $Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --sweep-seeds 1 
   --lr adamw="$A4" --lr galore="$G4" --lr plumage="$P4" --dense-lr-grid "$D4" --corpus embedded --report contenders \
   --arm haar=haar --lr-grid haar="$P4:$(dbl "$P4")" --extend-grid 2 \
   --arm optimal-k96=optimal,optimizer.sigma_rank=96 --lr-from optimal-k96=plumage \
-  --arm optimal=optimal --lr-from optimal=plumage
+  --arm optimal=optimal,optimizer.sigma_rank=0 --lr-from optimal=plumage
 H4=$(get "$OUT/w384/results-contenders.json" embedded lr haar)
 echo "w384 haar optimum: $H4"
 
-stage "w384 manpages at the embedded optima, the contenders included"
+stage "w384 manpages at the embedded optima: the three arms and optimal with Σ compact (sigma_rank = r)"
 $Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --set optimizer.dense_lr="$D" \
   --lr adamw="$A4" --lr galore="$G4" --lr plumage="$P4" --dense-lr-grid "$D4" --corpus manpages --report manpages \
-  --arm haar=haar --lr haar="$H4" --arm optimal-k96=optimal,optimizer.sigma_rank=96 --lr-from optimal-k96=plumage
+  --arm optimal-k96=optimal,optimizer.sigma_rank=96 --lr-from optimal-k96=plumage
+
+stage "w128 (configs/demo.yaml) at 600 steps: optimal with sigma_rank = r on both corpora (the three arms on embedded)"
+W128="--config configs/demo.yaml --out $OUT/w128 --seeds 5 --sweep-seeds 5 --set optimizer.dense_lr=0.004"
+W128="$W128 --lr adamw=0.001 --lr galore=0.002 --lr plumage=0.002 --corpus manpages --corpus embedded"
+$Q $W128 --report contenders-k --arm optimal-k32=optimal,optimizer.sigma_rank=32 --lr-from optimal-k32=plumage
 
 stage "w256 manpages: optimal with Σ compact (sigma_rank = r) beside Haar at its width-256 optimum (2e-3, §10)"
 $Q --config configs/ladder-256.yaml --out "$OUT/w256" --seeds 3 --lr adamw="$A" --lr galore="$G" --lr plumage="$P" \
   --dense-lr-grid "$D" --corpus manpages --report contenders-manpages --arm haar=haar --lr haar=0.002 \
   --arm optimal-k64=optimal,optimizer.sigma_rank=64 --lr-from optimal-k64=plumage
 
-stage "w128 (configs/demo.yaml) at 600 steps: the default's contenders on both corpora, paired by seed"
-$Q --config configs/demo.yaml --out "$OUT/w128" --seeds 5 --sweep-seeds 5 --set optimizer.dense_lr=0.004 \
-  --lr adamw=0.001 --lr galore=0.002 --lr plumage=0.002 --corpus manpages --corpus embedded --report contenders \
-  --arm haar=haar --lr-grid haar=0.001:0.002:0.004 --extend-grid 1 --arm optimal=optimal --lr-from optimal=plumage
+stage "w384 manpages: Haar at its embedded optimum beside the rows above"
+$Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --set optimizer.dense_lr="$D" \
+  --lr adamw="$A4" --lr galore="$G4" --lr plumage="$P4" --dense-lr-grid "$D4" --corpus manpages --report manpages \
+  --arm haar=haar --lr haar="$H4" --arm optimal-k96=optimal,optimizer.sigma_rank=96 --lr-from optimal-k96=plumage
+
+stage "w128 at 600 steps: every contender on both corpora, paired by seed (Haar swept on all 5 seeds)"
+$Q $W128 --report contenders --arm haar=haar --lr-grid haar=0.001:0.002:0.004 --extend-grid 1 \
+  --arm optimal-k32=optimal,optimizer.sigma_rank=32 --lr-from optimal-k32=plumage \
+  --arm optimal=optimal,optimizer.sigma_rank=0 --lr-from optimal=plumage
 
 stage "w384 mechanism (embedded, paired by seed; arms in priority order; the contenders' runs are reused)"
 $Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --set optimizer.dense_lr="$D" \
@@ -89,7 +100,7 @@ $Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --set optimizer.
   --arm galore-realign=galore,optimizer.realign=true --lr-from galore-realign=galore \
   --arm haar=haar --lr haar="$H4" \
   --arm optimal-k96=optimal,optimizer.sigma_rank=96 --lr-from optimal-k96=plumage \
-  --arm optimal=optimal --lr-from optimal=plumage \
+  --arm optimal=optimal,optimizer.sigma_rank=0 --lr-from optimal=plumage \
   --arm plumage-r8=plumage,optimizer.rank=48 --lr-from plumage-r8=plumage \
   --arm galore-r8=galore,optimizer.rank=48 --lr-from galore-r8=galore \
   --arm plumage-mix0.1=plumage,optimizer.uniform_mix=0.1 --lr-from plumage-mix0.1=plumage

@@ -64,7 +64,7 @@ def validate_lowrank_options(
     estimator: Any = None,
     dinv_placement: Any = "none",
     uniform_mix: Any = 0.0,
-    sigma_rank: Any = 0,
+    sigma_rank: Any = None,
 ) -> None:
     """The low-rank knobs of :class:`~plumage_ds.optim.PlumageAdamW` (and GUM, the reference).
 
@@ -81,7 +81,10 @@ def validate_lowrank_options(
 
 
 def check_sigma_rank(sigma_rank: Any, spec) -> None:
-    """``sigma_rank``: an integer >= 0, and non-zero only for an estimator that keeps ``Σ``."""
+    """``sigma_rank``: ``None`` (the rank ``r`` where ``Σ`` is kept), or an integer >= 0, non-zero only for
+    an estimator that keeps ``Σ``."""
+    if sigma_rank is None:
+        return
     check_nonneg("sigma_rank", sigma_rank, integer=True)
     if sigma_rank and not spec.keeps_second_moment:
         keepers = " and ".join(repr(n) for n, s in ESTIMATORS.items() if s.keeps_second_moment)
@@ -175,8 +178,8 @@ class OptimizerConfig:
     svd_method: Optional[str] = None  # None: the estimator's default ("gram"); must stay None for haar/adamw
     uniform_mix: float = 0.0  # plumage/optimal only: floor ε on inclusion probabilities
     # optimal only: between refreshes keep Σ as its top sigma_rank eigenpairs plus an isotropic rest, (s, k+1)
-    # floats instead of (s, s); 0: the whole Σ (also for matrices with s <= sigma_rank + 1, where it is no larger)
-    sigma_rank: int = 0
+    # floats instead of (s, s); None: k = rank; 0: the whole Σ (so too where s <= k + 1: it is no larger)
+    sigma_rank: Optional[int] = None
     seed: int = 0  # sampler seed (P draws, GUM's layer draw)
     strict: bool = False  # raise instead of falling back to AdamW for a target that cannot go low-rank
     max_grad_norm: float = 0.0  # global-norm clipping (0: off), on what the optimizer uses

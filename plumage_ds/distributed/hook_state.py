@@ -16,8 +16,8 @@ from torch import Tensor
 
 from ..config import CommHookConfig, ConfigError, OptimizerConfig, check_estimator, from_dict, to_dict
 from ..estimators import (
-    convert_second_moment, is_refresh, is_second_moment_form, oriented_shape, projection_from_design, refresh_index, sampler_generator,
-    second_moment_forms,
+    convert_second_moment, is_refresh, is_second_moment_form, oriented_shape, projection_from_design, refresh_index,
+    resolve_sigma_rank, sampler_generator, second_moment_forms,
 )
 from ..estimators.registry import ESTIMATORS, estimator_names, get_estimator, resolve_svd_method
 from ..estimators.rounding import QUANTIZERS
@@ -90,7 +90,8 @@ class PlumageHookState:
             design so no direction has ``p = 0``; that keeps ``E[Ĝ_t] = G_t`` for the gradients
             *between* refreshes too — 0.1 cost no loss in the measurements of ``docs/benchmarks.md``;
             0, the default of the one schema, is the paper's design), ``sigma_rank`` (``optimal``:
-            keep ``Σ`` as that many eigenpairs plus an isotropic rest between refreshes), and
+            keep ``Σ`` as that many eigenpairs plus an isotropic rest between refreshes; ``None``, the
+            default: ``rank``; 0: whole), and
             ``comm_hook.start_iter`` (warm-up steps with a plain all-reduce) and
             ``comm_hook.min_compression_rate`` (compress a matrix only if ``s / min(rank, s) >=`` it).
         process_group: group to communicate on (``None``: the default group).
@@ -178,7 +179,7 @@ class PlumageHookState:
         self.resample = hook.resample_interval > 0
         self.quantize = hook.quantize
         self.sigma_weight = hook.sigma_weight
-        self.sigma_rank = cfg.sigma_rank
+        self.sigma_rank = resolve_sigma_rank(cfg.sigma_rank, cfg.rank)
         self.async_comm = hook.async_comm
         self.iter = 0
         named = _named_trainable(model)
@@ -360,7 +361,7 @@ class PlumageHookState:
             for pid in pids:
                 s, l = oriented_shape(self.matrix_shape(pid))
                 c, b = lowrank_load(s, l, self.effective_rank(pid), decomposes=spec.needs_gradient, keeps_moments=False,
-                                    keeps_second_moment=spec.keeps_second_moment)
+                                    keeps_second_moment=spec.keeps_second_moment, sigma_rank=self.sigma_rank)
                 costs.append(c)
                 sizes.append(b)
             plan = greedy_ownership(costs, sizes, world)

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..estimators.optimal import kept_sigma_columns
 
-def lowrank_load(s: int, l: int, r: int, *, decomposes: bool, keeps_moments: bool, keeps_second_moment: bool) -> tuple[float, int]:
+
+def lowrank_load(
+    s: int, l: int, r: int, *, decomposes: bool, keeps_moments: bool, keeps_second_moment: bool, sigma_rank: int = 0,
+) -> tuple[float, int]:
     """``(compute, state bytes)`` of owning one ``(s, l)`` target matrix at rank ``r``.
 
     Compute: the refresh decomposition ``s²·l`` (estimators that build ``P`` from the gradient) plus,
     where the owner runs Adam, ``2·r·l`` per step. State: fp32 moments ``2·r·l`` and, for estimators
-    that keep a second moment, ``Σ`` in float64 ``s²``.
+    that keep a second moment, ``Σ`` in float64: ``s²``, or ``s·(k+1)`` kept compact (``sigma_rank = k``).
     """
     compute = (float(s * s * l) if decomposes else 0.0) + (2.0 * r * l if keeps_moments else 0.0)
-    state = (2 * r * l * 4 if keeps_moments else 0) + (8 * s * s if keeps_second_moment else 0)
+    state = (2 * r * l * 4 if keeps_moments else 0) + (8 * s * kept_sigma_columns(s, sigma_rank) if keeps_second_moment else 0)
     return compute, state
 
 

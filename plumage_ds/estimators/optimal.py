@@ -90,6 +90,12 @@ def compact_second_moment(Q: Tensor, root: Tensor, k: int) -> Tensor:
     return torch.cat([F, iso.unsqueeze(-2).expand(*F.shape[:-1], 1)], dim=-1)  # (s, k+1)
 
 
+def resolve_sigma_rank(sigma_rank: Optional[int], rank: int) -> int:
+    """The ``sigma_rank`` an owner keeps ``Σ`` under: the one given, or the projector's rank ``r``
+    where it is ``None`` (the default: ``Σ`` as ``r`` eigenpairs plus an isotropic rest). 0: whole."""
+    return rank if sigma_rank is None else sigma_rank
+
+
 def kept_sigma_columns(s: int, sigma_rank: int) -> int:
     """Columns of the ``Σ`` an owner keeps for a short side ``s``: ``k + 1`` (compact) where
     ``0 < k = sigma_rank <= s − 2``, else ``s`` (the whole ``Σ``, which is then no larger)."""

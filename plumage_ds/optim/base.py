@@ -29,7 +29,9 @@ from torch import Tensor
 
 from ..config import NONFINITE_POLICIES, check_bool, check_int, check_nonneg, validate_adam_options
 from ..distributed.layouts import EVERY_RANK, LAYOUTS, REPLICATED, Entry, layout_for, local, sharding_case
-from ..estimators import RefreshInput, is_left, oriented_shape, owner_refresh, refresh_index, sampler_generator
+from ..estimators import (
+    RefreshInput, is_left, oriented_shape, owner_refresh, refresh_index, resolve_sigma_rank, sampler_generator,
+)
 from ..kernels.adam import adam_step_size, adamw_chunks
 from ..kernels.batched import group_indices, nonfinite_flags, sq_norm_sum
 from ..targets import named_groups
@@ -428,7 +430,7 @@ class MatrixOptimizer(StreamingMixin, CheckpointMixin, torch.optim.Optimizer):
         results, error = owner_refresh([
             RefreshInput(name=need[j].name, estimator=self._estimator(need[j]), rank=need[j].r, left=need[j].left,
                          kind=basis[j][0], X=basis[j][1], svd_method=need[j].group["svd_method"],
-                         uniform_mix=need[j].group.get("uniform_mix", 0.0), sigma_rank=need[j].group.get("sigma_rank", 0),
+                         uniform_mix=need[j].group.get("uniform_mix", 0.0), sigma_rank=resolve_sigma_rank(need[j].group.get("sigma_rank"), need[j].group["rank"]),
                          generator=self._generator(need[j]),
                          kept={k: v for k, v in self.state.get(need[j].param, {}).items() if k in ("Sigma", "sigma_count")})
             for j in mine

@@ -38,7 +38,7 @@ from torch import Tensor
 from ..config import DTYPES, RIGHT_PROJECTORS, STEP_IMPLS, check_bool, check_choice, validate_lowrank_options
 from ..distributed.layouts import FSDP_ROWS, REPLICATED, ZERO3_FLAT, Entry
 from ..distributed.ownership import lowrank_load
-from ..estimators import is_refresh, orient
+from ..estimators import is_refresh, orient, resolve_sigma_rank
 from ..estimators.registry import estimator_problem, get_estimator, resolve_realign
 from ..kernels.adam import adam_direction_foreach, adam_moments_foreach, adam_step_size, skip_constants
 from ..kernels.batched import group_indices, matmuls, projections
@@ -97,8 +97,9 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
             unbiased for later gradients between refreshes; 0 = the paper's design).
         sigma_rank: optimal only: between refreshes the owner keeps ``Σ`` as its top
             ``sigma_rank`` eigenpairs plus an isotropic rest, ``(s, k+1)`` float64 instead of
-            ``(s, s)``; each refresh still draws from the whole ``Σ`` it forms. 0: the whole
-            ``Σ`` (so too for a matrix with ``s <= sigma_rank + 1``, where it is no larger).
+            ``(s, s)``; each refresh still draws from the whole ``Σ`` it forms. ``None`` (the
+            default): ``rank`` eigenpairs. 0: the whole ``Σ`` (so too for a matrix with
+            ``s <= sigma_rank + 1``, where it is no larger).
         seed: sampler seed.
         strict: raise instead of falling back to AdamW for a target matrix that
             cannot take the low-rank path.
@@ -163,7 +164,7 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
         realign: Optional[bool] = None,
         svd_method: Optional[str] = None,
         uniform_mix: float = 0.0,
-        sigma_rank: int = 0,
+        sigma_rank: Optional[int] = None,
         seed: int = 0,
         strict: bool = False,
         max_grad_norm: float = 0.0,
@@ -251,7 +252,8 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
         targets = [e for e in entries if e.lowrank]
         loads = [
             lowrank_load(e.s, e.l, e.r, decomposes=self._estimator(e).needs_gradient, keeps_moments=True,
-                         keeps_second_moment=self._estimator(e).keeps_second_moment)
+                         keeps_second_moment=self._estimator(e).keeps_second_moment,
+                         sigma_rank=resolve_sigma_rank(e.group["sigma_rank"], e.group["rank"]))
             for e in targets
         ]
         for e, o in zip(targets, self._layout.assign_owners([c for c, _ in loads], [b for _, b in loads])):

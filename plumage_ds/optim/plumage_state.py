@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..distributed.layouts import EVERY_RANK, Entry
-from ..estimators.optimal import convert_second_moment, is_second_moment_form, second_moment_forms
+from ..estimators.optimal import convert_second_moment, is_second_moment_form, resolve_sigma_rank, second_moment_forms
 from ..estimators.registry import get_estimator
 
 _STATE_FORMAT = 1
@@ -71,7 +71,8 @@ class PlumageStateMixin:
                 st = {k: layout.chunk_of_full(e, k, v) for k, v in st.items()}
             self._check_entry_state(e, st)
             if "Sigma" in st:  # kept in the form of the sigma_rank being installed (it may differ from the saved form)
-                k = saved_group[id(e.group)].get("sigma_rank", e.group.get("sigma_rank", 0))
+                saved = saved_group[id(e.group)]
+                k = resolve_sigma_rank(saved.get("sigma_rank", e.group.get("sigma_rank")), saved.get("rank", e.group["rank"]))
                 st = dict(st, Sigma=convert_second_moment(st["Sigma"].double(), k))
             return st
 

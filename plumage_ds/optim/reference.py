@@ -33,8 +33,8 @@ from torch import Tensor
 
 from ..config import validate_adam_options, validate_lowrank_options
 from ..estimators import (
-    deorient, is_left, kept_second_moment, optimal_projection, orient, realign_moments, realignment, sampler_generator,
-    second_moment_update,
+    deorient, is_left, kept_second_moment, optimal_projection, orient, realign_moments, realignment, resolve_sigma_rank,
+    sampler_generator, second_moment_update,
 )
 from ..estimators.registry import get_estimator, resolve_realign, resolve_svd_method
 
@@ -54,8 +54,9 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
         ``(r, l)`` for low-rank matrices, the parameter's shape for dense ones;
       * ``P`` ``(s, r)`` and ``d`` ``(r,)`` in fp32 for low-rank matrices;
       * ``optimal`` only: ``Sigma`` ``(s, s)`` float64, the mean of ``G_o G_oᵀ`` over the
-        ``sigma_count`` refresh gradients seen so far (with ``sigma_rank = k``, ``0 < k <= s − 2``:
-        compact ``(s, k+1)``, its top ``k`` eigenpairs plus an isotropic rest).
+        ``sigma_count`` refresh gradients seen so far; with ``sigma_rank = k``, ``0 < k <= s − 2``
+        (``None``, the default: ``k = rank``), compact ``(s, k+1)``, its top ``k`` eigenpairs plus an
+        isotropic rest; 0: whole.
     """
 
     def __init__(
@@ -74,7 +75,7 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
         realign: bool | None = None,
         svd_method: str | None = None,
         uniform_mix: float = 0.0,
-        sigma_rank: int = 0,
+        sigma_rank: int | None = None,
         seed: int = 0,
     ):
         svd_method = resolve_svd_method(estimator, svd_method) or "gram"  # haar takes no SVD
@@ -199,7 +200,8 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
                 Sigma = second_moment_update(state.get("Sigma"), G, 1.0 / count)  # (s, s) float64
                 state["sigma_count"] = count
                 proj = optimal_projection(Sigma, group["rank"], gen, uniform_mix=group["uniform_mix"])
-                state["Sigma"] = kept_second_moment(Sigma, group["sigma_rank"])  # whole, or compact (s, k+1)
+                k = resolve_sigma_rank(group["sigma_rank"], group["rank"])
+                state["Sigma"] = kept_second_moment(Sigma, k)  # whole, or compact (s, k+1)
             else:
                 proj = spec.build(G, group["rank"], gen, svd_method=group["svd_method"], uniform_mix=group["uniform_mix"])
             P_new = proj.P.float()  # (s, r)

@@ -8,6 +8,7 @@ import inspect
 
 import pytest
 import torch
+import torch.nn as nn
 
 from plumage_ds.config import (
     PLUMAGE_ADAMW_KEYS,
@@ -16,6 +17,9 @@ from plumage_ds.config import (
     from_dict,
     to_dict,
 )
+from plumage_ds.distributed import lowrank_load
+from plumage_ds.distributed.hook_state import PlumageHookState
+from plumage_ds.estimators import resolve_sigma_rank
 from plumage_ds.estimators.registry import ESTIMATORS, get_estimator, resolve_realign, resolve_svd_method
 
 BAD_OPTIMIZER = [
@@ -135,3 +139,18 @@ def test_registry_facts():
         assert proj.P.shape == (6, 3) and proj.d.shape == (3,)
     with pytest.raises(ValueError, match="no projector"):
         get_estimator("adamw").build(G, 3, gen)
+
+
+def test_sigma_rank_default_is_the_rank_everywhere() -> None:
+    """``sigma_rank=None`` (the default of the schema, the optimizer and the hook) keeps ``Σ`` as ``r``
+    eigenpairs plus an isotropic rest, ``(s, r+1)``; 0 keeps it whole. The ownership cost model
+    counts the bytes of the form kept."""
+    assert OptimizerConfig().sigma_rank is None and OptimizerConfig(estimator="optimal").sigma_rank is None
+    assert [resolve_sigma_rank(k, 4) for k in (None, 0, 2)] == [4, 0, 2]
+    model = nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 8))
+    hooks = {k: PlumageHookState(model, estimator="optimal", rank=4, target_modules=r"^\d$", **kw)
+             for k, kw in (("default", {}), ("whole", {"sigma_rank": 0}))}
+    assert hooks["default"].sigma_rank == 4 and hooks["whole"].sigma_rank == 0
+    sigma_bytes = {k: lowrank_load(16, 24, 4, decomposes=True, keeps_moments=False, keeps_second_moment=True, sigma_rank=k)[1]
+                   for k in (0, 4, 14, 15)}
+    assert sigma_bytes == {0: 8 * 16 * 16, 4: 8 * 16 * 5, 14: 8 * 16 * 15, 15: 8 * 16 * 16}  # s <= k + 1: whole

@@ -79,11 +79,12 @@ def _mlp_with_square(seed: int = 0) -> nn.Module:
     )
 
 
-@pytest.mark.parametrize("uniform_mix, sigma_rank", [(0.0, 0), (0.1, 0), (0.0, 3), (0.1, 6)])
-def test_optimal_matches_reference_left_right_square(uniform_mix: float, sigma_rank: int) -> None:
+@pytest.mark.parametrize("uniform_mix, sigma_rank", [(0.0, 0), (0.1, 0), (0.0, 3), (0.1, 6), (0.0, None)])
+def test_optimal_matches_reference_left_right_square(uniform_mix: float, sigma_rank) -> None:
     """``estimator="optimal"`` follows the oracle over 5 refreshes on left (8×20), right (20×12,
     24×8) and square (20×20) weights; ``Σ`` is float64 and equal to the oracle's — whole ``(s, s)``,
-    or compact ``(s, k+1)`` with ``sigma_rank = k`` where ``k <= s − 2`` (k = 6 keeps ``s = 8`` whole)."""
+    or compact ``(s, k+1)`` with ``sigma_rank = k`` where ``k <= s − 2`` (k = 6 keeps ``s = 8`` whole;
+    ``None``, the default, is ``k = rank``)."""
     m1, m2 = _mlp_with_square(), _mlp_with_square()
     kw = dict(HPARAMS, estimator="optimal", uniform_mix=uniform_mix, sigma_rank=sigma_rank)
     ref = ReferencePlumageAdam(m1.parameters(), **kw)
@@ -96,7 +97,8 @@ def test_optimal_matches_reference_left_right_square(uniform_mix: float, sigma_r
         if p1.dim() == 2:
             shapes.add("left" if p1.shape[0] < p1.shape[1] else "square" if p1.shape[0] == p1.shape[1] else "right")
             S, s = opt.state[p2]["Sigma"], min(p1.shape)
-            kept = (s, sigma_rank + 1) if 0 < sigma_rank <= s - 2 else (s, s)
+            k = HPARAMS["rank"] if sigma_rank is None else sigma_rank
+            kept = (s, k + 1) if 0 < k <= s - 2 else (s, s)
             assert S.dtype == torch.float64 and S.shape == kept and opt.state[p2]["sigma_count"] == 5
             torch.testing.assert_close(ref.state[p1]["Sigma"], S, rtol=0, atol=1e-6 * float(S.abs().max()))
     assert shapes == {"left", "right", "square"}
@@ -104,10 +106,10 @@ def test_optimal_matches_reference_left_right_square(uniform_mix: float, sigma_r
 
 def test_optimal_sigma_is_the_mean_of_refresh_grams() -> None:
     """After ``k`` refreshes the owner's ``Σ`` is the mean of ``G_o G_oᵀ`` of the ``k`` refresh gradients
-    (right projection: ``G_o = Gᵀ``), and ``state_bytes`` counts it (``8·s²``)."""
+    (right projection: ``G_o = Gᵀ``) when kept whole (``sigma_rank=0``), and ``state_bytes`` counts it (``8·s²``)."""
     torch.manual_seed(0)
     W = nn.Parameter(torch.randn(10, 6))  # right projection: s = 6
-    opt = PlumageAdamW([W], lr=1e-2, rank=2, update_interval=2, estimator="optimal")
+    opt = PlumageAdamW([W], lr=1e-2, rank=2, update_interval=2, estimator="optimal", sigma_rank=0)
     grams = []
     for step in range(7):
         G = torch.randn(10, 6, generator=torch.Generator().manual_seed(step))
@@ -123,11 +125,12 @@ def test_optimal_sigma_is_the_mean_of_refresh_grams() -> None:
 def test_optimal_compact_sigma_memory_and_first_refresh() -> None:
     """``sigma_rank = k``: the owner keeps ``8·s·(k+1)`` bytes of ``Σ`` instead of ``8·s²``; the first
     refresh draws from the whole ``Σ`` (the same ``P`` as ``sigma_rank = 0``), later ones from what was
-    kept plus the new gradient (another ``P``: the compact ``Σ`` is an approximation)."""
+    kept plus the new gradient (another ``P``: the compact ``Σ`` is an approximation). The default,
+    ``None``, is ``k = rank`` (here 2), bit for bit."""
     runs = {}
-    for k in (0, 2):
+    for k in (0, 2, None):
         W = nn.Parameter(torch.zeros(10, 8))  # right projection: s = 8
-        opt = PlumageAdamW([W], lr=1e-2, rank=2, update_interval=2, estimator="optimal", sigma_rank=k)
+        opt = PlumageAdamW([W], lr=1e-2, rank=2, update_interval=2, estimator="optimal", **({} if k is None else {"sigma_rank": k}))
         Ps = []
         for step in range(5):
             g = torch.Generator().manual_seed(step)
@@ -136,8 +139,9 @@ def test_optimal_compact_sigma_memory_and_first_refresh() -> None:
             if step % 2 == 0:
                 Ps.append(opt.state[W]["P"].clone())
         runs[k] = (Ps, opt.state_bytes()["second_moment"], opt.state[W]["Sigma"].shape)
-    assert runs[0][1:] == (8 * 8 * 8, (8, 8)) and runs[2][1:] == (8 * 8 * 3, (8, 3))
+    assert runs[0][1:] == (8 * 8 * 8, (8, 8)) and runs[2][1:] == runs[None][1:] == (8 * 8 * 3, (8, 3))
     assert torch.equal(runs[0][0][0], runs[2][0][0]) and not torch.equal(runs[0][0][2], runs[2][0][2])
+    assert all(torch.equal(a, b) for a, b in zip(runs[2][0], runs[None][0]))
 
 
 def test_optimal_compact_sigma_bad_state_is_rejected() -> None:
@@ -164,7 +168,7 @@ def test_optimal_sigma_saved_under_another_sigma_rank_loads(saved_k: int, now_k:
     _train(model, opt, range(4))  # refreshes at steps 0 and 3
     opt.param_groups[0]["sigma_rank"] = now_k
     again.load_state_dict(model.state_dict())
-    loaded = PlumageAdamW(again.parameters(), **dict(HPARAMS, estimator="optimal"))
+    loaded = PlumageAdamW(again.parameters(), **dict(HPARAMS, estimator="optimal", sigma_rank=0))
     loaded.load_state_dict(_roundtrip(opt.state_dict()))
     assert loaded.param_groups[0]["sigma_rank"] == now_k
     held = 0
@@ -354,10 +358,10 @@ def _optimal_corrupt(sd: dict, how: str) -> dict:
     ],
 )
 def test_optimal_bad_sigma_is_rejected_and_state_kept(how: str, match: str) -> None:
-    """A corrupt ``Σ`` raises a ValueError naming the parameter; nothing is loaded."""
+    """A corrupt whole ``Σ`` (``sigma_rank=0``) raises a ValueError naming the parameter; nothing is loaded."""
     model = _mlp()
     names = [n for n, _ in model.named_parameters()]
-    opt = PlumageAdamW([{"params": list(model.parameters()), "names": names}], **dict(HPARAMS, estimator="optimal"))
+    opt = PlumageAdamW([{"params": list(model.parameters()), "names": names}], **dict(HPARAMS, estimator="optimal", sigma_rank=0))
     _train(model, opt, range(4))
     before = _roundtrip(opt.state_dict())
     with pytest.raises(ValueError, match=match):

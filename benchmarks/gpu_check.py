@@ -32,7 +32,10 @@ when ``--device cuda`` finds no CUDA device):
    GaLore and PLUMAGE through ``plumage_ds.train.loop.train`` (same config, same corpus).
 
 Part 2 also reports each optimizer's state and its peak above the weights and gradients, and runs
-``PlumageAdamW`` with the bf16 precision policy (``compute_dtype``/``state_dtype``) beside the fp32 one.
+``PlumageAdamW`` with the bf16 precision policy (``compute_dtype``/``state_dtype``) beside the fp32 one,
+and ``estimator="optimal"`` (the main job's default; ``Σ`` compact, float64) under that policy. Part 1's
+step-path checks (precision policy, staged, compiled, host synchronisations) run for ``plumage`` and
+``optimal``.
 Parts 4 and 5 take ``--skip-whole-step`` / ``--skip-main-job``.
 """
 
@@ -54,8 +57,9 @@ from torch import nn  # noqa: E402
 
 LAYER_1B = dict(hidden=2048, intermediate=5632, kv=256)
 LAYER_TINY = dict(hidden=64, intermediate=176, kv=16)
-ESTIMATORS = ("plumage", "galore", "haar")
-METHODS = ("adamw", "galore_torch", "plumage", "plumage_bf16", "plumage_bf16_compiled")
+ESTIMATORS = ("plumage", "galore", "haar", "optimal")
+DEEP_CHECKS = ("plumage", "optimal")  # the paper's estimator and the main job's default: every step path
+METHODS = ("adamw", "galore_torch", "plumage", "plumage_bf16", "plumage_bf16_compiled", "optimal_bf16")
 
 
 def _sync(device: torch.device) -> None:
@@ -127,7 +131,7 @@ def correctness(device: torch.device, steps: int) -> list[tuple[str, float, floa
         bound = steps * 2**-8 * max(p.abs().max().item() for p in ref)
         d = max((a.detach().float().cpu() - b.detach()).abs().max().item() for a, b in zip(bf16, ref))
         rows.append((f"{estimator}: bf16 weights on {device.type} vs CPU fp32 oracle (same gradients)", d, bound, d <= bound))
-        if estimator != "plumage":
+        if estimator not in DEEP_CHECKS:
             continue
         policy = [p.detach().clone().requires_grad_() for p in _mlp().to(device, torch.bfloat16).parameters()]
         _replay(policy, PlumageAdamW(policy, estimator=estimator, compute_dtype="bfloat16", state_dtype="bfloat16", **kw), steps)
@@ -143,7 +147,7 @@ def correctness(device: torch.device, steps: int) -> list[tuple[str, float, floa
         d = _max_diff(fp32, compiled)
         rows.append((f"{estimator}: compiled vs streaming step on {device.type}", d, 1e-6, d <= 1e-6))
         for impl in ("streaming", "compiled"):
-            n = _host_syncs(device, {**kw, "step_impl": impl})
+            n = _host_syncs(device, {**kw, "estimator": estimator, "step_impl": impl})
             rows.append((f"{estimator}: host synchronisations in an ordinary {impl} step on {device.type}", n, 0, n == 0))
     return rows
 
@@ -237,10 +241,10 @@ def _optimizer(name: str, params: list[torch.Tensor], rank: int, tau: int):
         return torch.optim.AdamW(params, lr=1e-3, fused=fused, foreach=None if fused else True)
     if name == "plumage":
         return PlumageAdamW(params, lr=1e-3, rank=rank, update_interval=tau)
-    if name in ("plumage_bf16", "plumage_bf16_compiled"):
+    if name in ("plumage_bf16", "plumage_bf16_compiled", "optimal_bf16"):
         impl = "compiled" if name.endswith("compiled") else "auto"
         return PlumageAdamW(params, lr=1e-3, rank=rank, update_interval=tau, compute_dtype="bfloat16", state_dtype="bfloat16",
-                            step_impl=impl)
+                            step_impl=impl, estimator=name.split("_")[0])  # optimal: Σ compact, (s, rank+1) float64
     import galore_torch
 
     low = [p for p in params if min(p.shape) > rank]

@@ -38,7 +38,7 @@ def test_cpu_tiny_dry_run_prints_every_table() -> None:
         out, err = proc.communicate()
         pytest.fail(f"gpu_check.py --device cpu --tiny hung for {DRY_RUN_TIMEOUT_S} s; stacks:\n{err[-8000:]}")
     assert proc.returncode == 0, err[-4000:]
-    for estimator in ("plumage", "galore", "haar"):
+    for estimator in ("plumage", "galore", "haar", "optimal"):
         for check in ("training on cpu (fp32) vs CPU oracle", "batched vs per-matrix path on cpu",
                       "bf16 weights on cpu vs CPU fp32 oracle (same gradients)"):
             row = next(line for line in out.splitlines() if line.startswith(f"| {estimator}: {check} |"))
@@ -50,9 +50,10 @@ def test_cpu_tiny_dry_run_prints_every_table() -> None:
                   "streaming vs staged step on cpu", "compiled vs streaming step on cpu",
                   "host synchronisations in an ordinary streaming step on cpu",
                   "host synchronisations in an ordinary compiled step on cpu"):
-        row = next(line for line in out.splitlines() if line.startswith(f"| plumage: {check} |"))
-        assert row.endswith("| yes |"), row
-    for method in ("adamw", "galore_torch", "plumage", "plumage_bf16", "plumage_bf16_compiled"):
+        for estimator in ("plumage", "optimal"):
+            row = next(line for line in out.splitlines() if line.startswith(f"| {estimator}: {check} |"))
+            assert row.endswith("| yes |"), row
+    for method in ("adamw", "galore_torch", "plumage", "plumage_bf16", "plumage_bf16_compiled", "optimal_bf16"):
         assert any(line.startswith(f"| {method} | ") for line in out.splitlines()), method
     assert "| state | peak above weights + gradients |" in out
     assert "| Gram eigh: batched / one by one |" in out and "| 16 × 43 |" in out  # the stacking sweep

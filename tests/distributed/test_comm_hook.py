@@ -621,7 +621,7 @@ def test_invalid_arguments_and_unbound_state():
     with pytest.raises(ValueError, match=r"^Invalid comm_hook.sigma_weight=0.0: must be in \(0, 1\]"):
         PlumageHookState(model, estimator="optimal", sigma_weight=0.0)
     with pytest.raises(ValueError, match=r"^Invalid comm_hook.sigma_weight=0.5: only 'optimal' keeps Σ, not 'plumage'$"):
-        PlumageHookState(model, sigma_weight=0.5)
+        PlumageHookState(model, estimator="plumage", sigma_weight=0.5)
     with pytest.raises(ValueError, match=r"^Invalid comm_hook.async_comm='yes': must be true or false$"):
         PlumageHookState(model, async_comm="yes")
     assert PlumageHookState(model, rank=4, target_modules="proj", async_comm=True).uses_async() is True

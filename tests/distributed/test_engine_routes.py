@@ -43,8 +43,8 @@ def _ds_config(stage, plumage=False):
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     if plumage:
         cfg["optimizer"] = {"type": "AdamW", "params": {"lr": KW["lr"], "weight_decay": KW["weight_decay"]}}
-        cfg["plumage"] = {"rank": KW["rank"], "update_interval": KW["update_interval"], "seed": KW["seed"],
-                          "target_modules": "all-linear"}
+        cfg["plumage"] = {"estimator": "plumage", "rank": KW["rank"], "update_interval": KW["update_interval"],
+                          "seed": KW["seed"], "target_modules": "all-linear"}  # PlumageAdamW's own default, as the reference
     else:
         cfg["zero_allow_untested_optimizer"] = True
     return cfg

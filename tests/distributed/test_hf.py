@@ -44,7 +44,7 @@ from plumage_ds.testing import (  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
 RANK, TAU, SEED, LR = 4, 2, 1, 3e-3
-PLUMAGE = {"rank": RANK, "update_interval": TAU, "seed": SEED}
+PLUMAGE = {"estimator": "plumage", "rank": RANK, "update_interval": TAU, "seed": SEED}
 W = 2
 
 

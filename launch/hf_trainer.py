@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--job", action="append", required=True, help="MODEL or MODEL:hook")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=2, help="per-device batch")
+    parser.add_argument("--estimator", default="plumage", help="optimizer.estimator (the config's default: optimal)")
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--update-interval", type=int, default=2)
     parser.add_argument("--out", required=True)
@@ -50,10 +51,10 @@ def main() -> None:
         name, _, hook = spec.partition(":")
         model = MODELS[name]()
         targs = hf_training_args(os.path.join(args.out, spec.replace(":", "_")), steps=args.steps, batch=args.batch)
-        hook_kw = {"rank": 2, "update_interval": 2, "start_iter": 1} if hook == "hook" else None
+        hook_kw = {"estimator": args.estimator, "rank": 2, "update_interval": 2, "start_iter": 1} if hook == "hook" else None
         trainer = PlumageTrainer(
             model=model, args=targs, train_dataset=lm_examples(args.steps * args.batch * world),
-            plumage={"rank": args.rank, "update_interval": args.update_interval, "seed": 1},
+            plumage={"estimator": args.estimator, "rank": args.rank, "update_interval": args.update_interval, "seed": 1},
             comm_hook=hook_kw,
         )
         trainer.train()

@@ -627,7 +627,7 @@ def test_invalid_arguments_and_unbound_state():
     assert PlumageHookState(model, rank=4, target_modules="proj", async_comm=True).uses_async() is True
     with pytest.raises(ValueError, match=r"target_modules=None \(the default selection\) selected no matrix"):
         PlumageHookState(model, rank=4)  # no attention/MLP names: the default selection finds nothing
-    state = PlumageHookState(model, rank=4, target_modules=["proj"])
+    state = PlumageHookState(model, estimator="plumage", rank=4, target_modules=["proj"])
     blob = pickle.dumps(state)  # no process group: still plain data
     restored = pickle.loads(blob)
     assert restored.param_names == state.param_names and restored.rank == 4
@@ -644,7 +644,7 @@ def test_invalid_arguments_and_unbound_state():
     assert modes["proj.bias"] == ("dense", "1-D tensor")
     assert modes["proj.weight"] == ("lowrank", "plumage r=4 of s=32, l=64: 8x fewer bytes")
     quantized = PlumageHookState(model, rank=16, resample_interval=1, quantize="int8", target_modules="proj").param_modes()["proj.weight"]
-    assert quantized == ("lowrank", "plumage r=16 of s=32, l=64, resampled, int8: 8x fewer bytes")
+    assert quantized == ("lowrank", "optimal r=16 of s=32, l=64, resampled, int8: 8x fewer bytes")  # the schema's default
     narrow = PlumageHookState(model, rank=20, target_modules="proj").param_modes()["proj.weight"]
     assert narrow == ("dense", "compression rate s/r=32/20 < min_compression_rate=2")
 

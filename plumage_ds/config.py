@@ -162,7 +162,8 @@ class OptimizerConfig:
     silent no-op.
     """
 
-    estimator: str = "plumage"
+    # the default follows the quality ladder (docs/quality.md §10): optimal, Σ kept as r eigenpairs plus a rest
+    estimator: str = "optimal"
     lr: float = 1e-3
     # LR of the parameters that stay dense (embeddings, norms, output head, biases, matrices not selected
     # or too small for the rank), for every estimator, adamw included; None: lr. The LR schedule scales both.

@@ -430,7 +430,8 @@ class MatrixOptimizer(StreamingMixin, CheckpointMixin, torch.optim.Optimizer):
         results, error = owner_refresh([
             RefreshInput(name=need[j].name, estimator=self._estimator(need[j]), rank=need[j].r, left=need[j].left,
                          kind=basis[j][0], X=basis[j][1], svd_method=need[j].group["svd_method"],
-                         uniform_mix=need[j].group.get("uniform_mix", 0.0), sigma_rank=resolve_sigma_rank(need[j].group.get("sigma_rank"), need[j].group["rank"]),
+                         uniform_mix=need[j].group.get("uniform_mix", 0.0),
+                         sigma_rank=resolve_sigma_rank(need[j].group.get("sigma_rank"), need[j].group["rank"]),
                          generator=self._generator(need[j]),
                          kept={k: v for k, v in self.state.get(need[j].param, {}).items() if k in ("Sigma", "sigma_count")})
             for j in mine

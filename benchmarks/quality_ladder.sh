@@ -7,7 +7,7 @@
 # at 384 and on the embedded corpus at 128; last the other mechanism arms at width 384.
 # Every harness call is resumable (finished runs are reused), so rerunning continues where it stopped.
 #
-#   bash benchmarks/quality_ladder.sh                 # ~10 h on 2 cores (make quality-ladder)
+#   bash benchmarks/quality_ladder.sh                 # ~12 h on 2 cores (make quality-ladder)
 #   OUT=runs/ladder PYTHON=python3 bash benchmarks/quality_ladder.sh
 #
 # Width 256: the matrix LRs are swept on seed 0 of the embedded corpus at the config's dense_lr (4e-3),

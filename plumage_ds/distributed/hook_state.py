@@ -82,7 +82,8 @@ class PlumageHookState:
             index through the parameter objects, so DDP's bucket rebuild after iteration 1
             changes nothing.
         config: an :class:`~plumage_ds.config.OptimizerConfig` (or a mapping of its keys); the
-            hook reads ``estimator`` (``plumage``, ``galore`` — biased, a baseline — or ``haar``),
+            hook reads ``estimator`` (``optimal``, the schema's default, ``plumage``, ``galore`` —
+            biased, a baseline — or ``haar``),
             ``rank`` (capped at each matrix's short side), ``update_interval`` (steps between
             refreshes of ``P``; for ``haar`` between redraws, 1 = a fresh ``P`` every step),
             ``seed`` (every draw comes from ``sampler_generator(seed, param_id, draw)``),

@@ -409,6 +409,11 @@ class MatrixOptimizer(StreamingMixin, CheckpointMixin, torch.optim.Optimizer):
         """The estimator strategy of a target (:mod:`plumage_ds.estimators.registry`)."""
         raise NotImplementedError
 
+    @staticmethod
+    def _sigma_rank(e: Entry) -> int:
+        """The ``sigma_rank`` the owner keeps ``e``'s ``Σ`` under (``None`` in the group: its rank)."""
+        return resolve_sigma_rank(e.group.get("sigma_rank"), e.group["rank"])
+
     def _generator(self, e: Entry) -> torch.Generator:
         return sampler_generator(self.seed, e.index, refresh_index(self._step_of(e), e.group["update_interval"]))
 
@@ -431,7 +436,7 @@ class MatrixOptimizer(StreamingMixin, CheckpointMixin, torch.optim.Optimizer):
             RefreshInput(name=need[j].name, estimator=self._estimator(need[j]), rank=need[j].r, left=need[j].left,
                          kind=basis[j][0], X=basis[j][1], svd_method=need[j].group["svd_method"],
                          uniform_mix=need[j].group.get("uniform_mix", 0.0),
-                         sigma_rank=resolve_sigma_rank(need[j].group.get("sigma_rank"), need[j].group["rank"]),
+                         sigma_rank=self._sigma_rank(need[j]),
                          generator=self._generator(need[j]),
                          kept={k: v for k, v in self.state.get(need[j].param, {}).items() if k in ("Sigma", "sigma_count")})
             for j in mine

@@ -38,7 +38,7 @@ from torch import Tensor
 from ..config import DTYPES, RIGHT_PROJECTORS, STEP_IMPLS, check_bool, check_choice, validate_lowrank_options
 from ..distributed.layouts import FSDP_ROWS, REPLICATED, ZERO3_FLAT, Entry
 from ..distributed.ownership import lowrank_load
-from ..estimators import is_refresh, orient, resolve_sigma_rank
+from ..estimators import is_refresh, orient
 from ..estimators.registry import estimator_problem, get_estimator, resolve_realign
 from ..kernels.adam import adam_direction_foreach, adam_moments_foreach, adam_step_size, skip_constants
 from ..kernels.batched import group_indices, matmuls, projections
@@ -253,7 +253,7 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
         loads = [
             lowrank_load(e.s, e.l, e.r, decomposes=self._estimator(e).needs_gradient, keeps_moments=True,
                          keeps_second_moment=self._estimator(e).keeps_second_moment,
-                         sigma_rank=resolve_sigma_rank(e.group["sigma_rank"], e.group["rank"]))
+                         sigma_rank=self._sigma_rank(e))
             for e in targets
         ]
         for e, o in zip(targets, self._layout.assign_owners([c for c, _ in loads], [b for _, b in loads])):

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Training quality at GPU scale (issue 20): AdamW, GaLore and PLUMAGE on one device, per seed.
+"""Training quality at GPU scale (issue 20): AdamW, GaLore, PLUMAGE and `optimal` on one device, per seed.
 
     benchmarks/gpu_quality.sh                         # one CUDA device: < 9 min, prints the per-seed tables
     benchmarks/gpu_quality.sh --device cpu --tiny     # dry run of every part on CPU (tiny models, seconds)
 
-Points (each: 3 arms × 2 seeds through the quality harness, ``benchmarks/quality.py``, i.e. the main
-job ``python -m plumage_ds train`` as subprocesses, all six at once on the one device; ``--arms`` adds
-``haar`` and/or ``optimal``, two more runs each, which the 40M point's sizing then pays for):
+Points (each: 4 arms × 2 seeds through the quality harness, ``benchmarks/quality.py``, i.e. the main
+job ``python -m plumage_ds train`` as subprocesses, all eight at once on the one device; ``optimal`` is
+the config schema's default estimator, with ``Σ`` compact; ``--arms`` adds ``haar`` or drops arms other
+than AdamW and GaLore, two runs each, which the 40M point's sizing then pays for or saves):
 
 * ``11m`` — ``configs/gpu-11m.yaml``: LLaMA 6 × 384 (10.9M parameters), seq 256 × batch 64, 1000 steps
   (16.4M byte tokens), fp32, rank 96 = s/4, τ = 200, the embedded corpus (the running interpreter's
@@ -15,23 +16,25 @@ job ``python -m plumage_ds train`` as subprocesses, all six at once on the one d
   run only if it fits: its steps are sized from the ``11m`` point's measured wall time
   (:func:`size_steps`), at most 1000, and it is skipped (saying why) below :data:`MIN_STEPS`.
 
-Every arm runs at its matrix LR swept on CPU at width 256, the widest point of the ladder measured
-(:data:`LRS`, docs/quality.md §10), every arm's dense parameters (embeddings, norms, head) at the same
-``optimizer.dense_lr`` swept there too (:data:`DENSE_LR`). ``--lr ARM=v`` and ``--dense-lr`` override them.
+Every arm runs at its matrix LR swept on CPU at width 384, the ``11m`` point's width and the widest of
+the ladder (:data:`LRS`, docs/quality.md §10), every arm's dense parameters (embeddings, norms, head) at
+the same ``optimizer.dense_lr`` swept there too (:data:`DENSE_LR`). ``--lr ARM=v`` and ``--dense-lr``
+override them.
 After each point it prints one table: final eval loss per seed, PLUMAGE − GaLore, and the gap closed
 ``(L_galore − L_plumage)/(L_galore − L_adamw)`` where AdamW beats GaLore on that seed (else ``n/a``).
 Run folders go to ``--out`` (``OUT/POINT/...``, the harness's layout: rerunning resumes). ``--set``
 passes an override to every run (τ = 200 reproduces the issue's run; docs/quality.md §10 measured
-that τ = 50 suits PLUMAGE and τ = 200 GaLore at width 256, so ``--set optimizer.update_interval=50``
-into another ``--out`` is the other half of a fair comparison).
+that τ = 50 suits PLUMAGE and τ = 200 GaLore, so ``--set optimizer.update_interval=50`` into another
+``--out`` is the other half of a fair comparison; the tables name the τ the runs used).
 
 **Sizing** (no H200 figures of this project were measured; the estimate, from the issue's protocol):
 one ``11m`` step is ``6 · 10.9M · 16 384 ≈ 1.07`` TFLOP plus ~0.1 TFLOP of attention; at ~40 % of the
 H200's ~67 TFLOP/s of plain fp32 that is ~45 ms, so 1000 steps ≈ 45 s of device time per run and the
-six runs ≈ 4.5 min if they serialise on the device (their Python overhead overlaps: six processes).
-With ~0.5 min of start-up that leaves ~3.5 min of the 8.5-min budget (``--budget-s 510``; the shell
+eight runs ≈ 6 min if they serialise on the device (their Python overhead overlaps: eight processes).
+With ~0.5 min of start-up that leaves ~2 min of the 8.5-min budget (``--budget-s 510``; the shell
 wrapper kills at 530 s) for the ``40m`` point, which costs ~3.7× per step: it runs only if ≥ 300 steps
-fit by the measured rate. ``--points 40m --big-steps 1000`` runs it alone in full (~17 min).
+fit by the measured rate (likely not with four arms: ``--arms adamw,galore,optimal`` frees two runs'
+time). ``--points 40m --big-steps 1000`` runs it alone in full (~22 min).
 """
 
 from __future__ import annotations
@@ -50,16 +53,17 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "benchmarks"))
 
-ARMS = ("adamw", "galore", "plumage")
-"""The default arms; ``--arms`` may add ``haar`` and ``optimal`` (AdamW and GaLore are always in: the gap)."""
+ARMS = ("adamw", "galore", "plumage", "optimal")
+"""The default arms (``optimal`` is the schema's default estimator); ``--arms`` may add ``haar`` or leave out
+PLUMAGE or ``optimal`` (AdamW and GaLore are always in: the gap)."""
 KNOWN_ARMS = ("adamw", "galore", "plumage", "haar", "optimal")
 LABELS = {"adamw": "AdamW", "galore": "GaLore", "plumage": "PLUMAGE", "haar": "Haar", "optimal": "optimal"}
 SEEDS = 2
-LRS = {"adamw": 5e-4, "galore": 1e-3, "plumage": 1e-3, "haar": 2e-3, "optimal": 1e-3}
-"""Matrix LR (``optimizer.lr``) per arm: the width-256 optima of docs/quality.md §10 (each inside its grid;
-``optimal`` at PLUMAGE's, as it ran there)."""
-DENSE_LR = 1.6e-2
-"""``optimizer.dense_lr`` of every arm: the width-256 optimum of docs/quality.md §10 (inside its grid)."""
+LRS = {"adamw": 5e-4, "galore": 1e-3, "plumage": 1e-3, "haar": 1e-3, "optimal": 1e-3}
+"""Matrix LR (``optimizer.lr``) per arm: the width-384 optima of docs/quality.md §10 (each inside its grid,
+swept on 4 layers; ``optimal`` at PLUMAGE's, as it ran there)."""
+DENSE_LR = 3.2e-2
+"""``optimizer.dense_lr`` of every arm: the width-384 optimum of docs/quality.md §10 (inside its grid)."""
 
 POINTS = {
     "11m": {"config": "configs/gpu-11m.yaml", "params": 10_873_728, "label": "LLaMA 6 × 384, rank 96"},
@@ -140,15 +144,17 @@ def run_point(name: str, steps: int, ns, quality) -> tuple[dict, float]:
     return results, wall
 
 
-def describe_runs(out: Path) -> tuple[str, list[float]]:
-    """The corpus description and every run's tokens/s (from the run folders' ``summary.json``)."""
-    corpus, speeds = "", []
-    for summary in sorted(out.glob("embedded/steps=*/*/lr=*/seed=*/summary.json")):
+def describe_runs(out: Path, steps: int) -> tuple[str, list[float], str]:
+    """The corpus description, every run's tokens/s and the τ the runs used (from the run folders'
+    ``summary.json`` at ``steps``)."""
+    corpus, speeds, taus = "", [], set()
+    for summary in sorted(out.glob(f"embedded/steps={steps}/*/lr=*/seed=*/summary.json")):
         s = json.loads(summary.read_text(encoding="utf-8"))
         c = s.get("corpus", {})
         corpus = corpus or f"{c.get('root')} ({c.get('train_bytes')} train bytes, sha1 {str(c.get('sha1'))[:12]})"
         speeds.append(float(s.get("tokens_per_s") or 0.0))
-    return corpus, speeds
+        taus.add(s.get("config", {}).get("optimizer", {}).get("update_interval"))
+    return corpus, speeds, "/".join(str(t) for t in sorted(taus, key=str)) or "?"
 
 
 def main(argv=None) -> int:
@@ -160,7 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=510.0, help="wall seconds for all points (sizes the 40m point)")
     p.add_argument("--big-steps", type=int, default=0, help="steps of the 40m point (0: sized to the budget)")
     p.add_argument("--seeds", type=int, default=SEEDS, help="seeds per arm (default 2)")
-    p.add_argument("--jobs", type=int, default=0, help="concurrent runs (default: 6 on cuda, 2 on cpu)")
+    p.add_argument("--jobs", type=int, default=0, help="concurrent runs (default: every run on cuda, 2 on cpu)")
     p.add_argument("--nice", type=int, default=None, help="nice of each run (default: 0 on cuda, 19 on cpu)")
     p.add_argument("--arms", default=",".join(ARMS),
                    help=f"comma-separated arms from {', '.join(KNOWN_ARMS)} (adamw and galore always run: the gap)")
@@ -229,11 +235,11 @@ def main(argv=None) -> int:
                 steps = TINY_STEPS if ns.tiny else sized
         results, wall = run_point(point, steps, ns, quality)
         last = (wall, steps, point)
-        corpus, speeds = describe_runs(Path(ns.out) / point)
+        corpus, speeds, tau = describe_runs(Path(ns.out) / point, steps)
         table, data = per_seed_table(results, results["seeds"], ns.arms)
         cfg = POINTS[point]
-        shape = ("tiny widths, seq 32 × batch 4, τ = 3" if ns.tiny else
-                 f"{cfg['label']} ({cfg['params'] / 1e6:.1f}M parameters), seq 256 × batch 64, τ = 200")
+        shape = ("tiny widths, seq 32 × batch 4" if ns.tiny else
+                 f"{cfg['label']} ({cfg['params'] / 1e6:.1f}M parameters), seq 256 × batch 64") + f", τ = {tau}"
         print(f"\n## {point}: {shape}, {steps} steps, fp32, embedded corpus {corpus}\n"
               f"matrix LR {', '.join(f'{a} {lrs[a]:g}' for a in ns.arms)}; "
               f"dense_lr {ns.dense_lr:g}; final eval loss:\n\n{table}\n\n"

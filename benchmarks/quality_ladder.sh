@@ -3,8 +3,9 @@
 # configs/ladder-*.yaml), 600 steps, 3 seeds, both corpora, each arm at its own best matrix LR for the
 # width and one shared dense_lr swept per width; then the default's contenders, paired by seed:
 # Haar and optimal at width 384 on the embedded corpus, optimal with Σ compact (sigma_rank = r) on
-# prose at 384, on both corpora at width 128 (600 steps, 5 seeds) and on prose at 256, Haar on prose
-# at 384 and on the embedded corpus at 128; last the other mechanism arms at width 384.
+# prose at 384, on both corpora at width 128 (600 steps, 5 seeds) and on prose at 256; then the
+# mechanism arms at width 384 (τ, also for optimal; realignment, rank, uniform_mix); last Haar on
+# prose at 384 and on both corpora at 128.
 # Every harness call is resumable (finished runs are reused), so rerunning continues where it stopped.
 #
 #   bash benchmarks/quality_ladder.sh                 # ~12 h on 2 cores (make quality-ladder)
@@ -81,6 +82,22 @@ $Q --config configs/ladder-256.yaml --out "$OUT/w256" --seeds 3 --lr adamw="$A" 
   --dense-lr-grid "$D" --corpus manpages --report contenders-manpages --arm haar=haar --lr haar=0.002 \
   --arm optimal-k64=optimal,optimizer.sigma_rank=64 --lr-from optimal-k64=plumage
 
+stage "w384 mechanism (embedded, paired by seed; arms in priority order; the contenders' runs are reused)"
+$Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --set optimizer.dense_lr="$D" \
+  --lr adamw="$A4" --lr galore="$G4" --lr plumage="$P4" --dense-lr-grid "$D4" --corpus embedded --report mechanism \
+  --arm plumage-tau200=plumage,optimizer.update_interval=200 --lr-from plumage-tau200=plumage \
+  --arm galore-tau200=galore,optimizer.update_interval=200 --lr-from galore-tau200=galore \
+  --arm optimal-k96-tau200=optimal,optimizer.sigma_rank=96,optimizer.update_interval=200 \
+  --lr-from optimal-k96-tau200=plumage \
+  --arm plumage-norealign=plumage,optimizer.realign=false --lr-from plumage-norealign=plumage \
+  --arm galore-realign=galore,optimizer.realign=true --lr-from galore-realign=galore \
+  --arm haar=haar --lr haar="$H4" \
+  --arm optimal-k96=optimal,optimizer.sigma_rank=96 --lr-from optimal-k96=plumage \
+  --arm optimal=optimal,optimizer.sigma_rank=0 --lr-from optimal=plumage \
+  --arm plumage-r8=plumage,optimizer.rank=48 --lr-from plumage-r8=plumage \
+  --arm galore-r8=galore,optimizer.rank=48 --lr-from galore-r8=galore \
+  --arm plumage-mix0.1=plumage,optimizer.uniform_mix=0.1 --lr-from plumage-mix0.1=plumage
+
 stage "w384 manpages: Haar at its embedded optimum beside the rows above"
 $Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --set optimizer.dense_lr="$D" \
   --lr adamw="$A4" --lr galore="$G4" --lr plumage="$P4" --dense-lr-grid "$D4" --corpus manpages --report manpages \
@@ -90,18 +107,4 @@ stage "w128 at 600 steps: every contender on both corpora, paired by seed (Haar 
 $Q $W128 --report contenders --arm haar=haar --lr-grid haar=0.001:0.002:0.004 --extend-grid 1 \
   --arm optimal-k32=optimal,optimizer.sigma_rank=32 --lr-from optimal-k32=plumage \
   --arm optimal=optimal,optimizer.sigma_rank=0 --lr-from optimal=plumage
-
-stage "w384 mechanism (embedded, paired by seed; arms in priority order; the contenders' runs are reused)"
-$Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --set optimizer.dense_lr="$D" \
-  --lr adamw="$A4" --lr galore="$G4" --lr plumage="$P4" --dense-lr-grid "$D4" --corpus embedded --report mechanism \
-  --arm plumage-tau200=plumage,optimizer.update_interval=200 --lr-from plumage-tau200=plumage \
-  --arm galore-tau200=galore,optimizer.update_interval=200 --lr-from galore-tau200=galore \
-  --arm plumage-norealign=plumage,optimizer.realign=false --lr-from plumage-norealign=plumage \
-  --arm galore-realign=galore,optimizer.realign=true --lr-from galore-realign=galore \
-  --arm haar=haar --lr haar="$H4" \
-  --arm optimal-k96=optimal,optimizer.sigma_rank=96 --lr-from optimal-k96=plumage \
-  --arm optimal=optimal,optimizer.sigma_rank=0 --lr-from optimal=plumage \
-  --arm plumage-r8=plumage,optimizer.rank=48 --lr-from plumage-r8=plumage \
-  --arm galore-r8=galore,optimizer.rank=48 --lr-from galore-r8=galore \
-  --arm plumage-mix0.1=plumage,optimizer.uniform_mix=0.1 --lr-from plumage-mix0.1=plumage
 stage "done"

@@ -18,7 +18,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_quality.py"
-DRY_RUN_TIMEOUT_S = 300  # ~8 s on a quiet 2-core machine: three tiny runs of the main job, two at a time
+DRY_RUN_TIMEOUT_S = 300  # ~10 s on a quiet 2-core machine: four tiny runs of the main job, two at a time
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,8 @@ def _row(out: str, first: str) -> list[str]:
 
 def test_cpu_tiny_dry_run_prints_the_per_seed_table(tmp_path, gpu_quality) -> None:
     """The shell wrapper → the harness → the main job on CPU, in a child with a deadline: the 11m point's
-    3 arms on one seed (the full dry run, 2 points × 3 arms × 2 seeds, takes ~1 min on 2 cores; the
-    2-seed table is checked below on made-up losses); the table's Δ and gap closed are recomputed."""
+    4 default arms on one seed (the full dry run, 2 points × 4 arms × 2 seeds, takes ~1 min on 2 cores;
+    the 2-seed table is checked below on made-up losses); the table's Δ and gap closed are recomputed."""
     env = dict(os.environ, PYTHON=sys.executable)
     cmd = ["bash", str(ROOT / "benchmarks" / "gpu_quality.sh"), "--device", "cpu", "--tiny", "--points", "11m",
            "--seeds", "1", "--out", str(tmp_path), "--set", "train.log_interval=2"]  # fmt: skip
@@ -47,21 +47,24 @@ def test_cpu_tiny_dry_run_prints_the_per_seed_table(tmp_path, gpu_quality) -> No
         out, err = proc.communicate()
         pytest.fail(f"gpu_quality.sh --device cpu --tiny ran over {DRY_RUN_TIMEOUT_S} s:\n{out[-3000:]}\n{err[-3000:]}")
     assert proc.returncode == 0, err[-4000:]
-    assert "gpu_quality on CPU" in out and "## 11m: tiny widths" in out and "## 40m" not in out
+    assert "gpu_quality on CPU" in out and "## 40m" not in out
+    assert "## 11m: tiny widths, seq 32 × batch 4, τ = 3, 6 steps" in out  # τ read back from the runs
     for seed in (0,):
-        _, a, g, p, delta, gap = _row(out, str(seed))
-        a, g, p = float(a), float(g), float(p)
-        assert float(delta) == pytest.approx(p - g, abs=1.5e-4)
-        if a < g:
-            assert gap.endswith("%") and float(gap.split()[0]) == pytest.approx(100 * (g - p) / (g - a), abs=1)
-        else:
-            assert gap.startswith("n/a")
+        _, a, g, *rest = _row(out, str(seed))
+        a, g = float(a), float(g)
+        for x, delta, gap in zip(rest[0:2], rest[2:4], rest[4:6]):  # PLUMAGE, optimal
+            x = float(x)
+            assert float(delta) == pytest.approx(x - g, abs=1.5e-4)
+            if a < g:
+                assert gap.endswith("%") and float(gap.split()[0]) == pytest.approx(100 * (g - x) / (g - a), abs=1)
+            else:
+                assert gap.startswith("n/a")
     saved = json.loads((tmp_path / "gpu_quality.json").read_text())
     point = saved["points"]["11m"]
     assert saved["tiny"] and point["steps"] == 6 and point["seeds"] == [0]
-    assert set(point["final_eval"]) == {"adamw", "galore", "plumage"}
+    assert set(point["final_eval"]) == {"adamw", "galore", "plumage", "optimal"}
     runs = sorted(tmp_path.glob("11m/embedded/steps=6/*/lr=*/seed=*/summary.json"))
-    assert len(runs) == 3
+    assert len(runs) == 4
     for summary in runs:  # the LRs and the dense LR the table names reached every run
         s = json.loads(summary.read_text())
         assert s["status"] == "completed" and s["config"]["optimizer"]["dense_lr"] == gpu_quality.DENSE_LR
@@ -87,7 +90,8 @@ def test_the_40m_point_runs_at_the_steps_that_fit_or_is_skipped(gpu_quality, tmp
 
     monkeypatch.setattr(gpu_quality, "run_point", fake_run_point)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # main() sets it for --device cpu; restored afterwards
-    assert gpu_quality.main(["--device", "cpu", "--out", str(tmp_path), "--budget-s", "510"]) == 0
+    argv = ["--device", "cpu", "--out", str(tmp_path), "--budget-s", "510", "--arms", "adamw,galore,plumage"]
+    assert gpu_quality.main(argv) == 0
     out = capsys.readouterr().out
     saved = json.loads((tmp_path / "gpu_quality.json").read_text())["points"]
     assert calls[0] == ("11m", 1000)
@@ -133,8 +137,8 @@ def test_without_cuda_it_fails_clearly(gpu_quality, capsys) -> None:
     [
         (["--device", "tpu"], "Invalid --device='tpu': must be 'cuda' or 'cpu'"),
         (["--points", "11m,1b"], "Invalid --points='11m,1b': choose from 11m, 40m"),
-        (["--lr", "sgd=1"], "Invalid --lr 'sgd=1': expected ARM=VALUE with ARM in adamw, galore, plumage"),
-        (["--lr", "haar=1"], "Invalid --lr 'haar=1': expected ARM=VALUE with ARM in adamw, galore, plumage"),
+        (["--lr", "sgd=1"], "Invalid --lr 'sgd=1': expected ARM=VALUE with ARM in adamw, galore, plumage, optimal"),
+        (["--lr", "haar=1"], "Invalid --lr 'haar=1': expected ARM=VALUE with ARM in adamw, galore, plumage, optimal"),
         (["--arms", "adamw,plumage"], "Invalid --arms='adamw,plumage': adamw, galore and at least one of plumage, haar, optimal"),
         (["--arms", "adamw,galore,gum"], "Invalid --arms='adamw,galore,gum': adamw, galore and at least one of"),
     ],

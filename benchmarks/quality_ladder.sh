@@ -8,13 +8,14 @@
 # prose at 384 and on both corpora at 128.
 # Every harness call is resumable (finished runs are reused), so rerunning continues where it stopped.
 #
-#   bash benchmarks/quality_ladder.sh                 # ~12 h on 2 cores (make quality-ladder)
+#   bash benchmarks/quality_ladder.sh                 # ~13 h on 2 cores (make quality-ladder)
 #   OUT=runs/ladder PYTHON=python3 bash benchmarks/quality_ladder.sh
 #
 # Width 256: the matrix LRs are swept on seed 0 of the embedded corpus at the config's dense_lr (4e-3),
 # then dense_lr ∈ {2, 4, 8}e-3 at each arm's best (grids grow by --extend-grid when the best sits at
 # an edge); the prose corpus (manpages) reuses the optima. Width 384: 3-point grids centred on the 256
-# optima (matrix and dense), the same procedure. Width 128 is docs/quality.md §9.
+# optima (matrix and dense), the same procedure. Width 128 (the demo model): docs/quality.md §9's matrix
+# LRs (the demo's), then the dense LR swept as at 256, and every seed again at its optimum.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
@@ -76,6 +77,15 @@ stage "w128 (configs/demo.yaml) at 600 steps: optimal with sigma_rank = r on bot
 W128="--config configs/demo.yaml --out $OUT/w128 --seeds 5 --sweep-seeds 5 --set optimizer.dense_lr=0.004"
 W128="$W128 --lr adamw=0.001 --lr galore=0.002 --lr plumage=0.002 --corpus manpages --corpus embedded"
 $Q $W128 --report contenders-k --arm optimal-k32=optimal,optimizer.sigma_rank=32 --lr-from optimal-k32=plumage
+
+stage "w128: the shared dense LR swept on seed 0 of the embedded corpus at the demo's matrix LRs, then every seed there"
+$Q --config configs/demo.yaml --out "$OUT/w128" --seeds 1 --sweep-seeds 1 --set optimizer.dense_lr=0.004 \
+  --lr adamw=0.001 --lr galore=0.002 --lr plumage=0.002 --dense-lr-grid 0.002:0.004:0.008 --extend-grid 2 \
+  --corpus embedded --report dense
+D1=$(get "$OUT/w128/results-dense.json" embedded dense)
+echo "w128 dense optimum: $D1"
+W128="${W128/--set optimizer.dense_lr=0.004/--set optimizer.dense_lr=0.004 --dense-lr-grid $D1}"
+$Q $W128 --report d16 --arm optimal-k32=optimal,optimizer.sigma_rank=32 --lr-from optimal-k32=plumage
 
 stage "w256 manpages: optimal with Σ compact (sigma_rank = r) beside Haar at its width-256 optimum (2e-3, §10)"
 $Q --config configs/ladder-256.yaml --out "$OUT/w256" --seeds 3 --lr adamw="$A" --lr galore="$G" --lr plumage="$P" \

@@ -20,8 +20,9 @@ Every arm runs at its matrix LR swept on CPU at width 384, the ``11m`` point's w
 the ladder (:data:`LRS`, docs/quality.md §10), every arm's dense parameters (embeddings, norms, head) at
 the same ``optimizer.dense_lr`` swept there too (:data:`DENSE_LR`). ``--lr ARM=v`` and ``--dense-lr``
 override them.
-After each point it prints one table: final eval loss per seed, PLUMAGE − GaLore, and the gap closed
-``(L_galore − L_plumage)/(L_galore − L_adamw)`` where AdamW beats GaLore on that seed (else ``n/a``).
+After each point it prints one table: final eval loss per seed and, for every arm X other than AdamW and
+GaLore, X − GaLore and the gap closed ``(L_galore − L_X)/(L_galore − L_adamw)`` where AdamW beats GaLore
+on that seed (else ``n/a``).
 Run folders go to ``--out`` (``OUT/POINT/...``, the harness's layout: rerunning resumes). ``--set``
 passes an override to every run (τ = 200 reproduces the issue's run; docs/quality.md §10 measured
 that τ = 50 suits PLUMAGE and τ = 200 GaLore, so ``--set optimizer.update_interval=50`` into another

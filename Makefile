@@ -1,7 +1,7 @@
 # make test  — install into .venv (once) and run the test suite
 # make demo  — install into .venv (once), train adamw/galore/plumage/optimal/haar/gum on configs/demo.yaml, compare, plot
 # make quality — the same estimators over 5 seeds, each at its best LR (benchmarks/quality.py)
-# make quality-ladder — the same at widths 256 and 384 (docs/quality.md §10; ~13 h on 2 cores)
+# make quality-ladder — the same at widths 256 and 384 (docs/quality.md §10; ~14 h on 2 cores)
 #
 # Works on a fresh machine with python3.11+, pip and gcc. torch is installed first and
 # pinned, so pip never resolves an unpinned torch (that would fetch CUDA wheels).
@@ -77,7 +77,7 @@ quality: $(VENV)/.installed
 
 # The scale ladder (docs/quality.md §10): widths 256 and 384, both corpora, 3 seeds, the default optimal at every
 # width (128 too, with its dense LR swept), the mechanism arms at 384, then Haar at 384 on prose and at 128
-# (benchmarks/quality_ladder.sh; resumable, ~13 h on 2 cores). The GPU point is benchmarks/gpu_quality.sh (one CUDA device, < 9 min).
+# (benchmarks/quality_ladder.sh; resumable, ~14 h on 2 cores). The GPU point is benchmarks/gpu_quality.sh (one CUDA device, < 9 min).
 quality-ladder: $(VENV)/.installed
 	$(RUN) PYTHON=$(PY) bash benchmarks/quality_ladder.sh
 

@@ -4,11 +4,11 @@
 # width and one shared dense_lr swept per width; then the default's contenders, paired by seed:
 # Haar and optimal at width 384 on the embedded corpus, optimal with Σ compact (sigma_rank = r) on
 # prose at 384, on both corpora at width 128 (600 steps, 5 seeds) and on prose at 256; then the
-# mechanism arms at width 384 (τ, also for optimal; realignment, rank, uniform_mix); last Haar on
-# prose at 384 and on both corpora at 128.
+# mechanism arms at width 384 (τ, also for optimal; realignment, rank, uniform_mix); τ = 200 at width
+# 128, at 600 and at 2400 steps (the horizon); last Haar on prose at 384 and on both corpora at 128.
 # Every harness call is resumable (finished runs are reused), so rerunning continues where it stopped.
 #
-#   bash benchmarks/quality_ladder.sh                 # ~13 h on 2 cores (make quality-ladder)
+#   bash benchmarks/quality_ladder.sh                 # ~14 h on 2 cores (make quality-ladder)
 #   OUT=runs/ladder PYTHON=python3 bash benchmarks/quality_ladder.sh
 #
 # Width 256: the matrix LRs are swept on seed 0 of the embedded corpus at the config's dense_lr (4e-3),
@@ -107,6 +107,21 @@ $Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --set optimizer.
   --arm plumage-r8=plumage,optimizer.rank=48 --lr-from plumage-r8=plumage \
   --arm galore-r8=galore,optimizer.rank=48 --lr-from galore-r8=galore \
   --arm plumage-mix0.1=plumage,optimizer.uniform_mix=0.1 --lr-from plumage-mix0.1=plumage
+
+stage "w128 τ = 200 (embedded, 3 seeds, tuned dense LR): does τ cost the small model what it costs at 384? (optimal also
+  with Σ weighted toward recent gradients, sigma_weight = 0.5)"
+W128E="--config configs/demo.yaml --out $OUT/w128 --seeds 3 --set optimizer.dense_lr=0.004 --dense-lr-grid $D1"
+W128E="$W128E --lr adamw=0.001 --lr galore=0.002 --lr plumage=0.002 --corpus embedded"
+TAU200="--arm optimal-k32=optimal,optimizer.sigma_rank=32 --lr-from optimal-k32=plumage"
+TAU200="$TAU200 --arm plumage-tau200=plumage,optimizer.update_interval=200 --lr-from plumage-tau200=plumage"
+TAU200="$TAU200 --arm galore-tau200=galore,optimizer.update_interval=200 --lr-from galore-tau200=galore"
+TAU200="$TAU200 --arm optimal-k32-tau200=optimal,optimizer.sigma_rank=32,optimizer.update_interval=200"
+TAU200="$TAU200 --lr-from optimal-k32-tau200=plumage"
+$Q $W128E --report tau $TAU200 --lr-from optimal-k32-tau200-w0.5=plumage \
+  --arm optimal-k32-tau200-w0.5=optimal,optimizer.sigma_rank=32,optimizer.update_interval=200,optimizer.sigma_weight=0.5
+
+stage "w128 at 2400 steps (embedded, seed 0): τ = 200 gets the 12 refreshes τ = 50 gets in 600 steps"
+$Q $W128E --steps 2400 --seeds 1 --report horizon $TAU200
 
 stage "w384 manpages: Haar at its embedded optimum beside the rows above"
 $Q --config configs/ladder-384.yaml --out "$OUT/w384" --seeds 3 --set optimizer.dense_lr="$D" \

@@ -65,6 +65,7 @@ def validate_lowrank_options(
     dinv_placement: Any = "none",
     uniform_mix: Any = 0.0,
     sigma_rank: Any = None,
+    sigma_weight: Any = None,
 ) -> None:
     """The low-rank knobs of :class:`~plumage_ds.optim.PlumageAdamW` (and GUM, the reference).
 
@@ -74,7 +75,9 @@ def validate_lowrank_options(
     check_positive("rank", rank, integer=True)
     check_positive("update_interval", update_interval, integer=True)
     if estimator is not None:
-        check_sigma_rank(sigma_rank, check_estimator(estimator, family="lowrank_adam"))
+        spec = check_estimator(estimator, family="lowrank_adam")
+        check_sigma_rank(sigma_rank, spec)
+        check_sigma_weight(sigma_weight, spec)
     check_positive("scale", scale)
     check_choice("dinv_placement", dinv_placement, DINV_PLACEMENTS)
     check_choice("svd_method", svd_method, SVD_METHODS)
@@ -86,9 +89,24 @@ def check_sigma_rank(sigma_rank: Any, spec) -> None:
     if sigma_rank is None:
         return
     check_nonneg("sigma_rank", sigma_rank, integer=True)
-    if sigma_rank and not spec.keeps_second_moment:
+    if sigma_rank:
+        _check_keeps_sigma("sigma_rank", sigma_rank, spec)
+
+
+def check_sigma_weight(sigma_weight: Any, spec) -> None:
+    """``sigma_weight``: ``None`` (``Σ`` is the running mean of the refresh gradients' Gram matrices), or
+    the constant weight ``w ∈ (0, 1]`` of the newest one, for an estimator that keeps ``Σ``."""
+    if sigma_weight is None:
+        return
+    if isinstance(sigma_weight, bool) or not isinstance(sigma_weight, (int, float)) or not 0.0 < sigma_weight <= 1.0:
+        raise ConfigError("sigma_weight", sigma_weight, "must be in (0, 1] (null: the running mean)")
+    _check_keeps_sigma("sigma_weight", sigma_weight, spec)
+
+
+def _check_keeps_sigma(key: str, value: Any, spec) -> None:
+    if not spec.keeps_second_moment:
         keepers = " and ".join(repr(n) for n, s in ESTIMATORS.items() if s.keeps_second_moment)
-        raise ConfigError("sigma_rank", sigma_rank, f"applies to estimator {keepers} only (it keeps Σ), not {spec.name!r}")
+        raise ConfigError(key, value, f"applies to estimator {keepers} only (it keeps Σ), not {spec.name!r}")
 
 
 def check_estimator(name: Any, *, family: Optional[str] = None):
@@ -132,10 +150,11 @@ class CommHookConfig:
     # plumage/optimal: redraw S every this many steps from the design kept since the refresh (0: one draw)
     resample_interval: int = 0
     quantize: Optional[str] = None  # "int8" | "fp16": unbiased stochastic rounding of R_k (None: fp32)
-    sigma_weight: Optional[float] = None  # optimal: weight of the newest refresh gradient in Σ (None: mean)
     # ordinary and warm-up steps: return DDP a Future chained on an async all-reduce (True) or run the
     # collectives inside the hook (False); None: async on NCCL, synchronous on any other backend
     async_comm: Optional[bool] = None
+
+    _renamed = {"sigma_weight": "moved out of 'comm_hook' to 'sigma_weight', beside 'sigma_rank' (the optimizer's Σ takes it too)"}
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -145,8 +164,6 @@ class CommHookConfig:
         check_nonneg("resample_interval", self.resample_interval, integer=True)
         if self.quantize is not None:
             check_choice("quantize", self.quantize, QUANTIZE_CHOICES)
-        if self.sigma_weight is not None and not 0.0 < self.sigma_weight <= 1.0:
-            raise ConfigError("sigma_weight", self.sigma_weight, "must be in (0, 1] (null: the running mean)")
 
 
 @dataclass(kw_only=True)
@@ -181,6 +198,9 @@ class OptimizerConfig:
     # optimal only: between refreshes keep Σ as its top sigma_rank eigenpairs plus an isotropic rest, (s, k+1)
     # floats instead of (s, s); None: k = rank; 0: the whole Σ (so too where s <= k + 1: it is no larger)
     sigma_rank: Optional[int] = None
+    # optimal only: Σ ← (1 − w)·Σ + w·G_o G_oᵀ at each refresh with this constant w ∈ (0, 1], weighting recent
+    # gradients; None: w = 1/k at the k-th refresh (the running mean)
+    sigma_weight: Optional[float] = None
     seed: int = 0  # sampler seed (P draws, GUM's layer draw)
     strict: bool = False  # raise instead of falling back to AdamW for a target that cannot go low-rank
     max_grad_norm: float = 0.0  # global-norm clipping (0: off), on what the optimizer uses
@@ -226,6 +246,7 @@ class OptimizerConfig:
         check_choice("dinv_placement", self.dinv_placement, DINV_PLACEMENTS)
         check_unit("uniform_mix", self.uniform_mix)
         check_sigma_rank(self.sigma_rank, spec)
+        check_sigma_weight(self.sigma_weight, spec)
         check_nonneg("max_grad_norm", self.max_grad_norm)
         check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
         check_nonneg("collective_timeout", self.collective_timeout)
@@ -283,7 +304,7 @@ class OptimizerConfig:
 
 PLUMAGE_ADAMW_KEYS = (
     "lr", "betas", "eps", "weight_decay", "rank", "update_interval", "estimator", "scale", "dinv_placement",
-    "realign", "svd_method", "uniform_mix", "sigma_rank", "seed", "strict", "max_grad_norm", "nonfinite",
+    "realign", "svd_method", "uniform_mix", "sigma_rank", "sigma_weight", "seed", "strict", "max_grad_norm", "nonfinite",
     "right_projectors", "backward_projection", "collective_timeout", "compute_dtype", "state_dtype", "step_impl",
 )  # fmt: skip
 """The :class:`PlumageAdamW` keywords; each is an :class:`OptimizerConfig` field of the same name."""

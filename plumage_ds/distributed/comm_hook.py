@@ -27,7 +27,7 @@ Estimators (one state field, ``estimator``), all in the oriented frame of
   whenever every ``p_i > 0``, so ``E[Ĝ] = G`` holds on every step until the next refresh.
 * ``"optimal"`` — the optimal design for *stochastic* gradients
   (:mod:`plumage_ds.estimators.optimal`): the owner keeps ``Σ``  # (s, s), a running mean of
-  ``G_avg G_avgᵀ`` over the refresh steps (``comm_hook.sigma_weight``: a constant weight instead),
+  ``G_avg G_avgᵀ`` over the refresh steps (``sigma_weight``: a constant weight instead),
   and draws ``P, d`` with ``π ∝ √λ(Σ)``; unbiased like ``plumage``.
 * ``"galore"`` — GaLore-style top-``r`` (``d = 1``), refreshed like ``plumage``. **Biased**;
   a baseline knob (called ``topr`` before the config schema was unified).

@@ -52,7 +52,7 @@ def hook_config(config=None, **knobs) -> OptimizerConfig:
     Goes through ``from_dict(OptimizerConfig, ...)``, so a bad key or value gets the same message
     as in the main job's YAML (``Invalid rank=0: must be a positive integer``). The hook's own
     keys (``start_iter``, ``min_compression_rate``, ``resample_interval``, ``quantize``,
-    ``sigma_weight``, ``async_comm``) may be given as plain keywords; they land in ``comm_hook``. The estimator
+    ``async_comm``) may be given as plain keywords; they land in ``comm_hook``. The estimator
     must be a low-rank one (``plumage``, ``galore``, ``haar`` or ``optimal``).
     """
     data = to_dict(config) if isinstance(config, OptimizerConfig) else dict(config or {})
@@ -92,7 +92,8 @@ class PlumageHookState:
             *between* refreshes too — 0.1 cost no loss in the measurements of ``docs/benchmarks.md``;
             0, the default of the one schema, is the paper's design), ``sigma_rank`` (``optimal``:
             keep ``Σ`` as that many eigenpairs plus an isotropic rest between refreshes; ``None``, the
-            default: ``rank``; 0: whole), and
+            default: ``rank``; 0: whole), ``sigma_weight`` (``optimal``: weight of the newest
+            refresh gradient in ``Σ``; ``None``: the running mean), and
             ``comm_hook.start_iter`` (warm-up steps with a plain all-reduce) and
             ``comm_hook.min_compression_rate`` (compress a matrix only if ``s / min(rank, s) >=`` it).
         process_group: group to communicate on (``None``: the default group).
@@ -101,8 +102,7 @@ class PlumageHookState:
             ``optimal``: redraw ``S`` every that many steps from the design ``(U, p)`` broadcast at
             the refresh; 0 = one draw per refresh), ``quantize`` (``None``: fp32 coefficients;
             ``"int8"``/``"fp16"``: unbiased stochastic rounding of ``R_k`` onto a shared integer grid,
-            1 or 2 bytes per coefficient) and ``sigma_weight`` (``optimal``: weight of the newest
-            refresh gradient in ``Σ``; ``None``: the running mean) and ``async_comm`` (``True``: return DDP a
+            1 or 2 bytes per coefficient) and ``async_comm`` (``True``: return DDP a
             Future chained on ``async_op`` all-reduces; ``False``: collectives inside the hook; ``None``:
             asynchronous on NCCL only — :meth:`uses_async`).
 
@@ -173,13 +173,9 @@ class PlumageHookState:
                 "comm_hook.resample_interval", hook.resample_interval,
                 f"only {_listed(lambda e: e.redraws)} keep a design to redraw from, not {cfg.estimator!r}",
             )
-        if hook.sigma_weight is not None and not spec.keeps_second_moment:
-            raise ConfigError(
-                "comm_hook.sigma_weight", hook.sigma_weight, f"only {_listed(lambda e: e.keeps_second_moment)} keeps Σ, not {cfg.estimator!r}"
-            )
         self.resample = hook.resample_interval > 0
         self.quantize = hook.quantize
-        self.sigma_weight = hook.sigma_weight
+        self.sigma_weight = cfg.sigma_weight
         self.sigma_rank = resolve_sigma_rank(cfg.sigma_rank, cfg.rank)
         self.async_comm = hook.async_comm
         self.iter = 0

@@ -436,7 +436,7 @@ class MatrixOptimizer(StreamingMixin, CheckpointMixin, torch.optim.Optimizer):
             RefreshInput(name=need[j].name, estimator=self._estimator(need[j]), rank=need[j].r, left=need[j].left,
                          kind=basis[j][0], X=basis[j][1], svd_method=need[j].group["svd_method"],
                          uniform_mix=need[j].group.get("uniform_mix", 0.0),
-                         sigma_rank=self._sigma_rank(need[j]),
+                         sigma_rank=self._sigma_rank(need[j]), sigma_weight=need[j].group.get("sigma_weight"),
                          generator=self._generator(need[j]),
                          kept={k: v for k, v in self.state.get(need[j].param, {}).items() if k in ("Sigma", "sigma_count")})
             for j in mine

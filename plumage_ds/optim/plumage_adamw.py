@@ -48,6 +48,7 @@ from .plumage_state import PlumageStateMixin
 
 _LOWRANK_KEYS = (
     "rank", "update_interval", "estimator", "scale", "dinv_placement", "realign", "svd_method", "uniform_mix", "sigma_rank",
+    "sigma_weight",
 )
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _FUSED_CONSTS_KEPT = 8  # device scalars of the compiled step: sets of (β1, β2, eps) kept per optimizer
@@ -100,6 +101,10 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
             ``(s, s)``; each refresh still draws from the whole ``Σ`` it forms. ``None`` (the
             default): ``rank`` eigenpairs. 0: the whole ``Σ`` (so too for a matrix with
             ``s <= sigma_rank + 1``, where it is no larger).
+        sigma_weight: optimal only: ``Σ ← (1 − w)·Σ + w·G_o G_oᵀ`` at each refresh with this
+            constant ``w`` in ``(0, 1]`` (recent refresh gradients weigh more; 1: the newest
+            alone, PLUMAGE's design). ``None`` (the default): ``w = 1/k`` at the ``k``-th refresh,
+            the running mean.
         seed: sampler seed.
         strict: raise instead of falling back to AdamW for a target matrix that
             cannot take the low-rank path.
@@ -165,6 +170,7 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
         svd_method: Optional[str] = None,
         uniform_mix: float = 0.0,
         sigma_rank: Optional[int] = None,
+        sigma_weight: Optional[float] = None,
         seed: int = 0,
         strict: bool = False,
         max_grad_norm: float = 0.0,
@@ -190,7 +196,7 @@ class PlumageAdamW(PlumageStateMixin, MatrixOptimizer):
         defaults.update(
             rank=rank, update_interval=update_interval, estimator=estimator, scale=scale,
             dinv_placement=dinv_placement, realign=realign, svd_method=svd_method, uniform_mix=uniform_mix,
-            sigma_rank=sigma_rank, lowrank=None,
+            sigma_rank=sigma_rank, sigma_weight=sigma_weight, lowrank=None,
         )
         self._validate_group(defaults)
         check_choice("right_projectors", right_projectors, RIGHT_PROJECTORS)

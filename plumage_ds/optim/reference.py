@@ -54,7 +54,8 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
         ``(r, l)`` for low-rank matrices, the parameter's shape for dense ones;
       * ``P`` ``(s, r)`` and ``d`` ``(r,)`` in fp32 for low-rank matrices;
       * ``optimal`` only: ``Sigma`` ``(s, s)`` float64, the mean of ``G_o G_oᵀ`` over the
-        ``sigma_count`` refresh gradients seen so far; with ``sigma_rank = k``, ``0 < k <= s − 2``
+        ``sigma_count`` refresh gradients seen so far (with ``sigma_weight = w``: their exponential
+        average, ``Σ ← (1 − w)·Σ + w·G_o G_oᵀ``); with ``sigma_rank = k``, ``0 < k <= s − 2``
         (``None``, the default: ``k = rank``), compact ``(s, k+1)``, its top ``k`` eigenpairs plus an
         isotropic rest; 0: whole.
     """
@@ -76,6 +77,7 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
         svd_method: str | None = None,
         uniform_mix: float = 0.0,
         sigma_rank: int | None = None,
+        sigma_weight: float | None = None,
         seed: int = 0,
     ):
         svd_method = resolve_svd_method(estimator, svd_method) or "gram"  # haar takes no SVD
@@ -89,6 +91,7 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
             svd_method=svd_method,
             uniform_mix=uniform_mix,
             sigma_rank=sigma_rank,
+            sigma_weight=sigma_weight,
         )
         if realign is not None and not isinstance(realign, bool):
             raise ValueError(f"Invalid {realign=}: must be None, True or False")
@@ -106,6 +109,7 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
             svd_method=svd_method,
             uniform_mix=uniform_mix,
             sigma_rank=sigma_rank,
+            sigma_weight=sigma_weight,
             seed=seed,
         )
         super().__init__(params, defaults)
@@ -195,9 +199,10 @@ class ReferencePlumageAdam(torch.optim.Optimizer):
             k = state["step"] // group["update_interval"]  # refresh index
             gen = sampler_generator(group["seed"], matrix_id, k)
             spec = get_estimator(group["estimator"], family="lowrank_adam")
-            if spec.keeps_second_moment:  # optimal: Σ ← running mean of the refresh gradients' G_o G_oᵀ
+            if spec.keeps_second_moment:  # optimal: Σ ← running mean (or EMA) of the refresh gradients' G_o G_oᵀ
                 count = state.get("sigma_count", 0) + 1
-                Sigma = second_moment_update(state.get("Sigma"), G, 1.0 / count)  # (s, s) float64
+                w = group["sigma_weight"] if group["sigma_weight"] is not None else 1.0 / count
+                Sigma = second_moment_update(state.get("Sigma"), G, w)  # (s, s) float64
                 state["sigma_count"] = count
                 proj = optimal_projection(Sigma, group["rank"], gen, uniform_mix=group["uniform_mix"])
                 k = resolve_sigma_rank(group["sigma_rank"], group["rank"])

@@ -618,10 +618,11 @@ def test_invalid_arguments_and_unbound_state():
         PlumageHookState(model, estimator="haar", resample_interval=2)
     with pytest.raises(ValueError, match=r"^Invalid comm_hook.resample_interval=True: must be an integer$"):
         PlumageHookState(model, resample_interval=True)
-    with pytest.raises(ValueError, match=r"^Invalid comm_hook.sigma_weight=0.0: must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"^Invalid sigma_weight=0.0: must be in \(0, 1\]"):
         PlumageHookState(model, estimator="optimal", sigma_weight=0.0)
-    with pytest.raises(ValueError, match=r"^Invalid comm_hook.sigma_weight=0.5: only 'optimal' keeps Σ, not 'plumage'$"):
+    with pytest.raises(ValueError, match=r"^Invalid sigma_weight=0.5: applies to estimator 'optimal' only \(it keeps Σ\), not 'plumage'$"):
         PlumageHookState(model, estimator="plumage", sigma_weight=0.5)
+    assert PlumageHookState(model, rank=4, target_modules="proj", sigma_weight=0.5).sigma_weight == 0.5  # the optimizer's knob
     with pytest.raises(ValueError, match=r"^Invalid comm_hook.async_comm='yes': must be true or false$"):
         PlumageHookState(model, async_comm="yes")
     assert PlumageHookState(model, rank=4, target_modules="proj", async_comm=True).uses_async() is True

@@ -79,14 +79,17 @@ def _mlp_with_square(seed: int = 0) -> nn.Module:
     )
 
 
-@pytest.mark.parametrize("uniform_mix, sigma_rank", [(0.0, 0), (0.1, 0), (0.0, 3), (0.1, 6), (0.0, None)])
-def test_optimal_matches_reference_left_right_square(uniform_mix: float, sigma_rank) -> None:
+@pytest.mark.parametrize(
+    "uniform_mix, sigma_rank, sigma_weight", [(0.0, 0, None), (0.1, 0, None), (0.0, 3, None), (0.1, 6, None), (0.0, None, None),
+                                              (0.0, 0, 0.5), (0.0, None, 0.25), (0.1, 3, 0.5)]
+)  # fmt: skip
+def test_optimal_matches_reference_left_right_square(uniform_mix: float, sigma_rank, sigma_weight) -> None:
     """``estimator="optimal"`` follows the oracle over 5 refreshes on left (8×20), right (20×12,
     24×8) and square (20×20) weights; ``Σ`` is float64 and equal to the oracle's — whole ``(s, s)``,
     or compact ``(s, k+1)`` with ``sigma_rank = k`` where ``k <= s − 2`` (k = 6 keeps ``s = 8`` whole;
-    ``None``, the default, is ``k = rank``)."""
+    ``None``, the default, is ``k = rank``) — with ``Σ`` the running mean or an EMA (``sigma_weight``)."""
     m1, m2 = _mlp_with_square(), _mlp_with_square()
-    kw = dict(HPARAMS, estimator="optimal", uniform_mix=uniform_mix, sigma_rank=sigma_rank)
+    kw = dict(HPARAMS, estimator="optimal", uniform_mix=uniform_mix, sigma_rank=sigma_rank, sigma_weight=sigma_weight)
     ref = ReferencePlumageAdam(m1.parameters(), **kw)
     opt = PlumageAdamW(m2.parameters(), **kw)
     _train(m1, ref, range(14))
@@ -100,16 +103,19 @@ def test_optimal_matches_reference_left_right_square(uniform_mix: float, sigma_r
             k = HPARAMS["rank"] if sigma_rank is None else sigma_rank
             kept = (s, k + 1) if 0 < k <= s - 2 else (s, s)
             assert S.dtype == torch.float64 and S.shape == kept and opt.state[p2]["sigma_count"] == 5
-            torch.testing.assert_close(ref.state[p1]["Sigma"], S, rtol=0, atol=1e-6 * float(S.abs().max()))
+            S_ref, S_full = full_second_moment(ref.state[p1]["Sigma"]), full_second_moment(S)  # (s, s): the kept Σ
+            torch.testing.assert_close(S_ref, S_full, rtol=0, atol=1e-6 * float(S_full.abs().max()))
     assert shapes == {"left", "right", "square"}
 
 
-def test_optimal_sigma_is_the_mean_of_refresh_grams() -> None:
+@pytest.mark.parametrize("sigma_weight", [None, 0.5])
+def test_optimal_sigma_is_the_mean_of_refresh_grams(sigma_weight) -> None:
     """After ``k`` refreshes the owner's ``Σ`` is the mean of ``G_o G_oᵀ`` of the ``k`` refresh gradients
-    (right projection: ``G_o = Gᵀ``) when kept whole (``sigma_rank=0``), and ``state_bytes`` counts it (``8·s²``)."""
+    (right projection: ``G_o = Gᵀ``) when kept whole (``sigma_rank=0``), or with ``sigma_weight = w`` their
+    exponential average ``Σ_k = (1 − w)·Σ_{k−1} + w·G_o G_oᵀ`` (``Σ_1 = G_o G_oᵀ``); ``state_bytes`` counts it (``8·s²``)."""
     torch.manual_seed(0)
     W = nn.Parameter(torch.randn(10, 6))  # right projection: s = 6
-    opt = PlumageAdamW([W], lr=1e-2, rank=2, update_interval=2, estimator="optimal", sigma_rank=0)
+    opt = PlumageAdamW([W], lr=1e-2, rank=2, update_interval=2, estimator="optimal", sigma_rank=0, sigma_weight=sigma_weight)
     grams = []
     for step in range(7):
         G = torch.randn(10, 6, generator=torch.Generator().manual_seed(step))
@@ -117,7 +123,12 @@ def test_optimal_sigma_is_the_mean_of_refresh_grams() -> None:
             grams.append(G.double().mT @ G.double())
         W.grad = G
         opt.step()
-        torch.testing.assert_close(opt.state[W]["Sigma"], torch.stack(grams).mean(0), rtol=1e-12, atol=1e-12)
+        if sigma_weight is None:
+            expected = torch.stack(grams).mean(0)
+        else:  # newest first: w, w(1 − w), ...; the first gram keeps the rest of the weight
+            ws = [sigma_weight * (1 - sigma_weight) ** i for i in range(len(grams) - 1)] + [(1 - sigma_weight) ** (len(grams) - 1)]
+            expected = sum(w * g for w, g in zip(ws, reversed(grams)))
+        torch.testing.assert_close(opt.state[W]["Sigma"], expected, rtol=1e-12, atol=1e-12)
         assert opt.state[W]["sigma_count"] == len(grams)
     assert opt.state_bytes()["second_moment"] == 8 * 6 * 6
 
@@ -446,6 +457,9 @@ def test_bad_checkpoint_is_rejected_and_state_kept(how: str, match: str) -> None
         (dict(estimator="optimal", svd_method="svd"),
          r"^Invalid svd_method='svd': estimator 'optimal' decomposes its second moment Σ \(eigh\), not G; leave svd_method=None$"),
         (dict(max_grad_norm=-1.0), r"Invalid max_grad_norm=-1.0"),
+        (dict(estimator="optimal", sigma_weight=0.0), r"^Invalid sigma_weight=0.0: must be in \(0, 1\] \(null: the running mean\)$"),
+        (dict(estimator="plumage", sigma_weight=0.5),
+         r"^Invalid sigma_weight=0.5: applies to estimator 'optimal' only \(it keeps Σ\), not 'plumage'$"),
     ],
 )
 def test_bad_hyperparameters_name_the_value(kwargs: dict, match: str) -> None:
